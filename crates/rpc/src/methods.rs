@@ -1,0 +1,408 @@
+//! Parameters and results of every management method (see `docs/rpc.md`).
+//!
+//! Parameter structs reject unknown fields, so a misspelt parameter is an `invalid params`
+//! error rather than a silently ignored option.
+
+use serde::{Deserialize, Serialize};
+
+/// Method names.
+pub mod names {
+    /// Export an origin, opening (and optionally formatting) its store and binding it.
+    pub const ORIGIN_CREATE: &str = "origin_create";
+    /// Export a snapshot.
+    pub const SNAPSHOT_EXPORT: &str = "snapshot_export";
+    /// Stop serving an export.
+    pub const EXPORT_REMOVE: &str = "export_remove";
+    /// Take a snapshot of what an export serves.
+    pub const SNAPSHOT_CREATE: &str = "snapshot_create";
+    /// Delete a snapshot.
+    pub const SNAPSHOT_DELETE: &str = "snapshot_delete";
+    /// Unbind an origin from its store and stop its export.
+    pub const ORIGIN_DELETE: &str = "origin_delete";
+    /// Roll an origin back to a snapshot.
+    pub const SNAPSHOT_ROLLBACK: &str = "snapshot_rollback";
+    /// The snapshot trees.
+    pub const SNAPSHOT_LIST: &str = "snapshot_list";
+    /// The exports.
+    pub const EXPORT_LIST: &str = "export_list";
+    /// Stores and origins: space, snapshots, rollback and reclaim progress.
+    pub const STATUS: &str = "status";
+
+    /// Every method, in documentation order.
+    pub const ALL: &[&str] = &[
+        ORIGIN_CREATE,
+        SNAPSHOT_EXPORT,
+        EXPORT_REMOVE,
+        SNAPSHOT_CREATE,
+        SNAPSHOT_DELETE,
+        ORIGIN_DELETE,
+        SNAPSHOT_ROLLBACK,
+        SNAPSHOT_LIST,
+        EXPORT_LIST,
+        STATUS,
+    ];
+}
+
+/// `origin_create` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginCreateParams {
+    /// Export name, `[A-Za-z0-9._-]{1,64}`.
+    pub name: String,
+    /// Path of the origin file or block device (must exist).
+    pub origin: String,
+    /// Path of the COW store file or block device (must exist).
+    pub cow: String,
+    /// Origin id inside the store; default: the origin's file name (characters outside
+    /// `[A-Za-z0-9._-]` replaced by `_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_id: Option<String>,
+    /// Bind the origin to the store (a new binding). Without it the origin must be bound.
+    #[serde(default)]
+    pub bind: bool,
+    /// Format the store first; refused if it already holds a store.
+    #[serde(default)]
+    pub format: bool,
+    /// Format the store first even if it already holds one (destroys its snapshots).
+    #[serde(default)]
+    pub force_format: bool,
+    /// Chunk size when formatting, in 4 KiB pages (a power of two, 1..=256); default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<u32>,
+    /// Number of virtqueues offered to the guest (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
+    /// Virtqueue size (default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
+    /// Serve the volume read-only.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Open the origin and the store with O_DIRECT.
+    #[serde(default)]
+    pub direct: bool,
+    /// Socket path; default `SOCKET_DIR/NAME.sock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+/// `snapshot_export` parameters. One of `origin_id` and `origin` is required.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotExportParams {
+    /// Export name, `[A-Za-z0-9._-]{1,64}`.
+    pub name: String,
+    /// Origin id inside the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_id: Option<String>,
+    /// Path of the origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// Path of the COW store.
+    pub cow: String,
+    /// The snapshot's tag.
+    pub tag: u32,
+    /// Number of virtqueues offered to the guest (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
+    /// Virtqueue size (default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
+    /// Serve the snapshot read-only.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Open the origin and the store with O_DIRECT when they are not open yet.
+    #[serde(default)]
+    pub direct: bool,
+    /// Socket path; default `SOCKET_DIR/NAME.sock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+/// Parameters that are only an export name (`export_remove`, `origin_delete`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameParams {
+    /// Export name.
+    pub name: String,
+}
+
+/// Parameters with an optional export name (`snapshot_list`, `status`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptionalNameParams {
+    /// Export name; absent: everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `export_list` parameters (none).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// `snapshot_create` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Export of the origin (snapshot of the origin) or of a snapshot (snapshot of it).
+    pub name: String,
+    /// A note stored with the snapshot.
+    #[serde(default)]
+    pub memo: String,
+}
+
+/// `snapshot_create` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotCreateResult {
+    /// The new snapshot's tag.
+    pub tag: u32,
+}
+
+/// `snapshot_delete` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDeleteParams {
+    /// Export of the origin.
+    pub name: String,
+    /// Tag of the snapshot to delete.
+    pub tag: u32,
+}
+
+/// `snapshot_rollback` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRollbackParams {
+    /// Export of the origin.
+    pub name: String,
+    /// Tag of the snapshot to roll back to.
+    pub tag: u32,
+    /// Answer only when the copy-back has finished.
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// Progress of a rollback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackProgress {
+    /// The snapshot being rolled back to.
+    pub tag: u32,
+    /// Chunks copied back so far.
+    pub chunks_done: u64,
+    /// Chunks to copy back in all.
+    pub chunks_total: u64,
+}
+
+/// `snapshot_rollback` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRollbackResult {
+    /// The snapshot rolled back to.
+    pub tag: u32,
+    /// Whether the copy-back has finished.
+    pub done: bool,
+    /// Progress when not finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<RollbackProgress>,
+}
+
+/// Result of methods that only acknowledge (`export_remove`, `snapshot_delete`,
+/// `origin_delete`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    /// The export the operation was about.
+    pub name: String,
+}
+
+/// One export, as returned by `origin_create`, `snapshot_export` and `export_list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportInfo {
+    /// Export name.
+    pub name: String,
+    /// vhost-user socket path.
+    pub socket: String,
+    /// What is served, e.g. `origin /x` or `snapshot 3 of /x`.
+    pub volume: String,
+    /// COW store path.
+    pub cow: String,
+    /// Origin path.
+    pub origin: String,
+    /// Origin id inside the store.
+    pub origin_id: String,
+    /// Snapshot tag; absent for the origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<u32>,
+    /// Volume size in bytes (0 when the export could not be re-created).
+    pub size: u64,
+    /// Number of virtqueues.
+    pub num_queues: u16,
+    /// Virtqueue size.
+    pub queue_size: u16,
+    /// Served read-only.
+    pub readonly: bool,
+    /// A vhost-user frontend is connected.
+    pub connected: bool,
+    /// Why the export is not being served (it could not be re-created at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `export_list` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportList {
+    /// Every export, sorted by name.
+    pub exports: Vec<ExportInfo>,
+}
+
+/// One snapshot in `snapshot_list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Tag.
+    pub tag: u32,
+    /// Tag of the parent snapshot; absent: a snapshot of the origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u32>,
+    /// Memo given at creation.
+    pub memo: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub birth_unix_secs: u64,
+    /// Chunks only this snapshot holds (freed by deleting it).
+    pub exclusive_chunks: u64,
+    /// Exports serving this snapshot.
+    pub exported_as: Vec<String>,
+}
+
+/// One origin's snapshot tree in `snapshot_list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OriginSnapshots {
+    /// Origin id inside the store.
+    pub origin_id: String,
+    /// Origin path.
+    pub origin: String,
+    /// COW store path.
+    pub cow: String,
+    /// Exports serving the origin.
+    pub exported_as: Vec<String>,
+    /// Snapshots, by tag.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// `snapshot_list` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    /// One entry per origin.
+    pub origins: Vec<OriginSnapshots>,
+}
+
+/// One origin in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OriginStatus {
+    /// Origin id inside the store.
+    pub origin_id: String,
+    /// Origin path.
+    pub origin: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Number of snapshots.
+    pub snapshots: u64,
+    /// Rollback in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackProgress>,
+    /// Chunks of deleted snapshots not reclaimed yet.
+    pub reclaim_pending_chunks: u64,
+    /// Exports serving this origin or its snapshots.
+    pub exported_as: Vec<String>,
+}
+
+/// One store in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// COW store path.
+    pub cow: String,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Chunks in the store.
+    pub chunks_total: u64,
+    /// Chunks in use.
+    pub chunks_used: u64,
+    /// Chunks free.
+    pub chunks_free: u64,
+    /// Origins bound to the store and known to the daemon.
+    pub origins: Vec<OriginStatus>,
+}
+
+/// `status` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Every open store (or the one `name` uses).
+    pub stores: Vec<StoreStatus>,
+    /// Stores the daemon knows but could not open, with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unavailable: Vec<Unavailable>,
+}
+
+/// A store the daemon could not open.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unavailable {
+    /// COW store path.
+    pub cow: String,
+    /// Why it could not be opened.
+    pub error: String,
+}
+
+/// Checks an export or origin name: `[A-Za-z0-9._-]{1,64}`, and not `.` or `..`.
+pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!(
+            "{what} {name:?} must be 1 to 64 characters long (it has {})",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{what} {name:?} contains {c:?}; only A-Z, a-z, 0-9, '.', '_' and '-' are allowed"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{what} {name:?} is not allowed"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("export name", "vm-1.disk_0").is_ok());
+        assert!(validate_name("export name", &"a".repeat(64)).is_ok());
+        assert!(validate_name("export name", &"a".repeat(65)).is_err());
+        assert!(validate_name("export name", "").is_err());
+        assert!(validate_name("export name", "a/b").is_err());
+        assert!(validate_name("export name", "..").is_err());
+        assert!(validate_name("export name", "é").is_err());
+    }
+
+    #[test]
+    fn unknown_params_are_rejected() {
+        let r: Result<NameParams, _> = serde_json::from_value(json!({"name": "a", "nmae": 1}));
+        assert!(r.is_err());
+        let r: Result<SnapshotDeleteParams, _> =
+            serde_json::from_value(json!({"name": "a", "tag": -1}));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let p: OriginCreateParams =
+            serde_json::from_value(json!({"name": "a", "origin": "/o", "cow": "/c"})).unwrap();
+        assert!(!p.bind && !p.format && !p.force_format && !p.readonly && !p.direct);
+        assert_eq!(p.chunk_size, None);
+        let p: SnapshotCreateParams = serde_json::from_value(json!({"name": "a"})).unwrap();
+        assert_eq!(p.memo, "");
+    }
+}
