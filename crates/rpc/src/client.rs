@@ -142,7 +142,7 @@ impl RpcClient {
         line.push(b'\n');
         self.send_raw(&line)?;
         let resp = self.read_response(method)?;
-        if resp.id != Value::from(id) {
+        if resp.id != id {
             return Err(self.protocol(method, format!("id {} instead of {id}", resp.id)));
         }
         match (resp.result, resp.error) {
