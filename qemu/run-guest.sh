@@ -16,6 +16,8 @@
 #                      environment variables
 #   --timeout SECS     kill QEMU after SECS seconds (default 300); exit status 124 then
 #   --log FILE         also copy the console to FILE
+#   --stdin            connect this script's stdin to the guest console (default: /dev/null),
+#                      so the host can send lines the guest script reads from /dev/console
 #
 # Exit status: the guest script's status when the guest printed `SNAPMV-GUEST-END rc=N`
 # (mkinitramfs.sh's /init), 124 on timeout, otherwise 125 (QEMU failed or the guest died
@@ -40,6 +42,7 @@ mem=512M
 append=""
 timeout_s=300
 log=""
+keep_stdin=0
 disks=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -51,6 +54,7 @@ while [ $# -gt 0 ]; do
     --append) append="${2?}"; shift 2 ;;
     --timeout) timeout_s="${2:?}"; shift 2 ;;
     --log) log="${2:?}"; shift 2 ;;
+    --stdin) keep_stdin=1; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
     esac
@@ -86,10 +90,15 @@ for d in "${disks[@]}"; do
     i=$((i + 1))
 done
 
+if [ "$keep_stdin" -eq 1 ]; then
+    exec 3<&0
+else
+    exec 3</dev/null
+fi
 console="$(mktemp)"
 trap 'rm -f "$console"' EXIT
 set +e
-timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 "${args[@]}" </dev/null 2>&1 |
+timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 "${args[@]}" <&3 2>&1 |
     tee "$console" ${log:+"$log"}
 status=("${PIPESTATUS[@]}")
 set -e

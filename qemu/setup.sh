@@ -19,6 +19,12 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${SNAPMV_QEMU_CACHE:-$HERE/cache}"
 KDIR="$CACHE/kernel"
 
+mkdir -p "$CACHE"
+# Several test processes may call this at once: one at a time (apt holds its own lock too, but
+# the kernel unpack into $KDIR must not race).
+exec 9>"$CACHE/.setup.lock"
+flock 9
+
 say() { printf 'setup: %s\n' "$*" >&2; }
 die() {
     printf 'setup: error: %s\n' "$*" >&2
