@@ -1,0 +1,346 @@
+//! The `VhostUserBackend` implementation: one backend object per client connection, one worker
+//! thread per queue, no lock shared between queues.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::{device_features, BlkConfig, WRITEBACK_OFFSET};
+use super::request::{handle_chain, GuestMem, RequestContext, RequestError};
+use super::{BlockDisk, DiskError};
+
+/// Per-export settings of the device.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    /// Export name, used in logs and (first 20 bytes) as the GET_ID answer.
+    pub name: String,
+    /// Number of request queues (1..=64).
+    pub num_queues: u16,
+    /// Largest queue size accepted.
+    pub max_queue_size: u16,
+    /// Refuse writes and advertise VIRTIO_BLK_F_RO.
+    pub readonly: bool,
+}
+
+/// State shared by all connections of one export (the guest-visible cache mode survives a
+/// reconnect, as it would on a real disk).
+#[derive(Debug)]
+pub(crate) struct ExportState {
+    pub(crate) writeback: AtomicBool,
+    pub(crate) bad_requests: AtomicU64,
+}
+
+impl Default for ExportState {
+    fn default() -> Self {
+        ExportState {
+            writeback: AtomicBool::new(true),
+            bad_requests: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The vhost-user-blk backend for one client connection.
+pub struct BlkBackend {
+    disk: Arc<dyn BlockDisk>,
+    opts: DeviceOptions,
+    size: u64,
+    id: Vec<u8>,
+    mem: GuestMemoryAtomic<GuestMem>,
+    state: Arc<ExportState>,
+    event_idx: AtomicBool,
+    /// Consumer ends of the exit eventfds handed to the crate, which turns them into raw fds
+    /// and never closes them; closed by [`BlkBackend::close_exit_fds`] once the daemon is gone.
+    exit_fds: Mutex<Vec<RawFd>>,
+    exit_failed: AtomicBool,
+}
+
+impl BlkBackend {
+    /// A backend for one connection. `mem` must be the same `GuestMemoryAtomic` given to the
+    /// `VhostUserDaemon`, whose handler swaps its contents on memory-table changes.
+    pub fn new(
+        disk: Arc<dyn BlockDisk>,
+        opts: DeviceOptions,
+        mem: GuestMemoryAtomic<GuestMem>,
+    ) -> BlkBackend {
+        Self::with_state(disk, opts, mem, Arc::new(ExportState::default()))
+    }
+
+    pub(crate) fn with_state(
+        disk: Arc<dyn BlockDisk>,
+        opts: DeviceOptions,
+        mem: GuestMemoryAtomic<GuestMem>,
+        state: Arc<ExportState>,
+    ) -> BlkBackend {
+        let size = disk.size();
+        let mut id = opts.name.as_bytes().to_vec();
+        id.truncate(virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize);
+        BlkBackend {
+            disk,
+            opts,
+            size,
+            id,
+            mem,
+            state,
+            event_idx: AtomicBool::new(false),
+            exit_fds: Mutex::new(Vec::new()),
+            exit_failed: AtomicBool::new(false),
+        }
+    }
+
+    /// The configuration space as it is now.
+    pub fn config(&self) -> BlkConfig {
+        BlkConfig {
+            size_bytes: self.size,
+            physical_block_size: self.disk.physical_block_size(),
+            num_queues: self.opts.num_queues,
+            writeback: self.state.writeback.load(Ordering::Relaxed),
+        }
+    }
+
+    /// True if an exit eventfd could not be created: the crate's worker threads then never
+    /// stop and the daemon must not be dropped (it would join them forever).
+    pub fn exit_event_failed(&self) -> bool {
+        self.exit_failed.load(Ordering::SeqCst)
+    }
+
+    /// Closes the exit eventfds leaked by the crate. Call only after the daemon that used this
+    /// backend has been dropped (its worker threads are joined by then).
+    pub fn close_exit_fds(&self) {
+        let fds = std::mem::take(&mut *self.exit_fds.lock().unwrap_or_else(|e| e.into_inner()));
+        for fd in fds {
+            // SAFETY: `fd` is the consumer end of an eventfd created in `exit_event`; the crate
+            // converted it with `into_raw_fd` and never closes it; its epoll loop and worker
+            // thread are gone once the daemon is dropped, so this is the only owner left.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+
+    fn log_failure(&self, queue: usize, e: &RequestError) {
+        if let RequestError::Disk {
+            source: DiskError::NoSpace { .. },
+            ..
+        } = e
+        {
+            log::error!(
+                "export {}: COW store is full, write failed with IOERR (queue {queue}): {e}",
+                self.opts.name
+            );
+            return;
+        }
+        if !e.is_guest_fault() {
+            log::warn!("export {} queue {queue}: {e}", self.opts.name);
+            return;
+        }
+        // A hostile guest could flood the log: report the first ones, then every power of two.
+        let n = self.state.bad_requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= 16 || n.is_power_of_two() {
+            log::warn!(
+                "export {} queue {queue}: bad request from the guest ({n} so far): {e}",
+                self.opts.name
+            );
+        }
+    }
+
+    /// Pops every available chain, executes it and puts it on the used ring. Holds the vring
+    /// lock for the batch, so GET_VRING_BASE (which takes it to stop the ring) waits until the
+    /// requests in flight are done.
+    fn process_batch(&self, vring: &VringRwLock, queue: usize) -> Result<usize, String> {
+        let mem = self.mem.memory();
+        let ctx = RequestContext {
+            disk: &*self.disk,
+            size: self.size,
+            readonly: self.opts.readonly,
+            writeback: self.state.writeback.load(Ordering::Relaxed),
+            id: &self.id,
+        };
+        let mut guard = vring.get_mut();
+        let q = guard.get_queue_mut();
+        let chains: Vec<_> = match q.iter(&*mem) {
+            Ok(it) => it.collect(),
+            // Not ready (stopped or reset): nothing to do.
+            Err(virtio_queue::Error::QueueNotReady) => return Ok(0),
+            Err(e) => return Err(format!("cannot read the available ring: {e}")),
+        };
+        let count = chains.len();
+        if count == 0 {
+            return Ok(0);
+        }
+        for chain in chains {
+            let head = chain.head_index();
+            let done = handle_chain(&mem, chain, &ctx);
+            if let Some(e) = &done.error {
+                self.log_failure(queue, e);
+            }
+            if let Err(e) = q.add_used(&*mem, head, done.used_len) {
+                // An out-of-range head index cannot be returned; the guest broke its ring.
+                self.log_failure(
+                    queue,
+                    &RequestError::BadSegments {
+                        what: "used ring",
+                        why: format!("cannot return descriptor {head}: {e}"),
+                    },
+                );
+            }
+        }
+        let notify = q
+            .needs_notification(&*mem)
+            .map_err(|e| format!("cannot read used_event: {e}"))?;
+        if notify {
+            guard
+                .signal_used_queue()
+                .map_err(|e| format!("cannot signal the call eventfd: {e}"))?;
+        }
+        Ok(count)
+    }
+
+    fn process_vring(&self, vring: &VringRwLock, queue: usize) -> Result<(), String> {
+        loop {
+            // With EVENT_IDX this does nothing; without it, it suppresses kicks while we work.
+            vring
+                .disable_notification()
+                .map_err(|e| format!("cannot disable notifications: {e}"))?;
+            let done = self.process_batch(vring, queue)?;
+            // Re-enable, then look again: a chain made available in between must not be lost.
+            let more = vring
+                .enable_notification()
+                .map_err(|e| format!("cannot enable notifications: {e}"))?;
+            if !more {
+                break;
+            }
+            if done == 0 {
+                // The avail index says there is work but no chain could be read (an avail
+                // ring entry outside guest memory): do not spin; the next kick retries.
+                return Err("available ring announces entries that cannot be read".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.opts.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.opts.max_queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        device_features(self.opts.readonly) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config().read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` is writable (CONFIG_WCE); other writes are ignored, not refused:
+        // an error would make the crate drop the connection.
+        let start = offset as usize;
+        if let Some(i) = WRITEBACK_OFFSET.checked_sub(start) {
+            if let Some(&v) = buf.get(i) {
+                self.state.writeback.store(v != 0, Ordering::Relaxed);
+                log::info!(
+                    "export {}: guest set cache mode to {}",
+                    self.opts.name,
+                    if v != 0 {
+                        "write-back"
+                    } else {
+                        "write-through"
+                    }
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        // `self.mem` is the same atomic the handler just updated.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.opts.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok((consumer, notifier)) => {
+                self.exit_fds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(consumer.as_raw_fd());
+                Some((consumer, notifier))
+            }
+            Err(e) => {
+                log::error!(
+                    "export {}: cannot create the exit eventfd of worker {thread_index}: {e}",
+                    self.opts.name
+                );
+                self.exit_failed.store(true, Ordering::SeqCst);
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        // Requests are executed synchronously while the worker holds the vring lock, and the
+        // handler took that lock to mark the ring not ready before calling us: nothing of
+        // this ring is in flight any more, so GET_VRING_BASE's answer is exact.
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            return Ok(());
+        }
+        // One queue per worker: `device_event` indexes this worker's own vrings and the
+        // thread index is the queue number.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            log::warn!(
+                "export {}: event {device_event} for an unknown vring on worker {thread_id}",
+                self.opts.name
+            );
+            return Ok(());
+        };
+        // Never return an error for a guest's fault: the crate would end this worker thread
+        // and the queue would hang.
+        if let Err(e) = self.process_vring(vring, thread_id) {
+            let n = self.state.bad_requests.fetch_add(1, Ordering::Relaxed) + 1;
+            if n <= 16 || n.is_power_of_two() {
+                log::warn!("export {} queue {thread_id}: {e}", self.opts.name);
+            }
+        }
+        Ok(())
+    }
+}
