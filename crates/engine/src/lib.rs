@@ -1,1 +1,116 @@
-pub fn _x(){}
+//! snapmv's multi-version copy-on-write engine.
+//!
+//! An *origin* keeps its current data in place in its own file or device. A *COW store* holds
+//! every snapshot's differing data and all metadata, for one or more origins. Snapshots (of
+//! the origin or of other snapshots) are readable and writable, and any of them can be rolled
+//! back onto the origin while it is in use. See `docs/design.md` and `docs/format.md`.
+
+mod check;
+mod error;
+mod format;
+mod gate;
+mod meta;
+mod origin;
+mod storage;
+mod store;
+mod volume;
+
+pub use check::{check, check_storage, CheckReport};
+pub use error::{Error, Result};
+pub use origin::{OriginStatus, RollbackProgress, SnapshotInfo};
+pub use storage::{FileStorage, Storage};
+pub use store::{FormatOptions, Store, StoreStatus};
+pub use volume::Volume;
+
+use origin::OriginCore;
+use std::sync::Arc;
+use store::Guard;
+
+/// An origin bound to a store. Cheap to clone.
+#[derive(Clone)]
+pub struct Origin {
+    core: Arc<OriginCore>,
+    guard: Arc<Guard>,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Origin({})", self.core.id)
+    }
+}
+
+impl Origin {
+    pub(crate) fn new(core: Arc<OriginCore>, guard: Arc<Guard>) -> Self {
+        Origin { core, guard }
+    }
+
+    /// The origin id.
+    pub fn id(&self) -> &str {
+        &self.core.id
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.core.size
+    }
+
+    /// The origin as a volume.
+    pub fn volume(&self) -> Volume {
+        Volume {
+            core: self.core.clone(),
+            snap: None,
+            _guard: self.guard.clone(),
+        }
+    }
+
+    /// Snapshot `tag` as a volume.
+    pub fn snapshot_volume(&self, tag: u32) -> Result<Volume> {
+        Ok(Volume {
+            core: self.core.clone(),
+            snap: Some(self.core.snapshot_handle(tag)?),
+            _guard: self.guard.clone(),
+        })
+    }
+
+    /// Takes a snapshot of the origin (`of: None`) or of snapshot `of`; returns its tag.
+    /// Writes that completed before the call are in it, writes issued after it returned are
+    /// not. Durable when it returns.
+    pub fn create_snapshot(&self, of: Option<u32>, memo: &str) -> Result<u32> {
+        self.core.create_snapshot(of, memo)
+    }
+
+    /// Deletes snapshot `tag`. Its space is reclaimed in the background.
+    pub fn delete_snapshot(&self, tag: u32) -> Result<()> {
+        self.core.delete_snapshot(tag)
+    }
+
+    /// Rolls the origin back to snapshot `tag`. Takes effect when it returns; the copy-back
+    /// runs in the background and resumes after a restart.
+    pub fn rollback(&self, tag: u32) -> Result<()> {
+        self.core.rollback(tag)
+    }
+
+    /// Progress of a rollback in progress.
+    pub fn rollback_progress(&self) -> Option<RollbackProgress> {
+        self.core.rollback_progress()
+    }
+
+    /// Waits until no rollback is in progress.
+    pub fn wait_rollback(&self) -> Result<()> {
+        while self.core.rollback_progress().is_some() {
+            self.core.check_alive()?;
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Live snapshots, by tag.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.core.snapshots()
+    }
+
+    /// State of the origin.
+    pub fn status(&self) -> OriginStatus {
+        self.core.status()
+    }
+}

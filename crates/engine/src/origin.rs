@@ -1,0 +1,1253 @@
+//! One origin at run time: its version tree, its lock-free chunk map, copy-out, snapshot
+//! operations, live rollback and reclaim. `docs/design.md` explains the rules.
+
+use crate::error::{Error, Result};
+use crate::format::{Record, MAX_MEMO};
+use crate::gate::IoGate;
+use crate::meta::{bit_get, NodeKind, NodeMeta, OriginMeta, RollbackMeta, ROOT};
+use crate::storage::Storage;
+use crate::store::{MetaCore, StoreCore};
+use arc_swap::ArcSwapOption;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+const STRIPES: usize = 1024;
+
+/// A version node at run time. Only `kind`, `dead` and `exceptions` change after creation.
+pub(crate) struct NodeRt {
+    kind: AtomicU8,
+    dead: AtomicBool,
+    parent: u32,
+    seq: u32,
+    tag: u32,
+    parent_tag: u32,
+    birth: u64,
+    memo: String,
+    /// Exceptions labelled with this node (for "exclusive chunks" and reclaim progress).
+    exceptions: AtomicU64,
+}
+
+impl NodeRt {
+    fn from_meta(m: &NodeMeta) -> Self {
+        NodeRt {
+            kind: AtomicU8::new(m.kind as u8),
+            dead: AtomicBool::new(m.dead),
+            parent: m.parent,
+            seq: m.seq,
+            tag: m.tag,
+            parent_tag: m.parent_tag,
+            birth: m.birth,
+            memo: m.memo.clone(),
+            exceptions: AtomicU64::new(0),
+        }
+    }
+
+    fn to_meta(&self) -> NodeMeta {
+        NodeMeta {
+            kind: NodeKind::from_u8(self.kind.load(SeqCst)).unwrap_or(NodeKind::Frozen),
+            dead: self.dead.load(SeqCst),
+            parent: self.parent,
+            seq: self.seq,
+            tag: self.tag,
+            parent_tag: self.parent_tag,
+            birth: self.birth,
+            memo: self.memo.clone(),
+        }
+    }
+
+    fn kind(&self) -> NodeKind {
+        NodeKind::from_u8(self.kind.load(SeqCst)).unwrap_or(NodeKind::Frozen)
+    }
+}
+
+/// A live snapshot: its tag and the leaf that takes its writes.
+pub(crate) struct SnapRt {
+    pub tag: u32,
+    pub leaf: AtomicU32,
+    pub gate: IoGate,
+    pub deleted: AtomicBool,
+}
+
+/// One exception: `node`'s copy of the chunk is store chunk `store`. `seq` caches the node's
+/// chain order (0 for non-chain nodes) so lookups need not touch the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ex {
+    pub node: u32,
+    pub seq: u32,
+    pub store: u64,
+}
+
+/// The exceptions of one origin chunk. Replaced whole (RCU), never changed in place.
+pub(crate) type ExList = Vec<Ex>;
+
+/// Rollback in progress.
+pub(crate) struct RollbackRt {
+    pub tag: u32,
+    pub source: u32,
+    restored: Vec<AtomicU64>,
+    done: AtomicU64,
+    total: u64,
+    cursor: AtomicU64,
+}
+
+impl RollbackRt {
+    fn is_restored(&self, c: u64) -> bool {
+        self.restored[(c / 64) as usize].load(SeqCst) & (1 << (c % 64)) != 0
+    }
+    fn set_restored(&self, c: u64) {
+        self.restored[(c / 64) as usize].fetch_or(1 << (c % 64), SeqCst);
+        self.done.fetch_add(1, SeqCst);
+    }
+}
+
+/// Rollback progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollbackProgress {
+    /// The snapshot the origin is rolled back to.
+    pub tag: u32,
+    /// Chunks copied back (or found identical) so far.
+    pub chunks_done: u64,
+    /// Chunks of the origin.
+    pub chunks_total: u64,
+}
+
+/// A snapshot as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Tag.
+    pub tag: u32,
+    /// The snapshot it was taken of; `None`: the origin.
+    pub parent: Option<u32>,
+    /// Memo.
+    pub memo: String,
+    /// Birth time, seconds since the Unix epoch.
+    pub birth_unix_secs: u64,
+    /// Store chunks written by this snapshot and used by no other version.
+    pub exclusive_chunks: u64,
+}
+
+/// An origin's state.
+#[derive(Debug, Clone)]
+pub struct OriginStatus {
+    /// The origin id.
+    pub origin_id: String,
+    /// The origin's file or device.
+    pub origin_path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Live snapshots.
+    pub snapshots: usize,
+    /// Rollback in progress.
+    pub rollback: Option<RollbackProgress>,
+    /// Store chunks still held by deleted snapshots, to be freed by the background reclaim.
+    pub reclaim_pending_chunks: u64,
+}
+
+/// One opened origin.
+pub(crate) struct OriginCore {
+    pub store: Arc<StoreCore>,
+    pub slot: u32,
+    pub id: String,
+    pub size: u64,
+    pub nchunks: u64,
+    cs: u64,
+    pub origin: Arc<dyn Storage>,
+    nodes: boxcar::Vec<NodeRt>,
+    /// Chain node ids by seq - 1.
+    chain: boxcar::Vec<u32>,
+    map: Box<[ArcSwapOption<ExList>]>,
+    /// Per chunk: seq of the newest chain node holding a copy of it.
+    top: Box<[AtomicU32]>,
+    /// Per chunk: the commit batch that made that copy durable.
+    copy_epoch: Box<[AtomicU64]>,
+    newest: AtomicU32,
+    pub gate: IoGate,
+    stripes: Box<[Mutex<()>]>,
+    ops: Mutex<()>,
+    snaps: Mutex<BTreeMap<u32, Arc<SnapRt>>>,
+    next_tag: AtomicU32,
+    pub rollback: ArcSwapOption<RollbackRt>,
+    reclaim_needed: AtomicBool,
+    unbound: AtomicBool,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl OriginCore {
+    /// Builds the run-time structures from metadata.
+    pub fn build(
+        store: Arc<StoreCore>,
+        slot: u32,
+        m: &OriginMeta,
+        origin: Arc<dyn Storage>,
+    ) -> Result<Arc<Self>> {
+        let cs = store.layout.chunk_size as u64;
+        let nchunks = m.nchunks(cs as u32);
+        let nodes = boxcar::Vec::new();
+        let chain = boxcar::Vec::new();
+        for n in &m.nodes {
+            let i = nodes.push(NodeRt::from_meta(n));
+            if n.kind == NodeKind::Chain {
+                chain.push(i as u32);
+            }
+        }
+        let map: Box<[ArcSwapOption<ExList>]> =
+            (0..nchunks).map(|_| ArcSwapOption::empty()).collect();
+        let top: Box<[AtomicU32]> = (0..nchunks).map(|_| AtomicU32::new(0)).collect();
+        let copy_epoch: Box<[AtomicU64]> = (0..nchunks).map(|_| AtomicU64::new(0)).collect();
+        for (chunk, list) in &m.exceptions {
+            let mut l = ExList::with_capacity(list.len());
+            let mut t = 0;
+            for (node, s) in list {
+                let n = &m.nodes[*node as usize];
+                let seq = if n.kind == NodeKind::Chain { n.seq } else { 0 };
+                t = t.max(seq);
+                l.push(Ex {
+                    node: *node,
+                    seq,
+                    store: *s,
+                });
+                if let Some(nr) = nodes.get(*node as usize) {
+                    nr.exceptions.fetch_add(1, SeqCst);
+                }
+            }
+            map[*chunk as usize].store(Some(Arc::new(l)));
+            top[*chunk as usize].store(t, SeqCst);
+        }
+        let snaps = m
+            .tags
+            .iter()
+            .map(|(tag, leaf)| {
+                (
+                    *tag,
+                    Arc::new(SnapRt {
+                        tag: *tag,
+                        leaf: AtomicU32::new(*leaf),
+                        gate: IoGate::default(),
+                        deleted: AtomicBool::new(false),
+                    }),
+                )
+            })
+            .collect();
+        let rollback = m.rollback.as_ref().map(|r| {
+            let restored: Vec<AtomicU64> = r.restored.iter().map(|w| AtomicU64::new(*w)).collect();
+            let done = (0..nchunks).filter(|c| bit_get(&r.restored, *c)).count() as u64;
+            Arc::new(RollbackRt {
+                tag: r.tag,
+                source: r.source,
+                restored,
+                done: AtomicU64::new(done),
+                total: nchunks,
+                cursor: AtomicU64::new(0),
+            })
+        });
+        let has_dead = m.nodes.iter().any(|n| n.dead);
+        Ok(Arc::new(OriginCore {
+            store,
+            slot,
+            id: m.id.clone(),
+            size: m.size,
+            nchunks,
+            cs,
+            origin,
+            nodes,
+            chain,
+            map,
+            top,
+            copy_epoch,
+            newest: AtomicU32::new(m.newest_seq),
+            gate: IoGate::default(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            ops: Mutex::new(()),
+            snaps: Mutex::new(snaps),
+            next_tag: AtomicU32::new(m.next_tag),
+            rollback: ArcSwapOption::new(rollback),
+            reclaim_needed: AtomicBool::new(has_dead),
+            unbound: AtomicBool::new(false),
+        }))
+    }
+
+    /// The metadata, for a checkpoint (called with the metadata lock held).
+    pub fn to_meta(&self) -> OriginMeta {
+        let nodes: Vec<NodeMeta> = (0..self.nodes.count())
+            .filter_map(|i| self.nodes.get(i).map(|n| n.to_meta()))
+            .collect();
+        let tags = lock(&self.snaps)
+            .values()
+            .map(|s| (s.tag, s.leaf.load(SeqCst)))
+            .collect();
+        let mut exceptions = BTreeMap::new();
+        for (c, slot) in self.map.iter().enumerate() {
+            if let Some(l) = slot.load().as_ref() {
+                if !l.is_empty() {
+                    exceptions.insert(c as u64, l.iter().map(|e| (e.node, e.store)).collect());
+                }
+            }
+        }
+        let rollback = self.rollback.load().as_ref().map(|r| RollbackMeta {
+            tag: r.tag,
+            source: r.source,
+            restored: r.restored.iter().map(|w| w.load(SeqCst)).collect(),
+        });
+        OriginMeta {
+            id: self.id.clone(),
+            size: self.size,
+            next_tag: self.next_tag.load(SeqCst),
+            newest_seq: self.newest.load(SeqCst),
+            nodes,
+            tags,
+            exceptions,
+            rollback,
+        }
+    }
+
+    fn node(&self, i: u32) -> Option<&NodeRt> {
+        self.nodes.get(i as usize)
+    }
+
+    fn stripe(&self, c: u64) -> MutexGuard<'_, ()> {
+        lock(&self.stripes[(c as usize) % STRIPES])
+    }
+
+    /// Bytes of origin chunk `c` (the last may be short).
+    pub fn chunk_len(&self, c: u64) -> u64 {
+        (self.size - c * self.cs).min(self.cs)
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.cs
+    }
+
+    pub fn check_alive(&self) -> Result<()> {
+        if self.unbound.load(SeqCst) {
+            return Err(Error::Deleted(format!("origin {}", self.id)));
+        }
+        self.store.check_failed()
+    }
+
+    pub fn sync_origin(&self) -> std::io::Result<()> {
+        self.origin.sync()
+    }
+
+    /// Where `node` finds chunk `c`: a store chunk, or `None` for the origin device.
+    ///
+    /// Walk up from `node` to the first version with an exception. Once the walk reaches a
+    /// chain node of seq `s`, the answer is the chain exception with the smallest seq ≥ `s`:
+    /// a chain node inherits from every newer one.
+    pub fn resolve(&self, mut node: u32, list: Option<&ExList>) -> Option<u64> {
+        let list = list?;
+        loop {
+            let n = self.node(node)?;
+            match n.kind() {
+                NodeKind::Chain => {
+                    return list
+                        .iter()
+                        .filter(|e| e.seq >= n.seq && e.seq > 0)
+                        .min_by_key(|e| e.seq)
+                        .map(|e| e.store);
+                }
+                NodeKind::Origin => return None,
+                NodeKind::Leaf | NodeKind::Frozen => {
+                    if let Some(e) = list.iter().find(|e| e.node == node) {
+                        return Some(e.store);
+                    }
+                    node = n.parent;
+                }
+            }
+        }
+    }
+
+    fn store_off(&self, s: u64) -> u64 {
+        self.store.layout.chunk_offset(s)
+    }
+
+    fn io<T>(&self, what: impl FnOnce() -> String, r: std::io::Result<T>) -> Result<T> {
+        r.map_err(|e| Error::io(what(), e))
+    }
+
+    /// Reads `node`'s view of chunk `c`, bytes `[within, within+buf.len())`, consistently with
+    /// concurrent origin writes (retrying if a copy-out raced the origin read).
+    pub fn read_view(
+        &self,
+        node: u32,
+        c: u64,
+        within: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<()> {
+        loop {
+            let list = self.map[c as usize].load();
+            match self.resolve(node, list.as_deref()) {
+                Some(s) => {
+                    let off = self.store_off(s) + within;
+                    return self.io(
+                        || format!("reading COW store {} at {off}", self.store.name),
+                        self.store.storage.read_vectored_at(bufs, off),
+                    );
+                }
+                None => {
+                    let off = c * self.cs + within;
+                    self.io(
+                        || format!("reading origin {} at {off}", self.origin.name()),
+                        self.origin.read_vectored_at(bufs, off),
+                    )?;
+                    // A copy-out publishes its exception before the origin is overwritten: if
+                    // the list did not change, what we read is still this version's data.
+                    let after = self.map[c as usize].load();
+                    let same = match (list.as_ref(), after.as_ref()) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    };
+                    if same {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes an exception and queues its record (metadata lock held).
+    fn publish(&self, m: &mut MetaCore, c: u64, ex: Ex) {
+        let old = self.map[c as usize].load_full();
+        let mut l: ExList = old.as_deref().cloned().unwrap_or_default();
+        l.push(ex);
+        self.map[c as usize].store(Some(Arc::new(l)));
+        if let Some(n) = self.node(ex.node) {
+            n.exceptions.fetch_add(1, SeqCst);
+        }
+        StoreCore::note_alloc(m, ex.store);
+        m.pending.push(Record::AddException {
+            slot: self.slot,
+            chunk: c,
+            node: ex.node,
+            store: ex.store,
+        });
+    }
+
+    /// Makes sure the newest chain node owns a copy of origin chunk `c`; returns the commit
+    /// batch to wait for before the origin chunk may be overwritten (0: none).
+    pub fn ensure_copied(&self, c: u64, newest: u32) -> Result<u64> {
+        if newest == 0 {
+            return Ok(0);
+        }
+        if self.top[c as usize].load(SeqCst) == newest {
+            return Ok(self.copy_epoch[c as usize].load(SeqCst));
+        }
+        let _g = self.stripe(c);
+        self.copy_out_locked(c, newest)
+    }
+
+    /// `ensure_copied` with the chunk's stripe lock held.
+    fn copy_out_locked(&self, c: u64, newest: u32) -> Result<u64> {
+        if newest == 0 {
+            return Ok(0);
+        }
+        if self.top[c as usize].load(SeqCst) == newest {
+            return Ok(self.copy_epoch[c as usize].load(SeqCst));
+        }
+        let chain_node = *self
+            .chain
+            .get(newest as usize - 1)
+            .ok_or_else(|| Error::Corrupt {
+                store: self.store.name.clone(),
+                what: format!("origin {}: chain seq {newest} has no node", self.id),
+            })?;
+        let s = self.store.alloc_chunk(|| {
+            format!(
+                "copy-out of origin {} chunk {c} before an origin write (the write fails)",
+                self.id
+            )
+        })?;
+        let len = self.chunk_len(c) as usize;
+        let mut buf = vec![0u8; self.cs as usize];
+        let r = self
+            .origin
+            .read_at(&mut buf[..len], c * self.cs)
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "reading origin {} chunk {c} for copy-out",
+                        self.origin.name()
+                    ),
+                    e,
+                )
+            })
+            .and_then(|_| {
+                self.store
+                    .storage
+                    .write_at(&buf, self.store_off(s))
+                    .map_err(|e| {
+                        Error::io(
+                            format!("writing COW store {} chunk {s}", self.store.name),
+                            e,
+                        )
+                    })
+            });
+        if let Err(e) = r {
+            self.store.unalloc_chunk(s);
+            return Err(e);
+        }
+        let epoch = {
+            let mut m = self.store.lock_meta();
+            self.publish(
+                &mut m,
+                c,
+                Ex {
+                    node: chain_node,
+                    seq: newest,
+                    store: s,
+                },
+            );
+            m.epoch
+        };
+        self.store.commit_wake.notify_one();
+        self.copy_epoch[c as usize].store(epoch, SeqCst);
+        self.top[c as usize].store(newest, SeqCst);
+        Ok(epoch)
+    }
+
+    /// Copies the rollback source's chunk `c` back onto the origin (idempotent).
+    fn restore_chunk(&self, rb: &RollbackRt, c: u64) -> Result<()> {
+        if rb.is_restored(c) {
+            return Ok(());
+        }
+        let _g = self.stripe(c);
+        if rb.is_restored(c) {
+            return Ok(());
+        }
+        let newest = self.newest.load(SeqCst);
+        let e = self.copy_out_locked(c, newest)?;
+        self.store.wait_durable(e)?;
+        let list = self.map[c as usize].load();
+        if let Some(s) = self.resolve(rb.source, list.as_deref()) {
+            let len = self.chunk_len(c) as usize;
+            let mut buf = vec![0u8; len];
+            self.io(
+                || {
+                    format!(
+                        "reading COW store {} chunk {s} for rollback",
+                        self.store.name
+                    )
+                },
+                self.store.storage.read_at(&mut buf, self.store_off(s)),
+            )?;
+            self.io(
+                || {
+                    format!(
+                        "writing origin {} chunk {c} for rollback",
+                        self.origin.name()
+                    )
+                },
+                self.origin.write_at(&buf, c * self.cs),
+            )?;
+        }
+        rb.set_restored(c);
+        let mut m = self.store.lock_meta();
+        m.pending.push(Record::Restored {
+            slot: self.slot,
+            chunk: c,
+        });
+        m.pending_origin_sync.insert(self.slot);
+        Ok(())
+    }
+
+    // ---- origin I/O -------------------------------------------------------------------
+
+    fn chunks(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 {
+            return 0..0;
+        }
+        offset / self.cs..(offset + len).div_ceil(self.cs)
+    }
+
+    pub fn origin_read(
+        &self,
+        offset: u64,
+        len: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<()> {
+        let rb = self.rollback.load_full();
+        let Some(rb) = rb else {
+            return self.io(
+                || format!("reading origin {} at {offset}", self.origin.name()),
+                self.origin.read_vectored_at(bufs, offset),
+            );
+        };
+        // During a rollback, chunks not yet copied back read as the snapshot's.
+        let mut done = 0u64;
+        for c in self.chunks(offset, len) {
+            let start = (c * self.cs).max(offset);
+            let end = ((c + 1) * self.cs).min(offset + len);
+            let mut piece = crate::volume::piece_mut(bufs, done as usize, (end - start) as usize);
+            if rb.is_restored(c) {
+                self.io(
+                    || format!("reading origin {} at {start}", self.origin.name()),
+                    self.origin.read_vectored_at(&mut piece, start),
+                )?;
+            } else {
+                self.read_view(rb.source, c, start - c * self.cs, &mut piece)?;
+            }
+            done += end - start;
+        }
+        Ok(())
+    }
+
+    pub fn origin_write(&self, offset: u64, len: u64, bufs: &[std::io::IoSlice<'_>]) -> Result<()> {
+        let _pass = self.gate.enter();
+        self.check_alive()?;
+        let newest = self.newest.load(SeqCst);
+        let rb = self.rollback.load_full();
+        if newest != 0 || rb.is_some() {
+            let mut wait = 0;
+            for c in self.chunks(offset, len) {
+                if let Some(rb) = &rb {
+                    self.restore_chunk(rb, c)?;
+                }
+                wait = wait.max(self.ensure_copied(c, newest)?);
+            }
+            if wait > 0 {
+                self.store.wait_durable(wait)?;
+            }
+        }
+        self.io(
+            || format!("writing origin {} at {offset}", self.origin.name()),
+            self.origin.write_vectored_at(bufs, offset),
+        )
+    }
+
+    pub fn origin_flush(&self) -> Result<()> {
+        self.check_alive()?;
+        self.io(
+            || format!("syncing origin {}", self.origin.name()),
+            self.origin.sync(),
+        )?;
+        // Restored-chunk records must be durable with the data they describe.
+        let pending = !self.store.lock_meta().pending.is_empty();
+        if pending || self.rollback.load().is_some() {
+            self.store.commit_sync()?;
+        }
+        Ok(())
+    }
+
+    // ---- snapshot I/O -----------------------------------------------------------------
+
+    pub fn snap_read(
+        &self,
+        snap: &SnapRt,
+        offset: u64,
+        len: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<()> {
+        if snap.deleted.load(SeqCst) {
+            return Err(Error::Deleted(format!(
+                "snapshot {} of origin {}",
+                snap.tag, self.id
+            )));
+        }
+        let leaf = snap.leaf.load(SeqCst);
+        let mut done = 0u64;
+        for c in self.chunks(offset, len) {
+            let start = (c * self.cs).max(offset);
+            let end = ((c + 1) * self.cs).min(offset + len);
+            let mut piece = crate::volume::piece_mut(bufs, done as usize, (end - start) as usize);
+            self.read_view(leaf, c, start - c * self.cs, &mut piece)?;
+            done += end - start;
+        }
+        Ok(())
+    }
+
+    pub fn snap_write(
+        &self,
+        snap: &SnapRt,
+        offset: u64,
+        len: u64,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Result<()> {
+        let _pass = snap.gate.enter();
+        if snap.deleted.load(SeqCst) {
+            return Err(Error::Deleted(format!(
+                "snapshot {} of origin {}",
+                snap.tag, self.id
+            )));
+        }
+        self.check_alive()?;
+        let leaf = snap.leaf.load(SeqCst);
+        let mut done = 0u64;
+        for c in self.chunks(offset, len) {
+            let start = (c * self.cs).max(offset);
+            let end = ((c + 1) * self.cs).min(offset + len);
+            let piece = crate::volume::piece(bufs, done as usize, (end - start) as usize);
+            self.snap_write_chunk(snap.tag, leaf, c, start - c * self.cs, &piece)?;
+            done += end - start;
+        }
+        Ok(())
+    }
+
+    fn own(list: Option<&ExList>, leaf: u32) -> Option<u64> {
+        list?.iter().find(|e| e.node == leaf).map(|e| e.store)
+    }
+
+    fn snap_write_chunk(
+        &self,
+        tag: u32,
+        leaf: u32,
+        c: u64,
+        within: u64,
+        piece: &[std::io::IoSlice<'_>],
+    ) -> Result<()> {
+        let in_place = |s: u64| {
+            let off = self.store_off(s) + within;
+            self.io(
+                || format!("writing COW store {} at {off}", self.store.name),
+                self.store.storage.write_vectored_at(piece, off),
+            )
+        };
+        if let Some(s) = Self::own(self.map[c as usize].load().as_deref(), leaf) {
+            return in_place(s);
+        }
+        let _g = self.stripe(c);
+        if let Some(s) = Self::own(self.map[c as usize].load().as_deref(), leaf) {
+            return in_place(s);
+        }
+        // First write of this snapshot to this chunk: give it a private copy.
+        let s = self.store.alloc_chunk(|| {
+            format!(
+                "first write of snapshot {tag} of origin {} to chunk {c} (the write fails)",
+                self.id
+            )
+        })?;
+        let clen = self.chunk_len(c) as usize;
+        let plen: usize = piece.iter().map(|b| b.len()).sum();
+        let r = (|| {
+            let mut buf = vec![0u8; self.cs as usize];
+            if plen < clen {
+                // Under the stripe lock no copy-out of this chunk can run, so the view is stable.
+                self.read_view(
+                    leaf,
+                    c,
+                    0,
+                    &mut [std::io::IoSliceMut::new(&mut buf[..clen])],
+                )?;
+            }
+            crate::volume::gather(piece, &mut buf[within as usize..within as usize + plen]);
+            self.io(
+                || format!("writing COW store {} chunk {s}", self.store.name),
+                self.store.storage.write_at(&buf, self.store_off(s)),
+            )
+        })();
+        if let Err(e) = r {
+            self.store.unalloc_chunk(s);
+            return Err(e);
+        }
+        let mut m = self.store.lock_meta();
+        self.publish(
+            &mut m,
+            c,
+            Ex {
+                node: leaf,
+                seq: 0,
+                store: s,
+            },
+        );
+        Ok(())
+    }
+
+    // ---- snapshot operations ----------------------------------------------------------
+
+    fn push_node(&self, m: &mut MetaCore, meta: NodeMeta) -> Result<u32> {
+        let id = self.nodes.count();
+        if id >= (u32::MAX - 4) as usize {
+            return Err(Error::Limit(format!(
+                "origin {} has used every version number",
+                self.id
+            )));
+        }
+        let is_chain = meta.kind == NodeKind::Chain;
+        let got = self.nodes.push(NodeRt::from_meta(&meta));
+        debug_assert_eq!(got, id);
+        if is_chain {
+            self.chain.push(got as u32);
+        }
+        m.pending.push(Record::NewNode {
+            slot: self.slot,
+            node: got as u32,
+            meta,
+        });
+        Ok(got as u32)
+    }
+
+    fn snap(&self, tag: u32) -> Result<Arc<SnapRt>> {
+        lock(&self.snaps)
+            .get(&tag)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("snapshot {tag} of origin {}", self.id)))
+    }
+
+    pub fn snapshot_handle(&self, tag: u32) -> Result<Arc<SnapRt>> {
+        self.snap(tag)
+    }
+
+    fn commit(&self, epoch: u64) -> Result<()> {
+        self.store.request_commit();
+        self.store.wait_durable(epoch)
+    }
+
+    pub fn create_snapshot(&self, of: Option<u32>, memo: &str) -> Result<u32> {
+        if memo.len() > MAX_MEMO {
+            return Err(Error::InvalidArgument(format!(
+                "memo of {} bytes is longer than {MAX_MEMO}",
+                memo.len()
+            )));
+        }
+        let _ops = lock(&self.ops);
+        self.check_alive()?;
+        let birth = now_secs();
+        let epoch = match of {
+            None => {
+                let _closed = self.gate.close();
+                let mut m = self.store.lock_meta();
+                let tag = self.next_tag.load(SeqCst);
+                let seq = self
+                    .newest
+                    .load(SeqCst)
+                    .checked_add(1)
+                    .filter(|&s| s < u32::MAX - 4 && tag < u32::MAX - 4)
+                    .ok_or_else(|| {
+                        Error::Limit(format!("origin {} has used every snapshot number", self.id))
+                    })?;
+                let chain = self.push_node(
+                    &mut m,
+                    NodeMeta {
+                        kind: NodeKind::Chain,
+                        dead: false,
+                        parent: ROOT,
+                        seq,
+                        tag,
+                        parent_tag: 0,
+                        birth,
+                        memo: String::new(),
+                    },
+                )?;
+                let leaf = self.push_node(
+                    &mut m,
+                    NodeMeta {
+                        kind: NodeKind::Leaf,
+                        dead: false,
+                        parent: chain,
+                        seq: 0,
+                        tag,
+                        parent_tag: 0,
+                        birth,
+                        memo: memo.into(),
+                    },
+                )?;
+                self.next_tag.store(tag + 1, SeqCst);
+                self.newest.store(seq, SeqCst);
+                lock(&self.snaps).insert(
+                    tag,
+                    Arc::new(SnapRt {
+                        tag,
+                        leaf: AtomicU32::new(leaf),
+                        gate: IoGate::default(),
+                        deleted: AtomicBool::new(false),
+                    }),
+                );
+                (m.epoch, tag)
+            }
+            Some(parent) => {
+                let ps = self.snap(parent)?;
+                let _closed = ps.gate.close();
+                let mut m = self.store.lock_meta();
+                let tag = self.next_tag.load(SeqCst);
+                if tag >= u32::MAX - 4 {
+                    return Err(Error::Limit(format!(
+                        "origin {} has used every snapshot number",
+                        self.id
+                    )));
+                }
+                let frozen = self.freeze(&mut m, &ps)?;
+                let leaf = self.push_node(
+                    &mut m,
+                    NodeMeta {
+                        kind: NodeKind::Leaf,
+                        dead: false,
+                        parent: frozen,
+                        seq: 0,
+                        tag,
+                        parent_tag: parent,
+                        birth,
+                        memo: memo.into(),
+                    },
+                )?;
+                self.next_tag.store(tag + 1, SeqCst);
+                lock(&self.snaps).insert(
+                    tag,
+                    Arc::new(SnapRt {
+                        tag,
+                        leaf: AtomicU32::new(leaf),
+                        gate: IoGate::default(),
+                        deleted: AtomicBool::new(false),
+                    }),
+                );
+                (m.epoch, tag)
+            }
+        };
+        self.commit(epoch.0)?;
+        Ok(epoch.1)
+    }
+
+    /// Freezes snapshot `ps`'s leaf and gives the tag a fresh leaf below it (gate closed,
+    /// metadata lock held). Returns the frozen node.
+    fn freeze(&self, m: &mut MetaCore, ps: &SnapRt) -> Result<u32> {
+        let old = ps.leaf.load(SeqCst);
+        let n = self
+            .node(old)
+            .ok_or_else(|| Error::NotFound(format!("node {old} of origin {}", self.id)))?;
+        let meta = NodeMeta {
+            kind: NodeKind::Leaf,
+            dead: false,
+            parent: old,
+            seq: 0,
+            tag: ps.tag,
+            parent_tag: n.parent_tag,
+            birth: n.birth,
+            memo: n.memo.clone(),
+        };
+        n.kind.store(NodeKind::Frozen as u8, SeqCst);
+        m.pending.push(Record::Freeze {
+            slot: self.slot,
+            node: old,
+        });
+        let new_leaf = self.push_node(m, meta)?;
+        ps.leaf.store(new_leaf, SeqCst);
+        Ok(old)
+    }
+
+    pub fn delete_snapshot(&self, tag: u32) -> Result<()> {
+        let _ops = lock(&self.ops);
+        self.check_alive()?;
+        let s = self.snap(tag)?;
+        let epoch = {
+            let _closed = s.gate.close();
+            s.deleted.store(true, SeqCst);
+            let mut m = self.store.lock_meta();
+            if let Some(n) = self.node(s.leaf.load(SeqCst)) {
+                n.dead.store(true, SeqCst);
+            }
+            lock(&self.snaps).remove(&tag);
+            m.pending.push(Record::DeleteTag {
+                slot: self.slot,
+                tag,
+            });
+            m.epoch
+        };
+        self.commit(epoch)?;
+        self.reclaim_needed.store(true, SeqCst);
+        self.store.wake_worker();
+        Ok(())
+    }
+
+    pub fn rollback(&self, tag: u32) -> Result<()> {
+        let _ops = lock(&self.ops);
+        self.check_alive()?;
+        if let Some(r) = self.rollback.load().as_ref() {
+            return Err(Error::Busy(format!(
+                "origin {} is still rolling back to snapshot {} ({} of {} chunks done)",
+                self.id,
+                r.tag,
+                r.done.load(SeqCst),
+                r.total
+            )));
+        }
+        let s = self.snap(tag)?;
+        let epoch = {
+            let _c1 = self.gate.close();
+            let _c2 = s.gate.close();
+            let mut m = self.store.lock_meta();
+            let seq = self
+                .newest
+                .load(SeqCst)
+                .checked_add(1)
+                .filter(|&s| s < u32::MAX - 4)
+                .ok_or_else(|| {
+                    Error::Limit(format!("origin {} has used every snapshot number", self.id))
+                })?;
+            // Freeze the source so later writes to the snapshot do not reach the origin.
+            let source = self.freeze(&mut m, &s)?;
+            // A hidden image of the origin as it is now protects every other snapshot: the
+            // copy-back overwrites origin chunks they may still share.
+            self.push_node(
+                &mut m,
+                NodeMeta {
+                    kind: NodeKind::Chain,
+                    dead: false,
+                    parent: ROOT,
+                    seq,
+                    tag: 0,
+                    parent_tag: 0,
+                    birth: now_secs(),
+                    memo: String::new(),
+                },
+            )?;
+            self.newest.store(seq, SeqCst);
+            m.pending.push(Record::RollbackStart {
+                slot: self.slot,
+                tag,
+                source,
+            });
+            let words = self.nchunks.div_ceil(64) as usize;
+            self.rollback.store(Some(Arc::new(RollbackRt {
+                tag,
+                source,
+                restored: (0..words).map(|_| AtomicU64::new(0)).collect(),
+                done: AtomicU64::new(0),
+                total: self.nchunks,
+                cursor: AtomicU64::new(0),
+            })));
+            m.epoch
+        };
+        self.commit(epoch)?;
+        self.store.wake_worker();
+        Ok(())
+    }
+
+    pub fn rollback_progress(&self) -> Option<RollbackProgress> {
+        self.rollback.load().as_ref().map(|r| RollbackProgress {
+            tag: r.tag,
+            chunks_done: r.done.load(SeqCst),
+            chunks_total: r.total,
+        })
+    }
+
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let snaps: Vec<Arc<SnapRt>> = lock(&self.snaps).values().cloned().collect();
+        snaps
+            .iter()
+            .filter_map(|s| {
+                let n = self.node(s.leaf.load(SeqCst))?;
+                Some(SnapshotInfo {
+                    tag: s.tag,
+                    parent: (n.parent_tag != 0).then_some(n.parent_tag),
+                    memo: n.memo.clone(),
+                    birth_unix_secs: n.birth,
+                    exclusive_chunks: n.exceptions.load(SeqCst),
+                })
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> OriginStatus {
+        let reclaim_pending_chunks = (0..self.nodes.count())
+            .filter_map(|i| self.nodes.get(i))
+            .filter(|n| n.dead.load(SeqCst))
+            .map(|n| n.exceptions.load(SeqCst))
+            .sum();
+        OriginStatus {
+            origin_id: self.id.clone(),
+            origin_path: self.origin.name().to_string(),
+            size: self.size,
+            snapshots: lock(&self.snaps).len(),
+            rollback: self.rollback_progress(),
+            reclaim_pending_chunks,
+        }
+    }
+
+    pub fn has_snapshots(&self) -> bool {
+        !lock(&self.snaps).is_empty() || self.rollback.load().is_some()
+    }
+
+    /// Frees everything once the last snapshot is gone, so the origin can be unbound.
+    pub fn prepare_unbind(&self) -> Result<()> {
+        let _ops = lock(&self.ops);
+        if self.has_snapshots() {
+            return Err(Error::HasSnapshots(self.id.clone()));
+        }
+        self.reclaim()?;
+        Ok(())
+    }
+
+    pub fn can_unbind(&self) -> bool {
+        !self.has_snapshots()
+            && self
+                .map
+                .iter()
+                .all(|s| s.load().as_ref().is_none_or(|l| l.is_empty()))
+    }
+
+    pub fn mark_unbound(&self) {
+        self.unbound.store(true, SeqCst);
+    }
+
+    // ---- background work --------------------------------------------------------------
+
+    /// One slice of background work. Returns whether more is waiting.
+    pub fn background_step(&self) -> Result<bool> {
+        if self.unbound.load(SeqCst) || self.store.check_failed().is_err() {
+            return Ok(false);
+        }
+        if let Some(rb) = self.rollback.load_full() {
+            self.rollback_step(&rb)?;
+            return Ok(true);
+        }
+        if self.reclaim_needed.swap(false, SeqCst) {
+            let _ops = lock(&self.ops);
+            self.reclaim()?;
+        }
+        Ok(false)
+    }
+
+    fn rollback_step(&self, rb: &Arc<RollbackRt>) -> Result<()> {
+        const BATCH: u64 = 256;
+        let _pass = self.gate.enter();
+        let start = rb.cursor.load(SeqCst);
+        let end = (start + BATCH).min(self.nchunks);
+        // Copy out what the other versions still need first, all in one commit.
+        let newest = self.newest.load(SeqCst);
+        let mut wait = 0;
+        for c in start..end {
+            if !rb.is_restored(c)
+                && self
+                    .resolve(rb.source, self.map[c as usize].load().as_deref())
+                    .is_some()
+            {
+                wait = wait.max(self.ensure_copied(c, newest)?);
+            }
+        }
+        self.store.wait_durable(wait)?;
+        for c in start..end {
+            self.restore_chunk(rb, c)?;
+        }
+        rb.cursor.store(end, SeqCst);
+        if end >= self.nchunks {
+            drop(_pass);
+            self.finish_rollback(rb)?;
+        }
+        Ok(())
+    }
+
+    fn finish_rollback(&self, rb: &Arc<RollbackRt>) -> Result<()> {
+        if rb.done.load(SeqCst) < rb.total {
+            rb.cursor.store(0, SeqCst);
+            return Ok(());
+        }
+        let _ops = lock(&self.ops);
+        let _closed = self.gate.close();
+        let epoch = {
+            let mut m = self.store.lock_meta();
+            m.pending_origin_sync.insert(self.slot);
+            m.pending.push(Record::RollbackDone { slot: self.slot });
+            self.rollback.store(None);
+            m.epoch
+        };
+        self.commit(epoch)?;
+        log::info!(
+            "origin {}: rollback to snapshot {} finished",
+            self.id,
+            rb.tag
+        );
+        self.reclaim_needed.store(true, SeqCst);
+        Ok(())
+    }
+
+    /// Frees exceptions no live version can read. Conservative: a chain copy is kept while
+    /// any live snapshot between it and the next older copy exists.
+    fn reclaim(&self) -> Result<()> {
+        let n = self.nodes.count();
+        let mut live = vec![false; n];
+        for (i, l) in live.iter_mut().enumerate() {
+            if let Some(nd) = self.nodes.get(i) {
+                *l = nd.kind() == NodeKind::Leaf && !nd.dead.load(SeqCst);
+            }
+        }
+        if let Some(rb) = self.rollback.load().as_ref() {
+            if let Some(l) = live.get_mut(rb.source as usize) {
+                *l = true;
+            }
+        }
+        for i in (1..n).rev() {
+            let Some(nd) = self.nodes.get(i) else {
+                continue;
+            };
+            if live[i]
+                && matches!(nd.kind(), NodeKind::Leaf | NodeKind::Frozen)
+                && (nd.parent as usize) < n
+            {
+                live[nd.parent as usize] = true;
+            }
+        }
+        // prefix[s]: chain nodes of seq ≤ s with a live reader in their own subtree.
+        let nchain = self.chain.count();
+        let mut prefix = vec![0u64; nchain + 1];
+        for s in 1..=nchain {
+            let node = self.chain.get(s - 1).copied().unwrap_or(0) as usize;
+            prefix[s] = prefix[s - 1] + live.get(node).copied().unwrap_or(false) as u64;
+        }
+        let garbage = |list: &ExList, e: &Ex| -> bool {
+            if e.node as usize >= n {
+                return false;
+            }
+            if e.seq == 0 {
+                return !live[e.node as usize];
+            }
+            if e.seq as usize > nchain {
+                return false;
+            }
+            let below = list
+                .iter()
+                .filter(|x| x.seq > 0 && x.seq < e.seq)
+                .map(|x| x.seq)
+                .max()
+                .unwrap_or(0);
+            prefix[e.seq as usize] == prefix[below as usize]
+        };
+        let mut freed = 0u64;
+        for c in 0..self.nchunks {
+            let list = self.map[c as usize].load();
+            let Some(l) = list.as_ref() else { continue };
+            if !l.iter().any(|e| garbage(l, e)) {
+                continue;
+            }
+            let _g = self.stripe(c);
+            let mut m = self.store.lock_meta();
+            let cur = self.map[c as usize].load_full();
+            let Some(cur) = cur else { continue };
+            let (drop_list, keep): (Vec<Ex>, Vec<Ex>) = cur.iter().partition(|e| garbage(&cur, e));
+            for e in &drop_list {
+                m.pending.push(Record::FreeException {
+                    slot: self.slot,
+                    chunk: c,
+                    node: e.node,
+                });
+                StoreCore::note_free(&mut m, e.store);
+                if let Some(nd) = self.node(e.node) {
+                    nd.exceptions.fetch_sub(1, SeqCst);
+                }
+                freed += 1;
+            }
+            let t = keep.iter().map(|e| e.seq).max().unwrap_or(0);
+            self.map[c as usize].store(if keep.is_empty() {
+                None
+            } else {
+                Some(Arc::new(keep))
+            });
+            if self.top[c as usize].load(SeqCst) != t {
+                self.top[c as usize].store(t, SeqCst);
+            }
+        }
+        if freed > 0 {
+            log::info!("origin {}: reclaimed {freed} store chunks", self.id);
+            self.store.commit_sync()?;
+        }
+        Ok(())
+    }
+}

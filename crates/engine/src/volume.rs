@@ -1,0 +1,188 @@
+//! Volume handles: the origin or one snapshot, as a block device.
+
+use crate::error::{Error, Result};
+use crate::origin::{OriginCore, SnapRt};
+use crate::store::Guard;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+/// A block device view of the origin or of one snapshot. Cheap to clone; use from any thread.
+#[derive(Clone)]
+pub struct Volume {
+    pub(crate) core: Arc<OriginCore>,
+    pub(crate) snap: Option<Arc<SnapRt>>,
+    pub(crate) _guard: Arc<Guard>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// Buffers `[start, start+len)` of a scatter list, as a scatter list.
+pub(crate) fn piece_mut<'b>(
+    bufs: &'b mut [IoSliceMut<'_>],
+    mut start: usize,
+    len: usize,
+) -> Vec<IoSliceMut<'b>> {
+    let mut out = Vec::new();
+    let mut remaining = len;
+    for b in bufs.iter_mut() {
+        if remaining == 0 {
+            break;
+        }
+        let bl = b.len();
+        if start >= bl {
+            start -= bl;
+            continue;
+        }
+        let take = (bl - start).min(remaining);
+        out.push(IoSliceMut::new(&mut b[start..start + take]));
+        start = 0;
+        remaining -= take;
+    }
+    out
+}
+
+/// Buffers `[start, start+len)` of a gather list, as a gather list.
+pub(crate) fn piece<'b>(bufs: &'b [IoSlice<'_>], mut start: usize, len: usize) -> Vec<IoSlice<'b>> {
+    let mut out = Vec::new();
+    let mut remaining = len;
+    for b in bufs {
+        if remaining == 0 {
+            break;
+        }
+        let bl = b.len();
+        if start >= bl {
+            start -= bl;
+            continue;
+        }
+        let take = (bl - start).min(remaining);
+        out.push(IoSlice::new(&b[start..start + take]));
+        start = 0;
+        remaining -= take;
+    }
+    out
+}
+
+/// Copies a gather list into `dst` (as many bytes as `dst` holds).
+pub(crate) fn gather(bufs: &[IoSlice<'_>], dst: &mut [u8]) {
+    let mut at = 0;
+    for b in bufs {
+        let n = b.len().min(dst.len() - at);
+        dst[at..at + n].copy_from_slice(&b[..n]);
+        at += n;
+        if at == dst.len() {
+            break;
+        }
+    }
+}
+
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+impl Volume {
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.core.size
+    }
+
+    /// The store's chunk size in bytes (a good physical block size for guests).
+    pub fn chunk_size(&self) -> u32 {
+        self.core.chunk_size() as u32
+    }
+
+    /// The snapshot's tag, or `None` for the origin.
+    pub fn tag(&self) -> Option<u32> {
+        self.snap.as_ref().map(|s| s.tag)
+    }
+
+    /// The origin's id.
+    pub fn origin_id(&self) -> &str {
+        &self.core.id
+    }
+
+    /// A name for messages.
+    pub fn name(&self) -> String {
+        match &self.snap {
+            None => format!("origin {}", self.core.id),
+            Some(s) => format!("snapshot {} of origin {}", s.tag, self.core.id),
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.checked_add(len);
+        if offset % 512 != 0 || len % 512 != 0 || end.is_none_or(|e| e > self.core.size) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: request at byte {offset} for {len} bytes is not 512-byte aligned or ends past its {} bytes",
+                self.name(),
+                self.core.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads `offset..` into the buffers.
+    pub fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range(offset, len)?;
+        match &self.snap {
+            None => self.core.origin_read(offset, len, bufs),
+            Some(s) => self.core.snap_read(s, offset, len, bufs),
+        }
+    }
+
+    /// Writes the buffers at `offset`.
+    pub fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        match &self.snap {
+            None => self.core.origin_write(offset, len, bufs),
+            Some(s) => self.core.snap_write(s, offset, len, bufs),
+        }
+    }
+
+    /// Reads into one buffer.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_vectored(offset, &mut [IoSliceMut::new(buf)])
+    }
+
+    /// Writes one buffer.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write_vectored(offset, &[IoSlice::new(buf)])
+    }
+
+    /// Makes every completed write of this volume durable.
+    pub fn flush(&self) -> Result<()> {
+        match &self.snap {
+            None => self.core.origin_flush(),
+            Some(s) => {
+                if s.deleted.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(Error::Deleted(self.name()));
+                }
+                self.core.check_alive()?;
+                self.core.store.commit_sync()
+            }
+        }
+    }
+
+    /// Writes zeroes over a range.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let mut off = offset;
+        while off < offset + len {
+            let n = (offset + len - off).min(ZEROES.len() as u64);
+            self.write(off, &ZEROES[..n as usize])?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Discards a range: it reads back as zeroes.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len)
+    }
+}
