@@ -98,7 +98,7 @@ fi
 console="$(mktemp)"
 trap 'rm -f "$console"' EXIT
 set +e
-timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 "${args[@]}" <&3 2>&1 |
+timeout --foreground --kill-after=10 "$timeout_s" qemu-system-x86_64 "${args[@]}" <&3 2>&1 |
     tee "$console" ${log:+"$log"}
 status=("${PIPESTATUS[@]}")
 set -e

@@ -1,0 +1,575 @@
+//! Helpers for the QEMU guest end-to-end tests: the guest tools (qemu/setup.sh,
+//! qemu/mkinitramfs.sh, qemu/run-guest.sh), a running guest whose serial console is read line
+//! by line, and a `snapmv serve` daemon driven through the `snapmv` CLI.
+//!
+//! Guests run under TCG (`-accel tcg -cpu max`): on these hosts KVM cannot boot a stock kernel.
+//! The guest side is a busybox initramfs that runs one shell script and prints markers (see
+//! qemu/mkinitramfs.sh): `SNAPMV-GUEST-READY`, `SNAPMV-GUEST-ERROR …`, `SNAPMV-GUEST-END rc=N`.
+//!
+//! Helpers panic with a message naming what failed: they only run inside tests.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any single wait may last before the test gives up as hung. This is a hang guard,
+/// not a performance assertion: TCG guests on a loaded 2-core machine are slow.
+pub const HANG_GUARD: Duration = Duration::from_secs(600);
+
+/// The repository root (the parent of `tests/`).
+pub fn repo_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| panic!("tests crate dir {} has no parent", here.display()))
+}
+
+/// True when running under CI (`CI` set to anything but empty, `0` or `false`): missing QEMU is
+/// then a failure, not a skip.
+pub fn under_ci() -> bool {
+    match std::env::var("CI") {
+        Ok(v) => !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false")),
+        Err(_) => false,
+    }
+}
+
+fn in_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+        .unwrap_or(false)
+}
+
+/// The cache dir setup.sh fills (honours `SNAPMV_QEMU_CACHE` like the scripts do).
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("SNAPMV_QEMU_CACHE") {
+        Some(p) => PathBuf::from(p),
+        None => repo_root().join("qemu/cache"),
+    }
+}
+
+fn missing_tools() -> Vec<String> {
+    let mut missing = Vec::new();
+    if !in_path("qemu-system-x86_64") {
+        missing.push("qemu-system-x86_64".to_string());
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        missing.push("/bin/busybox (busybox-static)".to_string());
+    }
+    if !in_path("cpio") {
+        missing.push("cpio".to_string());
+    }
+    let kernel = cache_dir().join("kernel/vmlinuz");
+    if !kernel.is_file() {
+        missing.push(kernel.display().to_string());
+    }
+    missing
+}
+
+/// The guest tools, ready to use.
+#[derive(Debug, Clone)]
+pub struct GuestTools {
+    qemu_dir: PathBuf,
+}
+
+/// Makes sure QEMU, busybox, cpio and the guest kernel are there, running qemu/setup.sh (which
+/// installs what is missing, as root) if not. Returns `None` — after printing a loud SKIPPED
+/// message — only when they cannot be had and `CI` is not set; under CI that panics.
+pub fn guest_tools(test: &str) -> Option<GuestTools> {
+    let qemu_dir = repo_root().join("qemu");
+    let mut missing = missing_tools();
+    if !missing.is_empty() {
+        eprintln!(
+            "{test}: missing {}; running qemu/setup.sh to install them",
+            missing.join(", ")
+        );
+        match Command::new(qemu_dir.join("setup.sh")).status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => eprintln!("{test}: qemu/setup.sh failed ({s})"),
+            Err(e) => eprintln!("{test}: cannot run qemu/setup.sh: {e}"),
+        }
+        missing = missing_tools();
+    }
+    if missing.is_empty() {
+        return Some(GuestTools { qemu_dir });
+    }
+    let what = format!(
+        "{test}: QEMU guest tools unavailable (missing {}); run ./qemu/setup.sh as root",
+        missing.join(", ")
+    );
+    if under_ci() {
+        panic!("{what} (CI is set, so this is a failure, not a skip)");
+    }
+    eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+    eprintln!("!!! SKIPPED {what}");
+    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
+    None
+}
+
+/// One vhost-user-blk disk of a guest.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub socket: PathBuf,
+    pub queues: u32,
+}
+
+/// How to boot a guest.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    pub initrd: PathBuf,
+    pub disks: Vec<Disk>,
+    pub smp: u32,
+    /// Extra kernel command line; `NAME=VALUE` words become environment variables of the guest
+    /// script.
+    pub append: String,
+    /// Connect a pipe to the guest console so the test can send lines (`Guest::send_line`).
+    pub stdin: bool,
+    /// Kill QEMU after this long (hang guard).
+    pub timeout: Duration,
+    /// Label used in messages and console echo.
+    pub label: String,
+}
+
+impl GuestConfig {
+    pub fn new(label: &str, initrd: &Path, disks: Vec<Disk>) -> Self {
+        GuestConfig {
+            initrd: initrd.to_path_buf(),
+            disks,
+            smp: 1,
+            append: String::new(),
+            stdin: false,
+            timeout: HANG_GUARD,
+            label: label.to_string(),
+        }
+    }
+}
+
+/// What a finished guest left behind.
+#[derive(Debug)]
+pub struct GuestOutput {
+    /// run-guest.sh's exit status: the guest script's status, 124 timeout, 125 died early.
+    pub status: Option<i32>,
+    /// The whole serial console.
+    pub console: String,
+}
+
+impl GuestOutput {
+    /// Console lines with the given prefix, prefix stripped and trimmed.
+    pub fn values(&self, prefix: &str) -> Vec<String> {
+        self.console
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+            .map(|v| v.trim().to_string())
+            .collect()
+    }
+
+    /// The single console line with this prefix, or a panic naming the guest.
+    pub fn value(&self, label: &str, prefix: &str) -> String {
+        let v = self.values(prefix);
+        match v.as_slice() {
+            [one] => one.clone(),
+            _ => panic!(
+                "{label}: expected exactly one console line starting with {prefix:?}, found {}\n--- console ---\n{}",
+                v.len(),
+                self.console
+            ),
+        }
+    }
+
+    /// Panics, showing the console, unless the guest script exited 0 and no guest step failed.
+    pub fn assert_ok(&self, label: &str) {
+        let errors = self.values("SNAPMV-GUEST-ERROR");
+        assert!(
+            self.status == Some(0) && errors.is_empty(),
+            "{label}: guest failed (run-guest.sh status {:?}, guest errors {:?})\n--- console ---\n{}",
+            self.status,
+            errors,
+            self.console
+        );
+    }
+}
+
+impl GuestTools {
+    /// Builds an initramfs running `script` (busybox sh) into `dir/name.cpio.gz`.
+    pub fn initramfs(&self, dir: &Path, name: &str, script: &str) -> PathBuf {
+        let script_path = dir.join(format!("{name}.sh"));
+        std::fs::write(&script_path, script)
+            .unwrap_or_else(|e| panic!("write guest script {}: {e}", script_path.display()));
+        let out = dir.join(format!("{name}.cpio.gz"));
+        let status = Command::new(self.qemu_dir.join("mkinitramfs.sh"))
+            .arg(&out)
+            .arg(&script_path)
+            .status()
+            .unwrap_or_else(|e| panic!("run qemu/mkinitramfs.sh for {name}: {e}"));
+        assert!(
+            status.success(),
+            "qemu/mkinitramfs.sh for {name} failed: {status}"
+        );
+        out
+    }
+
+    /// Boots a guest in the background.
+    pub fn spawn(&self, cfg: &GuestConfig) -> Guest {
+        let mut cmd = Command::new(self.qemu_dir.join("run-guest.sh"));
+        cmd.arg("--initrd")
+            .arg(&cfg.initrd)
+            .arg("--smp")
+            .arg(cfg.smp.to_string())
+            .arg("--timeout")
+            .arg(cfg.timeout.as_secs().max(1).to_string())
+            .arg("--append")
+            .arg(&cfg.append);
+        for d in &cfg.disks {
+            cmd.arg("--disk")
+                .arg(format!("{},queues={}", d.socket.display(), d.queues));
+        }
+        if cfg.stdin {
+            cmd.arg("--stdin").stdin(Stdio::piped());
+        } else {
+            cmd.stdin(Stdio::null());
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Own process group, so that a failing test can kill run-guest.sh, timeout and QEMU
+        // together (run-guest.sh runs `timeout --foreground`, which stays in our group).
+        cmd.process_group(0);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: cannot start qemu/run-guest.sh: {e}", cfg.label));
+        let console = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let mut readers = Vec::new();
+        let pipes: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().expect("stdout was piped")),
+            Box::new(child.stderr.take().expect("stderr was piped")),
+        ];
+        for pipe in pipes {
+            let tx = tx.clone();
+            let console = Arc::clone(&console);
+            let label = cfg.label.clone();
+            readers.push(thread::spawn(move || {
+                for line in BufReader::new(pipe).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    let line = String::from_utf8_lossy(&line)
+                        .trim_end_matches('\r')
+                        .to_string();
+                    if std::env::var_os("SNAPMV_E2E_ECHO").is_some() {
+                        eprintln!("[{label}] {line}");
+                    }
+                    if let Ok(mut c) = console.lock() {
+                        c.push_str(&line);
+                        c.push('\n');
+                    }
+                    if tx.send(line).is_err() {
+                        // Nobody is waiting for lines any more; keep collecting the console.
+                    }
+                }
+            }));
+        }
+        let stdin = child.stdin.take();
+        Guest {
+            label: cfg.label.clone(),
+            child,
+            stdin,
+            lines: rx,
+            console,
+            readers,
+        }
+    }
+
+    /// Boots a guest and waits for it to power off.
+    pub fn run(&self, cfg: &GuestConfig) -> GuestOutput {
+        self.spawn(cfg).finish()
+    }
+}
+
+/// A running guest.
+pub struct Guest {
+    label: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    console: Arc<Mutex<String>>,
+    readers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Guest {
+    /// Waits for the next console line for which `f` returns `Some`, and returns that value.
+    /// Lines before it are consumed. Panics (with the console) if the guest ends first or the
+    /// hang guard expires.
+    pub fn wait_for<T>(&mut self, what: &str, mut f: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(v) = f(&line) {
+                        return v;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "{}: hung waiting for {what}\n--- console ---\n{}",
+                        self.label,
+                        self.console()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "{}: guest ended while waiting for {what}\n--- console ---\n{}",
+                    self.label,
+                    self.console()
+                ),
+            }
+        }
+    }
+
+    /// Sends one line to the guest console (the config must have `stdin: true`).
+    pub fn send_line(&mut self, line: &str) {
+        let label = &self.label;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .unwrap_or_else(|| panic!("{label}: guest was started without stdin"));
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("{label}: cannot write to the guest console: {e}"));
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        self.console.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Waits for QEMU to exit (run-guest.sh enforces the timeout) and returns the console.
+    pub fn finish(mut self) -> GuestOutput {
+        drop(self.stdin.take());
+        let status = self
+            .child
+            .wait()
+            .unwrap_or_else(|e| panic!("{}: wait for run-guest.sh: {e}", self.label));
+        for r in self.readers.drain(..) {
+            if r.join().is_err() {
+                panic!("{}: console reader thread panicked", self.label);
+            }
+        }
+        GuestOutput {
+            status: status.code(),
+            console: self.console(),
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // Only reached without `finish` when a test is failing: do not leave QEMU behind.
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) of the process group we created for run-guest.sh (its pid is the
+            // group id); the child has not been reaped yet (try_wait returned None), so the
+            // group id cannot have been reused.
+            unsafe {
+                libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+            }
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The `snapmv` binary built alongside this test (override with `SNAPMV_BIN`).
+pub fn snapmv_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SNAPMV_BIN") {
+        return PathBuf::from(p);
+    }
+    // The test binary is target/<profile>/deps/<name>-<hash>; snapmv is target/<profile>/snapmv.
+    let exe = std::env::current_exe().expect("current_exe of the test binary");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("snapmv"))
+        .unwrap_or_else(|| panic!("cannot derive the target dir from {}", exe.display()));
+    assert!(
+        bin.is_file(),
+        "snapmv binary not found at {} (build it with `cargo build -p snapmv`, or set SNAPMV_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `snapmv serve` daemon in a scratch directory, stopped when dropped.
+pub struct Daemon {
+    pub bin: PathBuf,
+    pub rpc_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    child: Child,
+}
+
+impl Daemon {
+    /// Starts `snapmv serve` with its RPC socket, state dir and export sockets under `dir`.
+    pub fn start(dir: &Path) -> Daemon {
+        let bin = snapmv_bin();
+        let rpc_socket = dir.join("rpc.sock");
+        let state_dir = dir.join("state");
+        let socket_dir = dir.join("sockets");
+        for d in [&state_dir, &socket_dir] {
+            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
+        }
+        let log = std::fs::File::create(dir.join("daemon.log"))
+            .unwrap_or_else(|e| panic!("create {}/daemon.log: {e}", dir.display()));
+        let log2 = log.try_clone().expect("dup daemon log fd");
+        let mut child = Command::new(&bin)
+            .arg("serve")
+            .arg("--rpc-socket")
+            .arg(&rpc_socket)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--socket-dir")
+            .arg(&socket_dir)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {} serve: {e}", bin.display()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !rpc_socket.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "snapmv serve exited ({st}) before creating {}; log:\n{}",
+                    rpc_socket.display(),
+                    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "snapmv serve did not create {} (hang guard)",
+                rpc_socket.display()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            bin,
+            rpc_socket,
+            state_dir,
+            socket_dir,
+            child,
+        }
+    }
+
+    /// Runs `snapmv --rpc-socket P ARGS…` and returns its output, whatever the status.
+    pub fn cli_output(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .arg("--rpc-socket")
+            .arg(&self.rpc_socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("run snapmv {args:?}: {e}"))
+    }
+
+    /// Runs `snapmv --rpc-socket P ARGS…`, panics unless it succeeds, returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_output(args);
+        assert!(
+            out.status.success(),
+            "snapmv {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `snapmv --json --rpc-socket P ARGS…` and parses stdout as JSON.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("snapmv {all:?} printed non-JSON {out:?}: {e}"))
+    }
+
+    /// `snapmv snapshot NAME` → the new tag.
+    pub fn snapshot(&self, name: &str) -> u64 {
+        let v = self.cli_json(&["snapshot", name]);
+        v.get("tag")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or_else(|| panic!("snapmv --json snapshot {name} printed {v}, no numeric tag"))
+    }
+
+    /// The vhost-user socket of export `name`.
+    pub fn export_socket(&self, name: &str) -> PathBuf {
+        let p = self.socket_dir.join(format!("{name}.sock"));
+        assert!(p.exists(), "export socket {} does not exist", p.display());
+        p
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        self.state_dir
+            .parent()
+            .map(|d| std::fs::read_to_string(d.join("daemon.log")).unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of our own unreaped child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// Creates a sparse file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) {
+    let f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.set_len(size)
+        .unwrap_or_else(|e| panic!("set length of {} to {size}: {e}", path.display()));
+}
+
+/// sha256 of `data` as lowercase hex, through the host's `sha256sum` (coreutils).
+pub fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run sha256sum");
+    {
+        let mut stdin = child.stdin.take().expect("sha256sum stdin was piped");
+        let data = data.to_vec();
+        // Write from a thread so a large input cannot deadlock against the output pipe.
+        let writer = thread::spawn(move || stdin.write_all(&data));
+        let out = child.wait_with_output().expect("wait for sha256sum");
+        writer
+            .join()
+            .expect("sha256sum writer thread")
+            .expect("write to sha256sum");
+        assert!(out.status.success(), "sha256sum failed: {}", out.status);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .next()
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("sha256sum printed {text:?}"))
+    }
+}
