@@ -1,2 +1,2 @@
-
+pub mod blkio_client;
 pub mod qemu;

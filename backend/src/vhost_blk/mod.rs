@@ -8,6 +8,7 @@ pub mod config;
 pub(crate) mod device;
 mod memdisk;
 pub mod request;
+mod volume;
 
 use std::io::{IoSlice, IoSliceMut};
 

@@ -1,0 +1,481 @@
+//! I/O through the vhost-user-blk export with the `blkio` client: data integrity with one and
+//! two queues at queue depth 32, request sizes from 512 B to 1 MiB, scatter-gather, flush,
+//! discard and write-zeroes, read-only exports, requests past the end, isolation of two
+//! exports, reconnect, removal.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use blkio::Blkioq;
+use snapmv::export::{ExportConfig, ExportManager};
+use snapmv::vhost_blk::{BlockDisk, MemDisk};
+use snapmv_tests::blkio_client::{run1, wait_for, Client, ClientOptions, NO_FLAGS};
+
+const MIB: u64 = 1 << 20;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    mgr: ExportManager,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir().expect("temp dir"),
+            mgr: ExportManager::new(),
+        }
+    }
+
+    fn sock(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.sock"))
+    }
+
+    /// Exports `disk` as `name` with `queues` queues.
+    fn export(&self, name: &str, disk: Arc<dyn BlockDisk>, queues: u16, readonly: bool) -> PathBuf {
+        let mut cfg = ExportConfig::new(name, self.sock(name));
+        cfg.num_queues = queues;
+        cfg.readonly = readonly;
+        self.mgr.add_disk(cfg, disk).expect("add export");
+        self.sock(name)
+    }
+}
+
+fn mem_disk(name: &str, size: u64) -> Arc<MemDisk> {
+    Arc::new(MemDisk::new(name, size))
+}
+
+fn fill_random(buf: &mut [u8], seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for chunk in buf.chunks_mut(8) {
+        let v = rng.u64(..).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// Request sizes 512 B .. 1 MiB, cycled.
+const SIZES: [usize; 12] = [
+    512,
+    1024,
+    4096,
+    8192,
+    12288,
+    65536,
+    512 * 3,
+    131072,
+    262144,
+    4096 * 33,
+    524288,
+    1 << 20,
+];
+
+/// Writes `n` requests (queue depth `n`) of varied sizes into `[base, base+span)` through `q`,
+/// using the region bytes `[roff, roff + total)`, then reads everything back into another part
+/// of the region and compares. Returns the number of bytes checked.
+fn write_read_batch(
+    q: &mut Blkioq,
+    region: usize,
+    roff: usize,
+    base: u64,
+    n: usize,
+    seed: u64,
+) -> usize {
+    let mut reqs = Vec::new(); // (disk offset, region offset, len)
+    let mut doff = base;
+    let mut r = roff;
+    for i in 0..n {
+        let len = SIZES[(i + seed as usize) % SIZES.len()];
+        reqs.push((doff, r, len));
+        doff += len as u64;
+        r += len;
+    }
+    let total = r - roff;
+    // SAFETY: the caller guarantees [region+roff, region+roff+2*total) is inside its mapped
+    // data region and used by nobody else.
+    let mem = unsafe { std::slice::from_raw_parts_mut((region + roff) as *mut u8, 2 * total) };
+    fill_random(&mut mem[..total], seed);
+    for (i, &(d, ro, len)) in reqs.iter().enumerate() {
+        q.write(d, (region + ro) as *const u8, len, i, NO_FLAGS);
+    }
+    for (ud, ret) in wait_for(q, n).expect("writes complete") {
+        assert_eq!(ret, 0, "write {ud} of {n} failed");
+    }
+    mem[total..].fill(0xEE);
+    for (i, &(d, ro, len)) in reqs.iter().enumerate() {
+        q.read(d, (region + ro + total) as *mut u8, len, i, NO_FLAGS);
+    }
+    for (ud, ret) in wait_for(q, n).expect("reads complete") {
+        assert_eq!(ret, 0, "read {ud} of {n} failed");
+    }
+    for &(d, ro, len) in &reqs {
+        let a = ro - roff;
+        assert!(
+            mem[a..a + len] == mem[total + a..total + a + len],
+            "data read back at disk offset {d} ({len} bytes) differs from what was written"
+        );
+    }
+    total
+}
+
+#[test]
+fn write_read_one_queue_qd32_mixed_sizes() {
+    let f = Fixture::new();
+    let disk = mem_disk("d1", 64 * MIB);
+    let sock = f.export("d1", disk.clone(), 4, false);
+    let mut c = Client::connect_with(
+        &sock,
+        &ClientOptions {
+            region_len: 16 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    assert_eq!(c.capacity(), 64 * MIB);
+    let region = c.region.addr;
+    let q = &mut c.queues[0];
+    let checked = write_read_batch(q, region, 0, 0, 32, 1);
+    assert!(checked > 4 << 20, "batch covered only {checked} bytes");
+    // The disk itself holds the data (not only some cache in the client).
+    let mem = c.mem();
+    assert_eq!(disk.snapshot(0, 512), mem[..512].to_vec());
+}
+
+#[test]
+fn write_read_two_queues_concurrently() {
+    let f = Fixture::new();
+    let disk = mem_disk("d2", 64 * MIB);
+    let sock = f.export("d2", disk, 2, false);
+    let mut c = Client::connect_with(
+        &sock,
+        &ClientOptions {
+            num_queues: 2,
+            region_len: 32 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    let region = c.region.addr;
+    let queues = std::mem::take(&mut c.queues);
+    assert_eq!(queues.len(), 2);
+    std::thread::scope(|s| {
+        for (i, mut q) in queues.into_iter().enumerate() {
+            s.spawn(move || {
+                for round in 0..3u64 {
+                    // Queue i uses region half i and disk half i.
+                    write_read_batch(
+                        &mut q,
+                        region,
+                        i * (16 << 20),
+                        i as u64 * 32 * MIB,
+                        32,
+                        round * 7 + i as u64,
+                    );
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn scatter_gather_readv_writev() {
+    let f = Fixture::new();
+    let sock = f.export("sg", mem_disk("sg", 8 * MIB), 1, false);
+    let mut c = Client::connect(&sock).expect("connect");
+    let base = c.region.addr;
+    // 5 pieces of different sizes, scattered in the region, written as one request at 4096.
+    let pieces: [(usize, usize); 5] = [
+        (0, 512),
+        (8192, 4096),
+        (65536, 1536),
+        (100_000, 2048),
+        (300_000, 512),
+    ];
+    let total: usize = pieces.iter().map(|p| p.1).sum();
+    fill_random(&mut c.mem()[..400_000], 99);
+    let iov: Vec<libc::iovec> = pieces
+        .iter()
+        .map(|&(o, l)| libc::iovec {
+            iov_base: (base + o) as *mut libc::c_void,
+            iov_len: l,
+        })
+        .collect();
+    let q = &mut c.queues[0];
+    let ret = run1(q, |q| {
+        q.writev(4096, iov.as_ptr().cast(), iov.len() as u32, 7, NO_FLAGS)
+    })
+    .unwrap();
+    assert_eq!(ret, 0, "writev failed");
+    // Read back contiguously and compare with the concatenation.
+    let rd = 1 << 20;
+    let ret = run1(q, |q| {
+        q.read(4096, (base + rd) as *mut u8, total, 8, NO_FLAGS)
+    })
+    .unwrap();
+    assert_eq!(ret, 0, "read failed");
+    let mem = c.mem();
+    let mut expect = Vec::new();
+    for &(o, l) in &pieces {
+        expect.extend_from_slice(&mem[o..o + l]);
+    }
+    assert_eq!(
+        &mem[rd..rd + total],
+        &expect[..],
+        "contiguous read differs from the gathered write"
+    );
+    // And readv scatters it back into other places.
+    let outs: [(usize, usize); 3] = [
+        (2 << 20, 1024),
+        ((2 << 20) + 50_000, 4096),
+        ((2 << 20) + 90_000, total - 5120),
+    ];
+    let iov2: Vec<libc::iovec> = outs
+        .iter()
+        .map(|&(o, l)| libc::iovec {
+            iov_base: (base + o) as *mut libc::c_void,
+            iov_len: l,
+        })
+        .collect();
+    let q = &mut c.queues[0];
+    let ret = run1(q, |q| {
+        q.readv(4096, iov2.as_ptr().cast(), iov2.len() as u32, 9, NO_FLAGS)
+    })
+    .unwrap();
+    assert_eq!(ret, 0, "readv failed");
+    let mem = c.mem();
+    let mut got = Vec::new();
+    for &(o, l) in &outs {
+        got.extend_from_slice(&mem[o..o + l]);
+    }
+    assert_eq!(got, expect, "readv scattered different bytes");
+}
+
+fn read_back(c: &mut Client, off: u64, len: usize) -> Vec<u8> {
+    let p = c.ptr(0);
+    c.mem()[..len].fill(0x5A);
+    let ret = run1(&mut c.queues[0], |q| q.read(off, p, len, 0, NO_FLAGS)).unwrap();
+    assert_eq!(ret, 0, "read of {len} bytes at {off} failed");
+    c.mem()[..len].to_vec()
+}
+
+fn write_pattern(c: &mut Client, off: u64, len: usize, byte: u8) {
+    let p = c.ptr(0);
+    c.mem()[..len].fill(byte);
+    let ret = run1(&mut c.queues[0], |q| q.write(off, p, len, 0, NO_FLAGS)).unwrap();
+    assert_eq!(ret, 0, "write of {len} bytes at {off} failed");
+}
+
+#[test]
+fn flush_discard_write_zeroes() {
+    let f = Fixture::new();
+    let sock = f.export("dz", mem_disk("dz", 8 * MIB), 1, false);
+    let mut c = Client::connect(&sock).expect("connect");
+    write_pattern(&mut c, 0, 1 << 20, 0xAB);
+    let ret = run1(&mut c.queues[0], |q| q.flush(1, NO_FLAGS)).unwrap();
+    assert_eq!(ret, 0, "flush failed");
+
+    let ret = run1(&mut c.queues[0], |q| {
+        q.discard(64 << 10, 128 << 10, 2, NO_FLAGS)
+    })
+    .unwrap();
+    assert_eq!(ret, 0, "discard failed");
+    let got = read_back(&mut c, 0, 1 << 20);
+    assert!(
+        got[..64 << 10].iter().all(|&b| b == 0xAB),
+        "data before the discard changed"
+    );
+    assert!(
+        got[64 << 10..192 << 10].iter().all(|&b| b == 0),
+        "discarded range is not zero"
+    );
+    assert!(
+        got[192 << 10..].iter().all(|&b| b == 0xAB),
+        "data after the discard changed"
+    );
+
+    let ret = run1(&mut c.queues[0], |q| {
+        q.write_zeroes(512 << 10, 4096, 3, NO_FLAGS)
+    })
+    .unwrap();
+    assert_eq!(ret, 0, "write-zeroes failed");
+    // With UNMAP allowed too.
+    let ret = run1(&mut c.queues[0], |q| {
+        q.write_zeroes(700 << 10, 8192, 4, blkio::ReqFlags::empty())
+    })
+    .unwrap();
+    assert_eq!(ret, 0, "write-zeroes (unmap allowed) failed");
+    let got = read_back(&mut c, 0, 1 << 20);
+    assert!(got[512 << 10..(512 << 10) + 4096].iter().all(|&b| b == 0));
+    assert!(got[700 << 10..(700 << 10) + 8192].iter().all(|&b| b == 0));
+    assert_eq!(got[(512 << 10) - 1], 0xAB);
+    assert_eq!(got[(512 << 10) + 4096], 0xAB);
+    assert_eq!(got[(700 << 10) + 8192], 0xAB);
+}
+
+#[test]
+fn readonly_export_refuses_writes() {
+    let f = Fixture::new();
+    let disk = mem_disk("ro", 4 * MIB);
+    let sock = f.export("ro", disk, 1, true);
+    assert!(f.mgr.get("ro").expect("listed").readonly);
+    // The device offers VIRTIO_BLK_F_RO: blkio refuses to start it read-write.
+    let e = Client::connect(&sock)
+        .err()
+        .expect("read-write start of a read-only device must fail");
+    assert!(e.0.contains("read-only"), "unexpected error: {e}");
+    let mut c = Client::connect_with(
+        &sock,
+        &ClientOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .expect("read-only connect");
+    assert!(read_back(&mut c, 0, 4096).iter().all(|&b| b == 0));
+    let p = c.ptr(0);
+    let ret = run1(&mut c.queues[0], |q| q.write(0, p, 4096, 0, NO_FLAGS)).unwrap();
+    assert_ne!(ret, 0, "write to a read-only export succeeded");
+}
+
+#[test]
+fn requests_past_the_end_fail() {
+    let f = Fixture::new();
+    let sock = f.export("end", mem_disk("end", 4 * MIB), 1, false);
+    let mut c = Client::connect(&sock).expect("connect");
+    let cap = c.capacity();
+    let p = c.ptr(0);
+    let q = &mut c.queues[0];
+    assert_eq!(
+        run1(q, |q| q.read(cap - 4096, p, 4096, 0, NO_FLAGS)).unwrap(),
+        0,
+        "last block must be readable"
+    );
+    let r = run1(q, |q| q.read(cap, p, 512, 1, NO_FLAGS)).unwrap();
+    assert!(r < 0, "read at the end returned {r}");
+    let r = run1(q, |q| q.read(cap - 512, p, 1024, 2, NO_FLAGS)).unwrap();
+    assert!(r < 0, "read across the end returned {r}");
+    let r = run1(q, |q| q.write(cap, p, 4096, 3, NO_FLAGS)).unwrap();
+    assert!(r < 0, "write past the end returned {r}");
+    let r = run1(q, |q| q.discard(cap - 4096, 8192, 4, NO_FLAGS)).unwrap();
+    assert!(r < 0, "discard across the end returned {r}");
+    // Still serving afterwards.
+    assert_eq!(run1(q, |q| q.read(0, p, 4096, 5, NO_FLAGS)).unwrap(), 0);
+}
+
+#[test]
+fn two_exports_do_not_see_each_other() {
+    let f = Fixture::new();
+    let a = f.export("a", mem_disk("a", 4 * MIB), 2, false);
+    let b = f.export("b", mem_disk("b", 4 * MIB), 2, false);
+    let mut ca = Client::connect(&a).expect("connect a");
+    let mut cb = Client::connect(&b).expect("connect b");
+    write_pattern(&mut ca, 8192, 65536, 0x11);
+    write_pattern(&mut cb, 8192, 65536, 0x22);
+    assert!(read_back(&mut ca, 8192, 65536).iter().all(|&x| x == 0x11));
+    assert!(read_back(&mut cb, 8192, 65536).iter().all(|&x| x == 0x22));
+    // Dropping one client does not disturb the other.
+    drop(ca);
+    write_pattern(&mut cb, 0, 4096, 0x33);
+    assert!(read_back(&mut cb, 0, 4096).iter().all(|&x| x == 0x33));
+    let names: Vec<_> = f.mgr.list().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, vec!["a".to_string(), "b".to_string()]);
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    // A bounded poll, not a timing assertion: fails only if the state never arrives.
+    for _ in 0..3000 {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("{what} never happened");
+}
+
+#[test]
+fn reconnect_keeps_data_and_serves_again() {
+    let f = Fixture::new();
+    let sock = f.export("rc", mem_disk("rc", 4 * MIB), 2, false);
+    for round in 0..3u8 {
+        let mut c = Client::connect(&sock).unwrap_or_else(|e| panic!("connect round {round}: {e}"));
+        wait_until("export shows connected", || {
+            f.mgr.get("rc").is_some_and(|i| i.connected)
+        });
+        if round > 0 {
+            let got = read_back(&mut c, 4096 * u64::from(round - 1), 4096);
+            assert!(
+                got.iter().all(|&x| x == round),
+                "data of round {} lost",
+                round - 1
+            );
+        }
+        write_pattern(&mut c, 4096 * u64::from(round), 4096, round + 1);
+        drop(c);
+        wait_until("export shows disconnected", || {
+            f.mgr.get("rc").is_some_and(|i| !i.connected)
+        });
+    }
+}
+
+#[test]
+fn remove_stops_serving_and_deletes_socket() {
+    let f = Fixture::new();
+    let disk = mem_disk("rm", 4 * MIB);
+    let sock = f.export("rm", disk.clone(), 1, false);
+    let mut c = Client::connect(&sock).expect("connect");
+    write_pattern(&mut c, 0, 4096, 0x77);
+    // Remove while the client is connected: it is disconnected, the socket disappears.
+    f.mgr.remove("rm").expect("remove");
+    assert!(!sock.exists(), "socket still exists after remove");
+    assert!(f.mgr.get("rm").is_none());
+    assert!(f.mgr.remove("rm").is_err(), "second remove must fail");
+    assert!(
+        disk.snapshot(0, 4096).iter().all(|&x| x == 0x77),
+        "data lost by remove"
+    );
+    drop(c);
+    // The same name and socket can be exported again, idle this time, and removed.
+    let sock2 = f.export("rm", disk, 1, false);
+    assert_eq!(sock, sock2);
+    f.mgr.remove("rm").expect("remove idle export");
+    assert!(!Path::new(&sock2).exists());
+}
+
+#[test]
+fn add_refuses_duplicates_and_live_sockets() {
+    let f = Fixture::new();
+    let sock = f.export("x", mem_disk("x", MIB), 1, false);
+    let dup = f
+        .mgr
+        .add_disk(ExportConfig::new("x", f.sock("other")), mem_disk("x2", MIB));
+    assert!(
+        matches!(dup, Err(snapmv::export::ExportError::AlreadyExists(_))),
+        "{dup:?}"
+    );
+    let same_sock = f
+        .mgr
+        .add_disk(ExportConfig::new("y", sock.clone()), mem_disk("y", MIB));
+    assert!(same_sock.is_err(), "two exports on one socket");
+    // A socket some other manager (process) listens on is refused.
+    let other = ExportManager::new();
+    let live = other.add_disk(ExportConfig::new("z", sock), mem_disk("z", MIB));
+    assert!(
+        matches!(live, Err(snapmv::export::ExportError::SocketInUse(_))),
+        "{live:?}"
+    );
+    // A stale socket file (nobody listening) is replaced.
+    let stale = f.sock("stale");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    assert!(stale.exists());
+    other
+        .add_disk(ExportConfig::new("s", stale.clone()), mem_disk("s", MIB))
+        .expect("stale socket replaced");
+    Client::connect(&stale).expect("connect to the replacing export");
+    // A regular file is never replaced.
+    let file = f.dir.path().join("plain");
+    std::fs::write(&file, b"keep").unwrap();
+    let r = other.add_disk(ExportConfig::new("p", file.clone()), mem_disk("p", MIB));
+    assert!(
+        matches!(r, Err(snapmv::export::ExportError::NotASocket(_))),
+        "{r:?}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+}
