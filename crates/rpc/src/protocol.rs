@@ -133,14 +133,23 @@ impl std::error::Error for ErrorObject {}
 pub struct Response {
     /// Always `"2.0"`.
     pub jsonrpc: String,
-    /// The method's result on success.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The method's result on success (`Some(Value::Null)` for a `null` result).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_value"
+    )]
     pub result: Option<Value>,
     /// The error on failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorObject>,
     /// The request's id (null when the request could not be parsed).
     pub id: Value,
+}
+
+/// A field that is present deserialises to `Some`, even when it is `null`.
+fn present_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 impl Response {
@@ -457,6 +466,17 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn null_result_is_a_result() {
+        let r: Response =
+            serde_json::from_str(r#"{"jsonrpc":"2.0","result":null,"id":1}"#).unwrap();
+        assert_eq!(r.result, Some(Value::Null));
+        let r: Response =
+            serde_json::from_str(r#"{"jsonrpc":"2.0","error":{"code":1,"message":"m"},"id":1}"#)
+                .unwrap();
+        assert_eq!(r.result, None);
     }
 
     #[test]

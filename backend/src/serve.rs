@@ -1,0 +1,1410 @@
+//! The daemon: `snapmv serve`. Owns the open stores and origins, the exports (through the
+//! export manager) and the state directory, and answers the management methods.
+//!
+//! One mutex serialises every management operation; `snapshot_rollback` with `wait` releases
+//! it before waiting, and nothing else blocks for long while holding it, so queries stay
+//! responsive while a rollback runs.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{error, info, warn};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use snapmv_engine::{FormatOptions, Origin, Store, Volume};
+use snapmv_rpc::methods::{self as m, names};
+use snapmv_rpc::{codes, ErrorObject};
+
+use crate::export::{ExportConfig, ExportError, ExportManager};
+use crate::rpc_server::{Handler, RpcServer, RpcServerConfig, ServerError};
+use crate::state::{ExportRecord, OriginRecord, State, StateDir, StateError, StoreRecord};
+use crate::vhost_blk::{BlockDisk, DiskError};
+
+pub use crate::export::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
+/// Largest number of virtqueues accepted.
+pub const MAX_NUM_QUEUES: u16 = crate::vhost_blk::config::MAX_QUEUES;
+/// Page size `chunk_size` counts in.
+pub const PAGE_SIZE: u32 = 4096;
+
+/// Daemon settings (from `snapmv serve`'s command line).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Management socket.
+    pub rpc_socket: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Directory of export sockets named `NAME.sock`.
+    pub socket_dir: PathBuf,
+    /// Uids allowed on the management socket besides the daemon's and root.
+    pub allowed_uids: Vec<u32>,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The state directory could not be used.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The management socket could not be set up.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// The socket directory could not be created.
+    #[error("socket directory {dir}: {source}")]
+    SocketDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a method failed; turned into a JSON-RPC error object.
+#[derive(Debug, thiserror::Error)]
+pub enum MethodError {
+    /// The engine refused or failed.
+    #[error("{what}: {source}")]
+    Engine {
+        /// What was being done, naming the object.
+        what: String,
+        /// The engine's error.
+        #[source]
+        source: snapmv_engine::Error,
+    },
+    /// The export manager refused or failed.
+    #[error("{what}: {source}")]
+    Export {
+        /// What was being done, naming the export.
+        what: String,
+        /// The export manager's error.
+        #[source]
+        source: ExportError,
+    },
+    /// The change was made but could not be recorded.
+    #[error("{what}, but the state could not be saved (a restart would forget it): {source}")]
+    State {
+        /// The change.
+        what: String,
+        /// The state directory's error.
+        #[source]
+        source: StateError,
+    },
+    /// Bad parameters.
+    #[error("{0}")]
+    InvalidParams(String),
+    /// Unknown method.
+    #[error("method {0:?} does not exist; methods are {list}", list = names::ALL.join(", "))]
+    NoMethod(String),
+    /// Something named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// Something already exists or is in use.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A conflicting operation holds the object.
+    #[error("{0}")]
+    Busy(String),
+    /// The operation does not apply to the object.
+    #[error("{0}")]
+    InvalidState(String),
+}
+
+impl MethodError {
+    fn engine(what: impl Into<String>) -> impl FnOnce(snapmv_engine::Error) -> MethodError {
+        let what = what.into();
+        move |source| MethodError::Engine { what, source }
+    }
+
+    /// The JSON-RPC error code.
+    pub fn code(&self) -> i64 {
+        use snapmv_engine::Error as E;
+        match self {
+            MethodError::Engine { source, .. } => match source {
+                E::Io { .. } => codes::IO_ERROR,
+                E::NoSpace { .. } => codes::NO_SPACE,
+                E::Corrupt { .. } => codes::CORRUPT,
+                E::NotFound(_) => codes::NOT_FOUND,
+                E::AlreadyExists(_) => codes::ALREADY_EXISTS,
+                E::Busy(_) => codes::BUSY,
+                E::HasSnapshots(_) => codes::HAS_SNAPSHOTS,
+                E::InvalidArgument(_) => codes::INVALID_PARAMS,
+                E::ReadOnly(_) => codes::READ_ONLY,
+                E::Deleted(_) => codes::INVALID_STATE,
+                E::Limit(_) => codes::LIMIT,
+                #[allow(unreachable_patterns)]
+                _ => codes::INTERNAL_ERROR,
+            },
+            MethodError::Export { source, .. } => match source {
+                ExportError::AlreadyExists(_)
+                | ExportError::SocketTaken { .. }
+                | ExportError::SocketInUse(_)
+                | ExportError::NotASocket(_) => codes::ALREADY_EXISTS,
+                ExportError::NotFound(_) => codes::NOT_FOUND,
+                ExportError::InvalidConfig { .. } => codes::INVALID_PARAMS,
+                _ => codes::IO_ERROR,
+            },
+            MethodError::State { .. } => codes::INTERNAL_ERROR,
+            MethodError::InvalidParams(_) => codes::INVALID_PARAMS,
+            MethodError::NoMethod(_) => codes::METHOD_NOT_FOUND,
+            MethodError::NotFound(_) => codes::NOT_FOUND,
+            MethodError::AlreadyExists(_) => codes::ALREADY_EXISTS,
+            MethodError::Busy(_) => codes::BUSY,
+            MethodError::InvalidState(_) => codes::INVALID_STATE,
+        }
+    }
+
+    fn to_object(&self) -> ErrorObject {
+        ErrorObject::new(self.code(), self.to_string())
+    }
+}
+
+type MResult<T> = Result<T, MethodError>;
+
+/// Identity of a file: device and inode.
+type FileId = (u64, u64);
+
+fn file_id(path: &Path) -> Option<FileId> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The origin id used when none is given: the origin's file name, restricted to
+/// `[A-Za-z0-9._-]` and 64 characters.
+pub fn default_origin_id(origin: &Path) -> String {
+    let name = origin
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut id: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if id.is_empty() || id == "." || id == ".." {
+        id = "origin".into();
+    }
+    id
+}
+
+struct Inner {
+    state_dir: StateDir,
+    state: State,
+    /// Open stores by canonical path. Kept open for the daemon's life once opened, so that no
+    /// store is ever opened twice while a handle to it may still be alive in a device thread.
+    stores: HashMap<String, Store>,
+    /// Open origins by (store, origin id).
+    origins: HashMap<(String, String), Origin>,
+    /// Exports of the state that could not be re-created at start, with the reason.
+    failed: HashMap<String, String>,
+}
+
+/// The daemon's method handler.
+pub struct Daemon {
+    socket_dir: PathBuf,
+    rpc_socket: PathBuf,
+    state_dir_canon: PathBuf,
+    exports: ExportManager,
+    inner: Mutex<Inner>,
+}
+
+impl Daemon {
+    /// Opens the state directory and re-creates every recorded export.
+    pub fn open(cfg: &ServeConfig) -> Result<Daemon, ServeError> {
+        let (state_dir, state) = StateDir::open(&cfg.state_dir)?;
+        std::fs::create_dir_all(&cfg.socket_dir).map_err(|source| ServeError::SocketDir {
+            dir: cfg.socket_dir.clone(),
+            source,
+        })?;
+        let state_dir_canon =
+            std::fs::canonicalize(&cfg.state_dir).unwrap_or_else(|_| cfg.state_dir.clone());
+        let daemon = Daemon {
+            socket_dir: cfg.socket_dir.clone(),
+            rpc_socket: cfg.rpc_socket.clone(),
+            state_dir_canon,
+            exports: ExportManager::new(),
+            inner: Mutex::new(Inner {
+                state_dir,
+                state,
+                stores: HashMap::new(),
+                origins: HashMap::new(),
+                failed: HashMap::new(),
+            }),
+        };
+        daemon.restore();
+        Ok(daemon)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn restore(&self) {
+        let mut inner = self.lock();
+        let records = inner.state.exports.clone();
+        for rec in records {
+            let r = self
+                .volume_for(&mut inner, &rec.cow, &rec.origin_id, rec.tag, false)
+                .and_then(|vol| self.add_export(&rec, vol));
+            match r {
+                Ok(()) => info!(
+                    "export {} restored on {} ({})",
+                    rec.name,
+                    rec.socket,
+                    describe(&rec)
+                ),
+                Err(e) => {
+                    error!("export {} could not be restored: {e}", rec.name);
+                    inner.failed.insert(rec.name.clone(), e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Opens (or finds open) store `cow`.
+    fn store_for(&self, inner: &mut Inner, cow: &str, direct: bool) -> MResult<Store> {
+        if let Some(s) = inner.stores.get(cow) {
+            return Ok(s.clone());
+        }
+        let direct = inner.state.store(cow).map(|s| s.direct).unwrap_or(direct);
+        let store = Store::open(Path::new(cow), direct)
+            .map_err(MethodError::engine(format!("cannot open COW store {cow}")))?;
+        inner.stores.insert(cow.to_string(), store.clone());
+        Ok(store)
+    }
+
+    /// Opens (or finds open) origin `origin_id` of store `cow`, which must be recorded.
+    fn origin_for(
+        &self,
+        inner: &mut Inner,
+        cow: &str,
+        origin_id: &str,
+        direct: bool,
+    ) -> MResult<Origin> {
+        let key = (cow.to_string(), origin_id.to_string());
+        if let Some(o) = inner.origins.get(&key) {
+            return Ok(o.clone());
+        }
+        let rec = inner.state.origin(cow, origin_id).cloned().ok_or_else(|| {
+            MethodError::NotFound(format!(
+                "origin id {origin_id} of COW store {cow} is not known to this daemon; give the origin's path"
+            ))
+        })?;
+        let store = self.store_for(inner, cow, direct)?;
+        let origin = store
+            .open_origin(origin_id, Path::new(&rec.path), rec.direct)
+            .map_err(MethodError::engine(format!(
+                "cannot open origin {origin_id} ({}) in COW store {cow}",
+                rec.path
+            )))?;
+        inner.origins.insert(key, origin.clone());
+        Ok(origin)
+    }
+
+    fn volume_for(
+        &self,
+        inner: &mut Inner,
+        cow: &str,
+        origin_id: &str,
+        tag: Option<u32>,
+        direct: bool,
+    ) -> MResult<Volume> {
+        let origin = self.origin_for(inner, cow, origin_id, direct)?;
+        match tag {
+            None => Ok(origin.volume()),
+            Some(t) => origin
+                .snapshot_volume(t)
+                .map_err(MethodError::engine(format!(
+                    "cannot open snapshot {t} of origin {origin_id} in COW store {cow}"
+                ))),
+        }
+    }
+
+    fn add_export(&self, rec: &ExportRecord, volume: Volume) -> MResult<()> {
+        self.exports
+            .add(
+                ExportConfig {
+                    name: rec.name.clone(),
+                    socket: PathBuf::from(&rec.socket),
+                    num_queues: rec.num_queues,
+                    queue_size: rec.queue_size,
+                    readonly: rec.readonly,
+                },
+                VolumeDisk(volume),
+            )
+            .map_err(|source| MethodError::Export {
+                what: format!("cannot serve export {} on {}", rec.name, rec.socket),
+                source,
+            })
+    }
+
+    fn save(&self, inner: &mut Inner, what: impl Into<String>) -> MResult<()> {
+        inner.state.exports.sort_by(|a, b| a.name.cmp(&b.name));
+        let used: Vec<String> = inner.state.exports.iter().map(|e| e.cow.clone()).collect();
+        inner.state.stores.retain(|s| used.contains(&s.path));
+        inner
+            .state_dir
+            .save(&inner.state)
+            .map_err(|source| MethodError::State {
+                what: what.into(),
+                source,
+            })
+    }
+
+    /// Checks and canonicalises a path given over RPC.
+    fn check_path(&self, what: &str, p: &str) -> MResult<(String, FileId)> {
+        if p.is_empty() {
+            return Err(MethodError::InvalidParams(format!("{what} path is empty")));
+        }
+        if !Path::new(p).is_absolute() {
+            return Err(MethodError::InvalidParams(format!(
+                "{what} path {p:?} must be absolute"
+            )));
+        }
+        let canon = std::fs::canonicalize(p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                MethodError::NotFound(format!("{what} {p} does not exist"))
+            } else {
+                MethodError::InvalidParams(format!("{what} {p} cannot be resolved: {e}"))
+            }
+        })?;
+        let meta = std::fs::metadata(&canon).map_err(|e| {
+            MethodError::InvalidParams(format!("{what} {p} cannot be examined: {e}"))
+        })?;
+        let ft = meta.file_type();
+        if !(ft.is_file() || ft.is_block_device()) {
+            return Err(MethodError::InvalidParams(format!(
+                "{what} {p} is not a regular file or a block device"
+            )));
+        }
+        if canon.starts_with(&self.state_dir_canon) {
+            return Err(MethodError::InvalidParams(format!(
+                "{what} {p} is inside the daemon's state directory {}",
+                self.state_dir_canon.display()
+            )));
+        }
+        let s = canon
+            .to_str()
+            .map(str::to_string)
+            .ok_or_else(|| MethodError::InvalidParams(format!("{what} {p} is not valid UTF-8")))?;
+        Ok((s, (meta.dev(), meta.ino())))
+    }
+
+    /// Refuses `id` as an origin if it is a known store, and as a store if it is a known
+    /// origin.
+    fn check_roles(
+        &self,
+        inner: &Inner,
+        origin: (&str, FileId),
+        cow: (&str, FileId),
+    ) -> MResult<()> {
+        if origin.1 == cow.1 {
+            return Err(MethodError::InvalidParams(format!(
+                "origin {} and COW store {} are the same file",
+                origin.0, cow.0
+            )));
+        }
+        let stores = inner
+            .stores
+            .keys()
+            .cloned()
+            .chain(inner.state.origins.iter().map(|o| o.cow.clone()));
+        for s in stores {
+            if file_id(Path::new(&s)) == Some(origin.1) {
+                return Err(MethodError::AlreadyExists(format!(
+                    "origin {} is the COW store {s} in use by this daemon",
+                    origin.0
+                )));
+            }
+        }
+        for o in &inner.state.origins {
+            if file_id(Path::new(&o.path)) == Some(cow.1) {
+                return Err(MethodError::AlreadyExists(format!(
+                    "COW store {} is the origin {} (id {} in {}) known to this daemon",
+                    cow.0, o.path, o.origin_id, o.cow
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_new_name(&self, inner: &Inner, name: &str) -> MResult<()> {
+        m::validate_name("export name", name).map_err(MethodError::InvalidParams)?;
+        if inner.state.export(name).is_some() {
+            return Err(MethodError::AlreadyExists(format!(
+                "export {name} already exists"
+            )));
+        }
+        Ok(())
+    }
+
+    fn socket_path(&self, inner: &Inner, name: &str, socket: Option<&str>) -> MResult<String> {
+        let path = match socket {
+            None => self.socket_dir.join(format!("{name}.sock")),
+            Some(s) => {
+                let p = Path::new(s);
+                if !p.is_absolute() {
+                    return Err(MethodError::InvalidParams(format!(
+                        "socket path {s:?} of export {name} must be absolute"
+                    )));
+                }
+                let (Some(parent), Some(file)) = (p.parent(), p.file_name()) else {
+                    return Err(MethodError::InvalidParams(format!(
+                        "socket path {s:?} of export {name} has no file name"
+                    )));
+                };
+                let parent = std::fs::canonicalize(parent).map_err(|e| {
+                    MethodError::NotFound(format!(
+                        "directory {} of socket {s} for export {name} cannot be used: {e}",
+                        parent.display()
+                    ))
+                })?;
+                parent.join(file)
+            }
+        };
+        let s = path.to_str().map(str::to_string).ok_or_else(|| {
+            MethodError::InvalidParams(format!("socket path of export {name} is not UTF-8"))
+        })?;
+        if path == self.rpc_socket {
+            return Err(MethodError::InvalidParams(format!(
+                "socket {s} of export {name} is the daemon's RPC socket"
+            )));
+        }
+        if path.starts_with(&self.state_dir_canon) {
+            return Err(MethodError::InvalidParams(format!(
+                "socket {s} of export {name} is inside the daemon's state directory"
+            )));
+        }
+        if let Some(other) = inner.state.exports.iter().find(|e| e.socket == s) {
+            return Err(MethodError::AlreadyExists(format!(
+                "socket {s} is already used by export {}",
+                other.name
+            )));
+        }
+        match std::fs::symlink_metadata(&path) {
+            Err(_) => {}
+            Ok(meta) if meta.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    return Err(MethodError::AlreadyExists(format!(
+                        "socket {s} for export {name} is in use by another process"
+                    )));
+                }
+            }
+            Ok(_) => {
+                return Err(MethodError::AlreadyExists(format!(
+                    "socket path {s} for export {name} exists and is not a socket; refusing to replace it"
+                )))
+            }
+        }
+        Ok(s)
+    }
+
+    fn queues(name: &str, num_queues: Option<u16>, queue_size: Option<u16>) -> MResult<(u16, u16)> {
+        let nq = num_queues.unwrap_or(DEFAULT_NUM_QUEUES);
+        if nq == 0 || nq > MAX_NUM_QUEUES {
+            return Err(MethodError::InvalidParams(format!(
+                "num_queues {nq} of export {name} must be 1 to {MAX_NUM_QUEUES}"
+            )));
+        }
+        let qs = queue_size.unwrap_or(DEFAULT_QUEUE_SIZE);
+        if !qs.is_power_of_two() || qs > 32768 {
+            return Err(MethodError::InvalidParams(format!(
+                "queue_size {qs} of export {name} must be a power of two up to 32768"
+            )));
+        }
+        Ok((nq, qs))
+    }
+
+    fn export_info(&self, inner: &Inner, rec: &ExportRecord) -> m::ExportInfo {
+        let live = self.exports.get(&rec.name);
+        let origin_path = inner
+            .state
+            .origin(&rec.cow, &rec.origin_id)
+            .map(|o| o.path.clone())
+            .unwrap_or_default();
+        let size = inner
+            .origins
+            .get(&(rec.cow.clone(), rec.origin_id.clone()))
+            .map(|o| o.size())
+            .unwrap_or(0);
+        m::ExportInfo {
+            name: rec.name.clone(),
+            socket: rec.socket.clone(),
+            volume: live
+                .as_ref()
+                .map(|l| l.volume.clone())
+                .unwrap_or_else(|| describe(rec)),
+            cow: rec.cow.clone(),
+            origin: origin_path,
+            origin_id: rec.origin_id.clone(),
+            tag: rec.tag,
+            size: if live.is_some() { size } else { 0 },
+            num_queues: rec.num_queues,
+            queue_size: rec.queue_size,
+            readonly: rec.readonly,
+            connected: live.as_ref().is_some_and(|l| l.connected),
+            error: if live.is_some() {
+                None
+            } else {
+                Some(
+                    inner
+                        .failed
+                        .get(&rec.name)
+                        .cloned()
+                        .unwrap_or_else(|| "not being served".into()),
+                )
+            },
+        }
+    }
+
+    fn find_export(&self, inner: &Inner, name: &str) -> MResult<ExportRecord> {
+        m::validate_name("export name", name).map_err(MethodError::InvalidParams)?;
+        inner
+            .state
+            .export(name)
+            .cloned()
+            .ok_or_else(|| MethodError::NotFound(format!("export {name} not found")))
+    }
+
+    /// The export `name`, which must serve an origin, and its open origin.
+    fn origin_export(
+        &self,
+        inner: &mut Inner,
+        name: &str,
+        method: &str,
+    ) -> MResult<(ExportRecord, Origin)> {
+        let rec = self.find_export(inner, name)?;
+        if let Some(t) = rec.tag {
+            return Err(MethodError::InvalidState(format!(
+                "export {name} serves snapshot {t}, not an origin; {method} needs the origin's export"
+            )));
+        }
+        let origin = self.origin_of(inner, &rec)?;
+        Ok((rec, origin))
+    }
+
+    fn origin_of(&self, inner: &mut Inner, rec: &ExportRecord) -> MResult<Origin> {
+        if inner.failed.contains_key(&rec.name) {
+            return Err(MethodError::InvalidState(format!(
+                "export {} is not being served: {}",
+                rec.name, inner.failed[&rec.name]
+            )));
+        }
+        self.origin_for(inner, &rec.cow, &rec.origin_id, false)
+    }
+
+    fn exported_as(inner: &Inner, cow: &str, origin_id: &str, tag: Option<u32>) -> Vec<String> {
+        inner
+            .state
+            .exports
+            .iter()
+            .filter(|e| e.cow == cow && e.origin_id == origin_id && e.tag == tag)
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    // ---- methods ----
+
+    fn origin_create(&self, p: m::OriginCreateParams) -> MResult<m::ExportInfo> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        self.check_new_name(inner, &p.name)?;
+        let (origin, origin_fid) = self.check_path("origin", &p.origin)?;
+        let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
+        self.check_roles(inner, (&origin, origin_fid), (&cow, cow_fid))?;
+        let (num_queues, queue_size) = Self::queues(&p.name, p.num_queues, p.queue_size)?;
+        let format = p.format || p.force_format;
+        if format && !p.bind {
+            return Err(MethodError::InvalidParams(format!(
+                "export {}: formatting COW store {cow} needs bind (a fresh store has no origin to open)",
+                p.name
+            )));
+        }
+        if p.chunk_size.is_some() && !format {
+            return Err(MethodError::InvalidParams(format!(
+                "export {}: chunk_size is only used when formatting COW store {cow}",
+                p.name
+            )));
+        }
+        let pages = p.chunk_size.unwrap_or(1);
+        if !pages.is_power_of_two() || pages > 256 {
+            return Err(MethodError::InvalidParams(format!(
+                "chunk_size {pages} for COW store {cow} must be a power of two from 1 to 256 pages of 4 KiB"
+            )));
+        }
+        let origin_id = match &p.origin_id {
+            Some(id) => {
+                m::validate_name("origin id", id).map_err(MethodError::InvalidParams)?;
+                id.clone()
+            }
+            None => inner
+                .state
+                .origins
+                .iter()
+                .find(|o| o.cow == cow && o.path == origin)
+                .map(|o| o.origin_id.clone())
+                .unwrap_or_else(|| default_origin_id(Path::new(&origin))),
+        };
+        // The origin must not be served or known under another store or id.
+        for o in &inner.state.origins {
+            let same_file = file_id(Path::new(&o.path)) == Some(origin_fid);
+            if same_file && (o.cow != cow || o.origin_id != origin_id) {
+                return Err(MethodError::AlreadyExists(format!(
+                    "origin {origin} is already known as origin id {} of COW store {}",
+                    o.origin_id, o.cow
+                )));
+            }
+            if o.cow == cow && o.origin_id == origin_id && !same_file {
+                return Err(MethodError::AlreadyExists(format!(
+                    "origin id {origin_id} of COW store {cow} is already the origin {}",
+                    o.path
+                )));
+            }
+        }
+        if let Some(e) = inner
+            .state
+            .exports
+            .iter()
+            .find(|e| e.cow == cow && e.origin_id == origin_id && e.tag.is_none())
+        {
+            return Err(MethodError::AlreadyExists(format!(
+                "origin {origin_id} of COW store {cow} is already exported as {}",
+                e.name
+            )));
+        }
+        let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
+
+        if format {
+            if let Some(users) = Some(
+                inner
+                    .state
+                    .exports
+                    .iter()
+                    .filter(|e| e.cow == cow)
+                    .map(|e| e.name.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .filter(|u| !u.is_empty())
+            {
+                return Err(MethodError::Busy(format!(
+                    "COW store {cow} is in use by exports {}; remove them before formatting it",
+                    users.join(", ")
+                )));
+            }
+            if inner.stores.contains_key(&cow) {
+                // Open but unused: forget the handles so the formatted store is re-opened.
+                inner.stores.remove(&cow);
+                inner.origins.retain(|(c, _), _| *c != cow);
+            }
+            Store::format(
+                Path::new(&cow),
+                &FormatOptions {
+                    chunk_size: pages * PAGE_SIZE,
+                    force: p.force_format,
+                },
+            )
+            .map_err(MethodError::engine(format!(
+                "cannot format COW store {cow}"
+            )))?;
+            info!("formatted COW store {cow} with {pages}-page chunks");
+            // Whatever was bound before is gone.
+            inner.state.origins.retain(|o| o.cow != cow);
+        }
+
+        let store = self.store_for(inner, &cow, p.direct)?;
+        let key = (cow.clone(), origin_id.clone());
+        let (origin_h, bound_now) = if p.bind {
+            let o = store
+                .bind_origin(&origin_id, Path::new(&origin), p.direct)
+                .map_err(MethodError::engine(format!(
+                    "cannot bind origin {origin} as id {origin_id} to COW store {cow}"
+                )))?;
+            (o, true)
+        } else if let Some(o) = inner.origins.get(&key) {
+            (o.clone(), false)
+        } else {
+            let o = store
+                .open_origin(&origin_id, Path::new(&origin), p.direct)
+                .map_err(MethodError::engine(format!(
+                    "cannot open origin {origin} (id {origin_id}) in COW store {cow}"
+                )))?;
+            (o, false)
+        };
+        let rec = ExportRecord {
+            name: p.name.clone(),
+            socket,
+            cow: cow.clone(),
+            origin_id: origin_id.clone(),
+            tag: None,
+            num_queues,
+            queue_size,
+            readonly: p.readonly,
+        };
+        if let Err(e) = self.add_export(&rec, origin_h.volume()) {
+            if bound_now {
+                drop(origin_h);
+                if let Err(u) = store.unbind_origin(&origin_id) {
+                    warn!("could not undo the binding of origin {origin_id} to {cow}: {u}");
+                }
+            }
+            return Err(e);
+        }
+        inner.origins.insert(key, origin_h);
+        if inner.state.origin(&cow, &origin_id).is_none() {
+            inner.state.origins.push(OriginRecord {
+                cow: cow.clone(),
+                origin_id: origin_id.clone(),
+                path: origin.clone(),
+                direct: p.direct,
+            });
+        }
+        if inner.state.store(&cow).is_none() {
+            inner.state.stores.push(StoreRecord {
+                path: cow.clone(),
+                direct: p.direct,
+            });
+        }
+        inner.state.exports.push(rec.clone());
+        inner.failed.remove(&rec.name);
+        info!(
+            "export {} serves origin {origin} ({origin_id} in {cow})",
+            rec.name
+        );
+        self.save(inner, format!("export {} was created", rec.name))?;
+        Ok(self.export_info(inner, &rec))
+    }
+
+    fn snapshot_export(&self, p: m::SnapshotExportParams) -> MResult<m::ExportInfo> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        self.check_new_name(inner, &p.name)?;
+        let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
+        let (num_queues, queue_size) = Self::queues(&p.name, p.num_queues, p.queue_size)?;
+        let origin_id = match (&p.origin_id, &p.origin) {
+            (None, None) => {
+                return Err(MethodError::InvalidParams(format!(
+                    "export {}: snapshot_export needs origin_id or origin",
+                    p.name
+                )))
+            }
+            (Some(id), given_path) => {
+                m::validate_name("origin id", id).map_err(MethodError::InvalidParams)?;
+                if inner.state.origin(&cow, id).is_none() {
+                    let Some(path) = given_path else {
+                        return Err(MethodError::NotFound(format!(
+                            "origin id {id} of COW store {cow} is not known to this daemon; give the origin's path too"
+                        )));
+                    };
+                    let (origin, origin_fid) = self.check_path("origin", path)?;
+                    self.check_roles(inner, (&origin, origin_fid), (&cow, cow_fid))?;
+                    self.remember_origin(inner, &cow, id, &origin, origin_fid, p.direct)?;
+                }
+                id.clone()
+            }
+            (None, Some(path)) => {
+                let (origin, origin_fid) = self.check_path("origin", path)?;
+                self.check_roles(inner, (&origin, origin_fid), (&cow, cow_fid))?;
+                match inner
+                    .state
+                    .origins
+                    .iter()
+                    .find(|o| o.cow == cow && file_id(Path::new(&o.path)) == Some(origin_fid))
+                {
+                    Some(o) => o.origin_id.clone(),
+                    None => {
+                        let id = default_origin_id(Path::new(&origin));
+                        self.remember_origin(inner, &cow, &id, &origin, origin_fid, p.direct)?;
+                        id
+                    }
+                }
+            }
+        };
+        if let Some(e) = inner
+            .state
+            .exports
+            .iter()
+            .find(|e| e.cow == cow && e.origin_id == origin_id && e.tag == Some(p.tag))
+        {
+            return Err(MethodError::AlreadyExists(format!(
+                "snapshot {} of origin {origin_id} in COW store {cow} is already exported as {}",
+                p.tag, e.name
+            )));
+        }
+        let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
+        let result = self.volume_for(inner, &cow, &origin_id, Some(p.tag), p.direct);
+        let volume = match result {
+            Ok(v) => v,
+            Err(e) => {
+                self.forget_unused_origin(inner, &cow, &origin_id);
+                return Err(e);
+            }
+        };
+        let rec = ExportRecord {
+            name: p.name.clone(),
+            socket,
+            cow: cow.clone(),
+            origin_id: origin_id.clone(),
+            tag: Some(p.tag),
+            num_queues,
+            queue_size,
+            readonly: p.readonly,
+        };
+        if let Err(e) = self.add_export(&rec, volume) {
+            self.forget_unused_origin(inner, &cow, &origin_id);
+            return Err(e);
+        }
+        if inner.state.store(&cow).is_none() {
+            inner.state.stores.push(StoreRecord {
+                path: cow.clone(),
+                direct: p.direct,
+            });
+        }
+        inner.state.exports.push(rec.clone());
+        inner.failed.remove(&rec.name);
+        info!(
+            "export {} serves snapshot {} of origin {origin_id} in {cow}",
+            rec.name, p.tag
+        );
+        self.save(inner, format!("export {} was created", rec.name))?;
+        Ok(self.export_info(inner, &rec))
+    }
+
+    /// Records an origin given by path for `snapshot_export` (not saved until an export uses it).
+    fn remember_origin(
+        &self,
+        inner: &mut Inner,
+        cow: &str,
+        origin_id: &str,
+        origin: &str,
+        origin_fid: FileId,
+        direct: bool,
+    ) -> MResult<()> {
+        if let Some(o) = inner
+            .state
+            .origins
+            .iter()
+            .find(|o| file_id(Path::new(&o.path)) == Some(origin_fid))
+        {
+            return Err(MethodError::AlreadyExists(format!(
+                "origin {origin} is already known as origin id {} of COW store {}",
+                o.origin_id, o.cow
+            )));
+        }
+        inner.state.origins.push(OriginRecord {
+            cow: cow.to_string(),
+            origin_id: origin_id.to_string(),
+            path: origin.to_string(),
+            direct,
+        });
+        Ok(())
+    }
+
+    /// Drops an origin record nobody exports and that was only just remembered.
+    fn forget_unused_origin(&self, inner: &mut Inner, cow: &str, origin_id: &str) {
+        let used = inner
+            .state
+            .exports
+            .iter()
+            .any(|e| e.cow == cow && e.origin_id == origin_id);
+        let opened = inner
+            .origins
+            .contains_key(&(cow.to_string(), origin_id.to_string()));
+        if !used && !opened {
+            inner
+                .state
+                .origins
+                .retain(|o| !(o.cow == cow && o.origin_id == origin_id));
+        }
+    }
+
+    fn export_remove(&self, p: m::NameParams) -> MResult<m::Done> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let rec = self.find_export(inner, &p.name)?;
+        if self.exports.get(&rec.name).is_some() {
+            self.exports
+                .remove(&rec.name)
+                .map_err(|source| MethodError::Export {
+                    what: format!("cannot stop export {}", rec.name),
+                    source,
+                })?;
+        }
+        inner.state.exports.retain(|e| e.name != rec.name);
+        inner.failed.remove(&rec.name);
+        info!("export {} removed", rec.name);
+        self.save(inner, format!("export {} was removed", rec.name))?;
+        Ok(m::Done { name: rec.name })
+    }
+
+    fn snapshot_create(&self, p: m::SnapshotCreateParams) -> MResult<m::SnapshotCreateResult> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let rec = self.find_export(inner, &p.name)?;
+        let origin = self.origin_of(inner, &rec)?;
+        let what = match rec.tag {
+            None => format!("origin {} (export {})", rec.origin_id, rec.name),
+            Some(t) => format!(
+                "snapshot {t} of origin {} (export {})",
+                rec.origin_id, rec.name
+            ),
+        };
+        let tag = origin
+            .create_snapshot(rec.tag, &p.memo)
+            .map_err(MethodError::engine(format!("cannot snapshot {what}")))?;
+        info!("snapshot {tag} taken of {what}");
+        Ok(m::SnapshotCreateResult { tag })
+    }
+
+    fn snapshot_delete(&self, p: m::SnapshotDeleteParams) -> MResult<m::Done> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let (rec, origin) = self.origin_export(inner, &p.name, names::SNAPSHOT_DELETE)?;
+        let users = Self::exported_as(inner, &rec.cow, &rec.origin_id, Some(p.tag));
+        if !users.is_empty() {
+            return Err(MethodError::Busy(format!(
+                "snapshot {} of origin {} is exported as {}; remove that export first",
+                p.tag,
+                rec.origin_id,
+                users.join(", ")
+            )));
+        }
+        origin
+            .delete_snapshot(p.tag)
+            .map_err(MethodError::engine(format!(
+                "cannot delete snapshot {} of origin {} (export {})",
+                p.tag, rec.origin_id, rec.name
+            )))?;
+        info!("snapshot {} of origin {} deleted", p.tag, rec.origin_id);
+        Ok(m::Done { name: rec.name })
+    }
+
+    fn origin_delete(&self, p: m::NameParams) -> MResult<m::Done> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let (rec, origin) = self.origin_export(inner, &p.name, names::ORIGIN_DELETE)?;
+        let n = origin.snapshots().len();
+        if n > 0 {
+            return Err(MethodError::Engine {
+                what: format!(
+                    "cannot delete origin {} (export {})",
+                    rec.origin_id, rec.name
+                ),
+                source: snapmv_engine::Error::HasSnapshots(format!(
+                    "{} ({n} snapshots)",
+                    rec.origin_id
+                )),
+            });
+        }
+        if let Some(r) = origin.rollback_progress() {
+            return Err(MethodError::Busy(format!(
+                "origin {} (export {}) is being rolled back to snapshot {}; wait for the end",
+                rec.origin_id, rec.name, r.tag
+            )));
+        }
+        let others: Vec<String> = inner
+            .state
+            .exports
+            .iter()
+            .filter(|e| e.cow == rec.cow && e.origin_id == rec.origin_id && e.name != rec.name)
+            .map(|e| e.name.clone())
+            .collect();
+        if !others.is_empty() {
+            return Err(MethodError::Busy(format!(
+                "origin {} is also exported as {}; remove those exports first",
+                rec.origin_id,
+                others.join(", ")
+            )));
+        }
+        let store = self.store_for(inner, &rec.cow, false)?;
+        self.exports
+            .remove(&rec.name)
+            .map_err(|source| MethodError::Export {
+                what: format!("cannot stop export {}", rec.name),
+                source,
+            })?;
+        inner
+            .origins
+            .remove(&(rec.cow.clone(), rec.origin_id.clone()));
+        drop(origin);
+        if let Err(source) = store.unbind_origin(&rec.origin_id) {
+            // Serve it again: nothing changed.
+            let err = MethodError::Engine {
+                what: format!(
+                    "cannot unbind origin {} from COW store {}",
+                    rec.origin_id, rec.cow
+                ),
+                source,
+            };
+            match self
+                .origin_for(inner, &rec.cow, &rec.origin_id, false)
+                .and_then(|o| self.add_export(&rec, o.volume()))
+            {
+                Ok(()) => {}
+                Err(e) => {
+                    error!("export {} could not be served again: {e}", rec.name);
+                    inner.failed.insert(rec.name.clone(), e.to_string());
+                }
+            }
+            return Err(err);
+        }
+        inner.state.exports.retain(|e| e.name != rec.name);
+        inner
+            .state
+            .origins
+            .retain(|o| !(o.cow == rec.cow && o.origin_id == rec.origin_id));
+        info!(
+            "origin {} unbound from {} and export {} removed",
+            rec.origin_id, rec.cow, rec.name
+        );
+        self.save(
+            inner,
+            format!("origin {} was unbound from {}", rec.origin_id, rec.cow),
+        )?;
+        Ok(m::Done { name: rec.name })
+    }
+
+    fn snapshot_rollback(
+        &self,
+        p: m::SnapshotRollbackParams,
+    ) -> MResult<m::SnapshotRollbackResult> {
+        let (rec, origin) = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let (rec, origin) = self.origin_export(inner, &p.name, names::SNAPSHOT_ROLLBACK)?;
+            origin.rollback(p.tag).map_err(MethodError::engine(format!(
+                "cannot roll origin {} (export {}) back to snapshot {}",
+                rec.origin_id, rec.name, p.tag
+            )))?;
+            info!(
+                "rollback of origin {} to snapshot {} started",
+                rec.origin_id, p.tag
+            );
+            (rec, origin)
+        };
+        if p.wait {
+            origin.wait_rollback().map_err(MethodError::engine(format!(
+                "rollback of origin {} (export {}) to snapshot {} failed",
+                rec.origin_id, rec.name, p.tag
+            )))?;
+        }
+        let progress = origin.rollback_progress();
+        Ok(m::SnapshotRollbackResult {
+            tag: p.tag,
+            done: progress.is_none(),
+            progress: progress.map(|r| m::RollbackProgress {
+                tag: r.tag,
+                chunks_done: r.chunks_done,
+                chunks_total: r.chunks_total,
+            }),
+        })
+    }
+
+    fn snapshot_list(&self, p: m::OptionalNameParams) -> MResult<m::SnapshotList> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let keys: Vec<(String, String)> = match &p.name {
+            Some(name) => {
+                let rec = self.find_export(inner, name)?;
+                self.origin_of(inner, &rec)?;
+                vec![(rec.cow, rec.origin_id)]
+            }
+            None => {
+                let mut k: Vec<_> = inner.origins.keys().cloned().collect();
+                k.sort();
+                k
+            }
+        };
+        let mut origins = Vec::new();
+        for (cow, id) in keys {
+            let Some(o) = inner.origins.get(&(cow.clone(), id.clone())) else {
+                continue;
+            };
+            let mut snaps = o.snapshots();
+            snaps.sort_by_key(|s| s.tag);
+            origins.push(m::OriginSnapshots {
+                origin_id: id.clone(),
+                origin: inner
+                    .state
+                    .origin(&cow, &id)
+                    .map(|r| r.path.clone())
+                    .unwrap_or_default(),
+                cow: cow.clone(),
+                exported_as: Self::exported_as(inner, &cow, &id, None),
+                snapshots: snaps
+                    .into_iter()
+                    .map(|s| m::SnapshotInfo {
+                        tag: s.tag,
+                        parent: s.parent,
+                        memo: s.memo.clone(),
+                        birth_unix_secs: s.birth_unix_secs,
+                        exclusive_chunks: s.exclusive_chunks,
+                        exported_as: Self::exported_as(inner, &cow, &id, Some(s.tag)),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(m::SnapshotList { origins })
+    }
+
+    fn export_list(&self, _p: m::NoParams) -> MResult<m::ExportList> {
+        let guard = self.lock();
+        let exports = guard
+            .state
+            .exports
+            .iter()
+            .map(|r| self.export_info(&guard, r))
+            .collect();
+        Ok(m::ExportList { exports })
+    }
+
+    fn status(&self, p: m::OptionalNameParams) -> MResult<m::Status> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let (cows, only_origin) = match &p.name {
+            Some(name) => {
+                let rec = self.find_export(inner, name)?;
+                self.origin_of(inner, &rec)?;
+                (vec![rec.cow.clone()], Some(rec.origin_id))
+            }
+            None => {
+                let mut c: Vec<String> = inner.stores.keys().cloned().collect();
+                c.sort();
+                (c, None)
+            }
+        };
+        let mut stores = Vec::new();
+        for cow in cows {
+            let Some(store) = inner.stores.get(&cow) else {
+                continue;
+            };
+            let st = store.status();
+            let mut origins = Vec::new();
+            for o in st.origins {
+                if only_origin.as_ref().is_some_and(|id| *id != o.origin_id) {
+                    continue;
+                }
+                let mut exported_as: Vec<String> = inner
+                    .state
+                    .exports
+                    .iter()
+                    .filter(|e| e.cow == cow && e.origin_id == o.origin_id)
+                    .map(|e| e.name.clone())
+                    .collect();
+                exported_as.sort();
+                origins.push(m::OriginStatus {
+                    origin_id: o.origin_id.clone(),
+                    origin: o.origin_path.clone(),
+                    size: o.size,
+                    snapshots: o.snapshots as u64,
+                    rollback: o.rollback.map(|r| m::RollbackProgress {
+                        tag: r.tag,
+                        chunks_done: r.chunks_done,
+                        chunks_total: r.chunks_total,
+                    }),
+                    reclaim_pending_chunks: o.reclaim_pending_chunks,
+                    exported_as,
+                });
+            }
+            stores.push(m::StoreStatus {
+                cow: cow.clone(),
+                chunk_size: st.chunk_size,
+                chunks_total: st.chunks_total,
+                chunks_used: st.chunks_used,
+                chunks_free: st.chunks_free,
+                origins,
+            });
+        }
+        let unavailable = if p.name.is_none() {
+            let mut u: Vec<m::Unavailable> = inner
+                .state
+                .stores
+                .iter()
+                .filter(|s| !inner.stores.contains_key(&s.path))
+                .map(|s| m::Unavailable {
+                    cow: s.path.clone(),
+                    error: inner
+                        .state
+                        .exports
+                        .iter()
+                        .filter(|e| e.cow == s.path)
+                        .find_map(|e| inner.failed.get(&e.name).cloned())
+                        .unwrap_or_else(|| "not open".into()),
+                })
+                .collect();
+            u.sort_by(|a, b| a.cow.cmp(&b.cow));
+            u
+        } else {
+            Vec::new()
+        };
+        Ok(m::Status {
+            stores,
+            unavailable,
+        })
+    }
+
+    /// Canonical paths of the stores open in this daemon (for `snapmv check`'s refusal).
+    pub fn open_stores(&self) -> Vec<String> {
+        self.lock().stores.keys().cloned().collect()
+    }
+}
+
+/// Serves an engine volume through the vhost-user-blk device.
+struct VolumeDisk(Volume);
+
+impl VolumeDisk {
+    fn err(&self, e: snapmv_engine::Error) -> DiskError {
+        let disk = self.0.name();
+        match e {
+            snapmv_engine::Error::NoSpace { .. } => DiskError::NoSpace {
+                disk,
+                source: Box::new(e),
+            },
+            e => DiskError::Failed {
+                disk,
+                source: Box::new(e),
+            },
+        }
+    }
+}
+
+impl BlockDisk for VolumeDisk {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_vectored(
+        &self,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<(), DiskError> {
+        self.0.read_vectored(offset, bufs).map_err(|e| self.err(e))
+    }
+
+    fn write_vectored(&self, offset: u64, bufs: &[std::io::IoSlice<'_>]) -> Result<(), DiskError> {
+        self.0.write_vectored(offset, bufs).map_err(|e| self.err(e))
+    }
+
+    fn flush(&self) -> Result<(), DiskError> {
+        self.0.flush().map_err(|e| self.err(e))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.0.discard(offset, len).map_err(|e| self.err(e))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.0.write_zeroes(offset, len).map_err(|e| self.err(e))
+    }
+
+    fn name(&self) -> String {
+        self.0.name()
+    }
+
+    fn physical_block_size(&self) -> u32 {
+        // A chunk is the copy-on-write unit, but guests align I/O to pages at most usefully.
+        self.0.chunk_size().clamp(512, PAGE_SIZE)
+    }
+}
+
+fn describe(rec: &ExportRecord) -> String {
+    match rec.tag {
+        None => format!("origin {} of {}", rec.origin_id, rec.cow),
+        Some(t) => format!("snapshot {t} of origin {} in {}", rec.origin_id, rec.cow),
+    }
+}
+
+fn decode<P: DeserializeOwned + Default>(method: &str, params: Value) -> MResult<P> {
+    match params {
+        Value::Null => serde_json::from_value(Value::Object(Default::default())).map_err(|e| {
+            MethodError::InvalidParams(format!("method {method} needs parameters: {e}"))
+        }),
+        p => serde_json::from_value(p).map_err(|e| {
+            MethodError::InvalidParams(format!("invalid parameters for method {method}: {e}"))
+        }),
+    }
+}
+
+fn encode<R: Serialize>(r: MResult<R>) -> MResult<Value> {
+    r.and_then(|r| {
+        serde_json::to_value(r)
+            .map_err(|e| MethodError::InvalidState(format!("result could not be encoded: {e}")))
+    })
+}
+
+impl Daemon {
+    fn dispatch(&self, method: &str, params: Value) -> MResult<Value> {
+        match method {
+            names::ORIGIN_CREATE => encode(self.origin_create(decode(method, params)?)),
+            names::SNAPSHOT_EXPORT => encode(self.snapshot_export(decode(method, params)?)),
+            names::EXPORT_REMOVE => encode(self.export_remove(decode(method, params)?)),
+            names::SNAPSHOT_CREATE => encode(self.snapshot_create(decode(method, params)?)),
+            names::SNAPSHOT_DELETE => encode(self.snapshot_delete(decode(method, params)?)),
+            names::ORIGIN_DELETE => encode(self.origin_delete(decode(method, params)?)),
+            names::SNAPSHOT_ROLLBACK => encode(self.snapshot_rollback(decode(method, params)?)),
+            names::SNAPSHOT_LIST => encode(self.snapshot_list(decode(method, params)?)),
+            names::EXPORT_LIST => encode(self.export_list(decode(method, params)?)),
+            names::STATUS => encode(self.status(decode(method, params)?)),
+            other => Err(MethodError::NoMethod(other.to_string())),
+        }
+    }
+}
+
+impl Handler for Daemon {
+    fn handle(&self, method: &str, params: Value) -> Result<Value, ErrorObject> {
+        self.dispatch(method, params).map_err(|e| {
+            if e.code() == codes::INTERNAL_ERROR || e.code() == codes::IO_ERROR {
+                warn!("{method}: {e}");
+            }
+            e.to_object()
+        })
+    }
+}
+
+/// Runs the daemon until killed.
+pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    // Check the socket before touching any store, so a second daemon changes nothing.
+    let mut rcfg = RpcServerConfig::new(cfg.rpc_socket.clone());
+    rcfg.allowed_uids = cfg.allowed_uids.clone();
+    if let Some(parent) = cfg.rpc_socket.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|source| ServeError::SocketDir {
+                dir: parent.to_path_buf(),
+                source,
+            })?;
+        }
+    }
+    crate::rpc_server::check_socket_free(&cfg.rpc_socket)?;
+    let daemon = Arc::new(Daemon::open(&cfg)?);
+    let server = RpcServer::bind(rcfg)?;
+    info!(
+        "snapmv daemon ready: RPC socket {}, state {}, export sockets in {}",
+        server.path().display(),
+        cfg.state_dir.display(),
+        cfg.socket_dir.display()
+    );
+    server.run(daemon)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_origin_ids() {
+        assert_eq!(default_origin_id(Path::new("/a/disk.img")), "disk.img");
+        assert_eq!(default_origin_id(Path::new("/a/d isk:1")), "d_isk_1");
+        assert_eq!(default_origin_id(Path::new("/")), "origin");
+        assert_eq!(
+            default_origin_id(Path::new(&format!("/{}", "x".repeat(100)))).len(),
+            64
+        );
+    }
+}
