@@ -9,6 +9,7 @@ use std::sync::Arc;
 use blkio::Blkioq;
 use snapmv::export::{ExportConfig, ExportManager};
 use snapmv::vhost_blk::{BlockDisk, MemDisk};
+use snapmv_engine::{FormatOptions, Origin, Store};
 use snapmv_tests::blkio_client::{run1, wait_for, Client, ClientOptions, NO_FLAGS};
 
 const MIB: u64 = 1 << 20;
@@ -16,6 +17,8 @@ const MIB: u64 = 1 << 20;
 struct Fixture {
     dir: tempfile::TempDir,
     mgr: ExportManager,
+    /// Stores opened by this fixture (kept open while it lives).
+    stores: std::sync::Mutex<Vec<Store>>,
 }
 
 impl Fixture {
@@ -23,11 +26,42 @@ impl Fixture {
         Fixture {
             dir: tempfile::tempdir().expect("temp dir"),
             mgr: ExportManager::new(),
+            stores: Default::default(),
         }
     }
 
     fn sock(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.sock"))
+    }
+
+    /// A fresh store of `store_size` bytes (64 KiB chunks) with one origin of `size` bytes
+    /// named `name`, both plain files in the fixture's directory.
+    fn origin_in_store(&self, name: &str, size: u64, store_size: u64) -> Origin {
+        let opath = self.dir.path().join(format!("{name}.origin"));
+        let spath = self.dir.path().join(format!("{name}.store"));
+        std::fs::File::create(&opath)
+            .and_then(|f| f.set_len(size))
+            .expect("create origin file");
+        std::fs::File::create(&spath)
+            .and_then(|f| f.set_len(store_size))
+            .expect("create store file");
+        Store::format(
+            &spath,
+            &FormatOptions {
+                chunk_size: 64 << 10,
+                force: false,
+            },
+        )
+        .expect("format store");
+        let store = Store::open(&spath, false).expect("open store");
+        let origin = store.bind_origin(name, &opath, false).expect("bind origin");
+        self.stores.lock().unwrap().push(store);
+        origin
+    }
+
+    /// An origin of `size` bytes in its own 64 MiB store.
+    fn origin(&self, name: &str, size: u64) -> Origin {
+        self.origin_in_store(name, size, 64 * MIB)
     }
 
     /// Exports `disk` as `name` with `queues` queues.
@@ -37,6 +71,19 @@ impl Fixture {
         cfg.readonly = readonly;
         self.mgr.add_disk(cfg, disk).expect("add export");
         self.sock(name)
+    }
+
+    /// Exports the origin `name` (created with `size` bytes).
+    fn export_origin(
+        &self,
+        name: &str,
+        size: u64,
+        queues: u16,
+        readonly: bool,
+    ) -> (Origin, PathBuf) {
+        let o = self.origin(name, size);
+        let sock = self.export(name, Arc::new(o.volume()), queues, readonly);
+        (o, sock)
     }
 }
 
@@ -119,8 +166,7 @@ fn write_read_batch(
 #[test]
 fn write_read_one_queue_qd32_mixed_sizes() {
     let f = Fixture::new();
-    let disk = mem_disk("d1", 64 * MIB);
-    let sock = f.export("d1", disk.clone(), 4, false);
+    let (origin, sock) = f.export_origin("d1", 64 * MIB, 4, false);
     let mut c = Client::connect_with(
         &sock,
         &ClientOptions {
@@ -134,16 +180,16 @@ fn write_read_one_queue_qd32_mixed_sizes() {
     let q = &mut c.queues[0];
     let checked = write_read_batch(q, region, 0, 0, 32, 1);
     assert!(checked > 4 << 20, "batch covered only {checked} bytes");
-    // The disk itself holds the data (not only some cache in the client).
-    let mem = c.mem();
-    assert_eq!(disk.snapshot(0, 512), mem[..512].to_vec());
+    // The volume itself holds the data (not only some cache in the client).
+    let mut direct = vec![0u8; 512];
+    origin.volume().read(0, &mut direct).expect("read volume");
+    assert_eq!(direct, c.mem()[..512].to_vec());
 }
 
 #[test]
 fn write_read_two_queues_concurrently() {
     let f = Fixture::new();
-    let disk = mem_disk("d2", 64 * MIB);
-    let sock = f.export("d2", disk, 2, false);
+    let (_o, sock) = f.export_origin("d2", 64 * MIB, 2, false);
     let mut c = Client::connect_with(
         &sock,
         &ClientOptions {
@@ -178,7 +224,7 @@ fn write_read_two_queues_concurrently() {
 #[test]
 fn scatter_gather_readv_writev() {
     let f = Fixture::new();
-    let sock = f.export("sg", mem_disk("sg", 8 * MIB), 1, false);
+    let (_o, sock) = f.export_origin("sg", 8 * MIB, 1, false);
     let mut c = Client::connect(&sock).expect("connect");
     let base = c.region.addr;
     // 5 pieces of different sizes, scattered in the region, written as one request at 4096.
@@ -266,7 +312,7 @@ fn write_pattern(c: &mut Client, off: u64, len: usize, byte: u8) {
 #[test]
 fn flush_discard_write_zeroes() {
     let f = Fixture::new();
-    let sock = f.export("dz", mem_disk("dz", 8 * MIB), 1, false);
+    let (_o, sock) = f.export_origin("dz", 8 * MIB, 1, false);
     let mut c = Client::connect(&sock).expect("connect");
     write_pattern(&mut c, 0, 1 << 20, 0xAB);
     let ret = run1(&mut c.queues[0], |q| q.flush(1, NO_FLAGS)).unwrap();
@@ -313,8 +359,7 @@ fn flush_discard_write_zeroes() {
 #[test]
 fn readonly_export_refuses_writes() {
     let f = Fixture::new();
-    let disk = mem_disk("ro", 4 * MIB);
-    let sock = f.export("ro", disk, 1, true);
+    let (_o, sock) = f.export_origin("ro", 4 * MIB, 1, true);
     assert!(f.mgr.get("ro").expect("listed").readonly);
     // The device offers VIRTIO_BLK_F_RO: blkio refuses to start it read-write.
     let e = Client::connect(&sock)
@@ -338,7 +383,7 @@ fn readonly_export_refuses_writes() {
 #[test]
 fn requests_past_the_end_fail() {
     let f = Fixture::new();
-    let sock = f.export("end", mem_disk("end", 4 * MIB), 1, false);
+    let (_o, sock) = f.export_origin("end", 4 * MIB, 1, false);
     let mut c = Client::connect(&sock).expect("connect");
     let cap = c.capacity();
     let p = c.ptr(0);
@@ -363,8 +408,8 @@ fn requests_past_the_end_fail() {
 #[test]
 fn two_exports_do_not_see_each_other() {
     let f = Fixture::new();
-    let a = f.export("a", mem_disk("a", 4 * MIB), 2, false);
-    let b = f.export("b", mem_disk("b", 4 * MIB), 2, false);
+    let (_oa, a) = f.export_origin("a", 4 * MIB, 2, false);
+    let (_ob, b) = f.export_origin("b", 4 * MIB, 2, false);
     let mut ca = Client::connect(&a).expect("connect a");
     let mut cb = Client::connect(&b).expect("connect b");
     write_pattern(&mut ca, 8192, 65536, 0x11);
@@ -393,7 +438,7 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 #[test]
 fn reconnect_keeps_data_and_serves_again() {
     let f = Fixture::new();
-    let sock = f.export("rc", mem_disk("rc", 4 * MIB), 2, false);
+    let (_o, sock) = f.export_origin("rc", 4 * MIB, 2, false);
     for round in 0..3u8 {
         let mut c = Client::connect(&sock).unwrap_or_else(|e| panic!("connect round {round}: {e}"));
         wait_until("export shows connected", || {
@@ -418,8 +463,7 @@ fn reconnect_keeps_data_and_serves_again() {
 #[test]
 fn remove_stops_serving_and_deletes_socket() {
     let f = Fixture::new();
-    let disk = mem_disk("rm", 4 * MIB);
-    let sock = f.export("rm", disk.clone(), 1, false);
+    let (origin, sock) = f.export_origin("rm", 4 * MIB, 1, false);
     let mut c = Client::connect(&sock).expect("connect");
     write_pattern(&mut c, 0, 4096, 0x77);
     // Remove while the client is connected: it is disconnected, the socket disappears.
@@ -427,13 +471,12 @@ fn remove_stops_serving_and_deletes_socket() {
     assert!(!sock.exists(), "socket still exists after remove");
     assert!(f.mgr.get("rm").is_none());
     assert!(f.mgr.remove("rm").is_err(), "second remove must fail");
-    assert!(
-        disk.snapshot(0, 4096).iter().all(|&x| x == 0x77),
-        "data lost by remove"
-    );
+    let mut direct = vec![0u8; 4096];
+    origin.volume().read(0, &mut direct).expect("read volume");
+    assert!(direct.iter().all(|&x| x == 0x77), "data lost by remove");
     drop(c);
     // The same name and socket can be exported again, idle this time, and removed.
-    let sock2 = f.export("rm", disk, 1, false);
+    let sock2 = f.export("rm", Arc::new(origin.volume()), 1, false);
     assert_eq!(sock, sock2);
     f.mgr.remove("rm").expect("remove idle export");
     assert!(!Path::new(&sock2).exists());
@@ -478,4 +521,80 @@ fn add_refuses_duplicates_and_live_sockets() {
         "{r:?}"
     );
     assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+}
+
+#[test]
+fn snapshot_export_serves_the_snapshot() {
+    let f = Fixture::new();
+    let (origin, osock) = f.export_origin("snap", 8 * MIB, 2, false);
+    let mut oc = Client::connect(&osock).expect("connect origin");
+    write_pattern(&mut oc, 0, 256 << 10, 0xA1);
+    let tag = origin
+        .create_snapshot(None, "before B")
+        .expect("create snapshot");
+    // The origin moves on; the snapshot keeps the old content.
+    write_pattern(&mut oc, 64 << 10, 64 << 10, 0xB2);
+    let ssock = f.export(
+        "snap-1",
+        Arc::new(origin.snapshot_volume(tag).expect("snapshot volume")),
+        1,
+        false,
+    );
+    assert!(f.mgr.get("snap-1").unwrap().volume.contains("snapshot"));
+    let mut sc = Client::connect(&ssock).expect("connect snapshot");
+    let got = read_back(&mut sc, 0, 256 << 10);
+    assert!(
+        got.iter().all(|&x| x == 0xA1),
+        "snapshot does not hold the content at snapshot time"
+    );
+    let got = read_back(&mut oc, 0, 256 << 10);
+    assert!(got[..64 << 10].iter().all(|&x| x == 0xA1));
+    assert!(
+        got[64 << 10..128 << 10].iter().all(|&x| x == 0xB2),
+        "origin lost its new write"
+    );
+    assert!(got[128 << 10..].iter().all(|&x| x == 0xA1));
+    // Snapshots are writable and writes to them stay out of the origin.
+    write_pattern(&mut sc, 0, 4096, 0xC3);
+    assert!(read_back(&mut sc, 0, 4096).iter().all(|&x| x == 0xC3));
+    assert!(read_back(&mut oc, 0, 4096).iter().all(|&x| x == 0xA1));
+}
+
+#[test]
+fn full_store_fails_writes_with_ioerr_and_keeps_serving() {
+    let f = Fixture::new();
+    // The smallest store the format allows leaves only a few spare chunks for copy-outs.
+    let origin = f.origin_in_store("full", 32 * MIB, 5 * MIB);
+    origin.create_snapshot(None, "pin").expect("snapshot");
+    let sock = f.export("full", Arc::new(origin.volume()), 1, false);
+    let mut c = Client::connect(&sock).expect("connect");
+    // Overwrite the origin chunk by chunk: each first write copies a chunk out.
+    let mut failed_at = None;
+    for i in 0..(32 * MIB / (64 << 10)) {
+        let p = c.ptr(0);
+        let ret = run1(&mut c.queues[0], |q| {
+            q.write(i * (64 << 10), p, 4096, 0, NO_FLAGS)
+        })
+        .unwrap();
+        if ret != 0 {
+            failed_at = Some((i, ret));
+            break;
+        }
+    }
+    let (i, ret) = failed_at.expect("a 5 MiB store cannot hold copies of a 32 MiB origin");
+    assert_eq!(
+        ret,
+        -libc::EIO,
+        "write to a full store at chunk {i} returned {ret}"
+    );
+    // Reads and chunks already copied out still work.
+    let p = c.ptr(0);
+    assert_eq!(
+        run1(&mut c.queues[0], |q| q.read(0, p, 4096, 1, NO_FLAGS)).unwrap(),
+        0
+    );
+    assert_eq!(
+        run1(&mut c.queues[0], |q| q.write(0, p, 4096, 2, NO_FLAGS)).unwrap(),
+        0
+    );
 }
