@@ -174,7 +174,7 @@ fn origin_export_size_queues_and_data_survive_reboot() {
 
 /// Blocks in one ring. The disk holds two rings: phase 1 writes ring 0 (blocks 0..R), phase 2
 /// writes ring 1 (blocks R..2R).
-const R: u64 = 4096;
+const R: u64 = 2048;
 
 /// Writer guest: prefills both rings with "PREFILL\n" text, then writes block `base + n % R`
 /// for n = 1, 2, … with the header `B <block> SEQ <n>` (NUL-padded to 4 KiB, O_DIRECT), one
