@@ -21,7 +21,6 @@ use snapmv_rpc::{codes, ErrorObject};
 use crate::export::{ExportConfig, ExportError, ExportManager};
 use crate::rpc_server::{Handler, RpcServer, RpcServerConfig, ServerError};
 use crate::state::{ExportRecord, OriginRecord, State, StateDir, StateError, StoreRecord};
-use crate::vhost_blk::{BlockDisk, DiskError};
 
 pub use crate::export::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
 /// Largest number of virtqueues accepted.
@@ -337,7 +336,7 @@ impl Daemon {
                     queue_size: rec.queue_size,
                     readonly: rec.readonly,
                 },
-                VolumeDisk(volume),
+                volume,
             )
             .map_err(|source| MethodError::Export {
                 what: format!("cannot serve export {} on {}", rec.name, rec.socket),
@@ -1252,64 +1251,6 @@ impl Daemon {
     /// Canonical paths of the stores open in this daemon (for `snapmv check`'s refusal).
     pub fn open_stores(&self) -> Vec<String> {
         self.lock().stores.keys().cloned().collect()
-    }
-}
-
-/// Serves an engine volume through the vhost-user-blk device.
-struct VolumeDisk(Volume);
-
-impl VolumeDisk {
-    fn err(&self, e: snapmv_engine::Error) -> DiskError {
-        let disk = self.0.name();
-        match e {
-            snapmv_engine::Error::NoSpace { .. } => DiskError::NoSpace {
-                disk,
-                source: Box::new(e),
-            },
-            e => DiskError::Failed {
-                disk,
-                source: Box::new(e),
-            },
-        }
-    }
-}
-
-impl BlockDisk for VolumeDisk {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-
-    fn read_vectored(
-        &self,
-        offset: u64,
-        bufs: &mut [std::io::IoSliceMut<'_>],
-    ) -> Result<(), DiskError> {
-        self.0.read_vectored(offset, bufs).map_err(|e| self.err(e))
-    }
-
-    fn write_vectored(&self, offset: u64, bufs: &[std::io::IoSlice<'_>]) -> Result<(), DiskError> {
-        self.0.write_vectored(offset, bufs).map_err(|e| self.err(e))
-    }
-
-    fn flush(&self) -> Result<(), DiskError> {
-        self.0.flush().map_err(|e| self.err(e))
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.0.discard(offset, len).map_err(|e| self.err(e))
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.0.write_zeroes(offset, len).map_err(|e| self.err(e))
-    }
-
-    fn name(&self) -> String {
-        self.0.name()
-    }
-
-    fn physical_block_size(&self) -> u32 {
-        // A chunk is the copy-on-write unit, but guests align I/O to pages at most usefully.
-        self.0.chunk_size().clamp(512, PAGE_SIZE)
     }
 }
 
