@@ -503,6 +503,43 @@ impl Daemon {
             .unwrap_or_else(|| panic!("snapmv --json snapshot {name} printed {v}, no numeric tag"))
     }
 
+    /// Polls `snapmv --json status` until no origin exported as `name` reports a rollback in
+    /// progress (`stores[].origins[].rollback`). Panics at the hang guard.
+    pub fn wait_rollback_done(&self, name: &str) {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            let st = self.cli_json(&["status"]);
+            let origins: Vec<&serde_json::Value> = st["stores"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s["origins"].as_array().into_iter().flatten())
+                .filter(|o| {
+                    o["exported_as"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|e| e == name))
+                })
+                .collect();
+            assert_eq!(
+                origins.len(),
+                1,
+                "snapmv status shows {} origins exported as {name}: {st}",
+                origins.len()
+            );
+            if origins[0]
+                .get("rollback")
+                .is_none_or(serde_json::Value::is_null)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rollback of {name} still running at the hang guard: {st}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The vhost-user socket of export `name`.
     pub fn export_socket(&self, name: &str) -> PathBuf {
         let p = self.socket_dir.join(format!("{name}.sock"));
