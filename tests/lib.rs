@@ -1,2 +1,3 @@
 pub mod blkio_client;
+pub mod daemon;
 pub mod qemu;
