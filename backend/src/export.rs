@@ -211,6 +211,8 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ExportError> {
 fn serve(shared: Arc<Shared>, mut listener: Listener) {
     let name = shared.name.clone();
     while !shared.stop.load(Ordering::SeqCst) {
+        // A new connection is a freshly reset device: write-back cache on.
+        shared.state.writeback.store(true, Ordering::SeqCst);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
         let backend = Arc::new(BlkBackend::with_state(
             shared.disk.clone(),

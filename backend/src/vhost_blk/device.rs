@@ -32,8 +32,8 @@ pub struct DeviceOptions {
     pub readonly: bool,
 }
 
-/// State shared by all connections of one export (the guest-visible cache mode survives a
-/// reconnect, as it would on a real disk).
+/// State shared by the connections of one export (the serving loop resets the cache mode to
+/// write-back for each new connection).
 #[derive(Debug)]
 pub(crate) struct ExportState {
     pub(crate) writeback: AtomicBool,
