@@ -23,11 +23,15 @@ struct Fx {
 
 /// A daemon plus an origin (4 MiB) and a store file (16 MiB), not yet used.
 fn fixture(name: &str) -> Fx {
+    fixture_sized(name, 16 * MIB)
+}
+
+fn fixture_sized(name: &str, cow_size: u64) -> Fx {
     let dir = scratch(name);
     let origin = dir.path().join("o.img");
     let cow = dir.path().join("c.img");
     sparse_file(&origin, 4 * MIB);
-    sparse_file(&cow, 16 * MIB);
+    sparse_file(&cow, cow_size);
     let d = Daemon::start(dir.path());
     Fx {
         origin: origin.display().to_string(),
@@ -743,4 +747,139 @@ fn socket_is_private_and_owned_by_one_daemon() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use"), "{err}");
     assert!(f.d.call("status", Value::Null).is_ok());
+}
+
+#[test]
+fn long_memo_is_refused() {
+    let f = fixture("memo");
+    f.create_vol();
+    let m = f.d.err(
+        "snapshot_create",
+        json!({"name": "vol", "memo": "m".repeat(100_000)}),
+        codes::INVALID_PARAMS,
+    );
+    assert!(m.contains("vol"), "{m}");
+}
+
+/// Several clients race conflicting operations on one origin (delete during rollback, two
+/// rollbacks, snapshots during deletes...) while a guest-like client writes to it. Every answer
+/// is a success or a documented conflict code; the daemon stays consistent and answers, and
+/// the snapshot set afterwards is exactly what the successful calls made it, also after a
+/// restart.
+#[test]
+fn concurrent_conflicting_operations() {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    // Each rollback keeps a hidden image of the origin: leave room for all of them.
+    let mut f = fixture_sized("conc", 1 << 30);
+    f.create_vol();
+    // Tag 1 stays exported, so it can never be deleted and the origin never unbound.
+    let t1 = f.d.ok("snapshot_create", json!({"name": "vol"}))["tag"]
+        .as_u64()
+        .unwrap();
+    f.d.ok(
+        "snapshot_export",
+        json!({"name": "keep", "origin_id": "o.img", "cow": f.cow, "tag": t1}),
+    );
+    let live: Arc<Mutex<BTreeSet<u64>>> = Arc::new(Mutex::new([t1].into()));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let writer = {
+        let sock = f.d.export_socket("vol");
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&sock).unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let off = (n % 1024) * 4096;
+                c.mem()[..4096].fill(n as u8);
+                let p = c.ptr(0);
+                let ret = run1(&mut c.queues[0], |q| q.write(off, p, 4096, 0, NO_FLAGS)).unwrap();
+                if ret != 0 {
+                    return Err(format!("write {n} at {off} failed: {ret}"));
+                }
+                n += 1;
+            }
+            Ok(n)
+        })
+    };
+
+    let workers: Vec<_> = (0..4u64)
+        .map(|seed| {
+            let sock = f.d.rpc_socket.clone();
+            let live = live.clone();
+            std::thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(seed);
+                let mut c = snapmv_rpc::RpcClient::connect(&sock).unwrap();
+                for _ in 0..25 {
+                    let pick = |rng: &mut fastrand::Rng| {
+                        let l = live.lock().unwrap();
+                        let v: Vec<u64> = l.iter().copied().collect();
+                        v[rng.usize(..v.len())]
+                    };
+                    let (method, params) = match rng.u8(..6) {
+                        0 | 1 => ("snapshot_create", json!({"name": "vol"})),
+                        2 => (
+                            "snapshot_delete",
+                            json!({"name": "vol", "tag": pick(&mut rng)}),
+                        ),
+                        3 => (
+                            "snapshot_rollback",
+                            json!({"name": "vol", "tag": pick(&mut rng)}),
+                        ),
+                        4 => ("origin_delete", json!({"name": "vol"})),
+                        _ => ("status", json!({"name": "vol"})),
+                    };
+                    match c.call(method, params.clone()) {
+                        Ok(v) => match method {
+                            "snapshot_create" => {
+                                live.lock().unwrap().insert(v["tag"].as_u64().unwrap());
+                            }
+                            "snapshot_delete" => {
+                                let tag = params["tag"].as_u64().unwrap();
+                                assert!(live.lock().unwrap().remove(&tag), "deleted {tag} twice");
+                            }
+                            "origin_delete" => panic!("origin_delete succeeded with snapshots"),
+                            _ => {}
+                        },
+                        Err(e) => {
+                            let code = e.code().unwrap_or_else(|| panic!("{method}: {e}"));
+                            assert!(
+                                [codes::NOT_FOUND, codes::BUSY, codes::HAS_SNAPSHOTS]
+                                    .contains(&code),
+                                "{method} {params}: unexpected error {e}"
+                            );
+                            if method == "snapshot_delete" && code == codes::BUSY {
+                                assert_eq!(params["tag"], t1, "{e}");
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("a worker thread failed");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let writes = writer
+        .join()
+        .expect("the writer panicked")
+        .unwrap_or_else(|e| panic!("{e}; daemon log:\n{}", f.d.log()));
+    assert!(writes > 0);
+
+    let tags = |d: &Daemon| -> BTreeSet<u64> {
+        d.ok("snapshot_list", json!({"name": "vol"}))["origins"][0]["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["tag"].as_u64().unwrap())
+            .collect()
+    };
+    let want = live.lock().unwrap().clone();
+    assert_eq!(tags(&f.d), want);
+    f.d.restart();
+    assert_eq!(tags(&f.d), want);
 }

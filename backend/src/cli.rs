@@ -635,6 +635,10 @@ pub fn check(ctx: &Ctx, cow: &Path, repair: bool) -> Result<(), CliError> {
             "clean": report.is_clean(),
             "problems": report.problems,
             "repaired": report.repaired,
+            "origins": report.origins,
+            "snapshots": report.snapshots,
+            "chunks_used": report.chunks_used,
+            "chunks_total": report.chunks_total,
         }));
     } else {
         for p in &report.problems {
@@ -644,7 +648,10 @@ pub fn check(ctx: &Ctx, cow: &Path, repair: bool) -> Result<(), CliError> {
             println!("repaired: {r}");
         }
         if report.is_clean() {
-            println!("COW store {canon_s} is clean");
+            println!(
+                "COW store {canon_s} is clean: {} origin(s), {} snapshot(s), {}/{} chunks used",
+                report.origins, report.snapshots, report.chunks_used, report.chunks_total
+            );
         }
     }
     if report.is_clean() {
