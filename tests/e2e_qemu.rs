@@ -16,20 +16,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use snapmv_tests::daemon::{scratch, sparse_file, Daemon};
 use snapmv_tests::qemu::{
-    guest_tools, sha256_hex, sparse_file, Daemon, Disk, GuestConfig, GuestOutput, GuestTools,
+    guest_tools, sha256_hex, snapshot_tag, wait_rollback_done, Disk, GuestConfig, GuestOutput,
+    GuestTools,
 };
 
 const MIB: u64 = 1024 * 1024;
 const BLOCK: usize = 4096;
-
-/// Scratch dir for one test: under /tmp so that socket paths stay short.
-fn scratch(name: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(&format!("snapmv-e2e-{name}-"))
-        .tempdir_in("/tmp")
-        .expect("create scratch dir in /tmp")
-}
 
 fn create_origin(daemon: &Daemon, dir: &Path, name: &str, size: u64) -> (String, String) {
     let origin = dir.join(format!("{name}.origin"));
@@ -74,7 +68,7 @@ fn origin_export_size_queues_and_data_survive_reboot() {
         return;
     };
     const SIZE: u64 = 64 * MIB;
-    let dir = scratch("pattern");
+    let dir = scratch("e2e-pattern");
     let daemon = Daemon::start(dir.path());
     let (origin, _cow) = create_origin(&daemon, dir.path(), "vol", SIZE);
     let sock = daemon.export_socket("vol");
@@ -383,7 +377,7 @@ fn live_snapshots_and_rollback_under_guest_writes() {
         return;
     };
     const SIZE: u64 = 64 * MIB;
-    let dir = scratch("live");
+    let dir = scratch("e2e-live");
     let daemon = Daemon::start(dir.path());
     let (origin, cow) = create_origin(&daemon, dir.path(), "vol", SIZE);
     let vol_sock = daemon.export_socket("vol");
@@ -408,11 +402,11 @@ fn live_snapshots_and_rollback_under_guest_writes() {
     let before_a = writer.wait_for("a write past the first wrap", |l| {
         seq_of(l, "W ").filter(|n| *n >= R + 64)
     });
-    let tag_a = daemon.snapshot("vol");
+    let tag_a = snapshot_tag(&daemon, "vol");
     let before_b = writer.wait_for("300 more writes", |l| {
         seq_of(l, "W ").filter(|n| *n >= before_a + 300)
     });
-    let tag_b = daemon.snapshot("vol");
+    let tag_b = snapshot_tag(&daemon, "vol");
     assert_ne!(tag_a, tag_b, "two snapshots got the same tag");
 
     let (ta, tb) = (tag_a.to_string(), tag_b.to_string());
@@ -489,7 +483,7 @@ fn live_snapshots_and_rollback_under_guest_writes() {
 
     // Once the rollback has finished, the origin file itself (export removed) holds exactly
     // what the guest saw: the origin is kept in place.
-    daemon.wait_rollback_done("vol");
+    wait_rollback_done(&daemon, "vol");
     daemon.cli(&["remove", "vol"]);
     let data = std::fs::read(&origin).expect("read origin file");
     assert!(

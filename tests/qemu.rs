@@ -1,6 +1,6 @@
 //! Helpers for the QEMU guest end-to-end tests: the guest tools (qemu/setup.sh,
 //! qemu/mkinitramfs.sh, qemu/run-guest.sh), a running guest whose serial console is read line
-//! by line, and a `snapmv serve` daemon driven through the `snapmv` CLI.
+//! by line, and CLI helpers on top of `crate::daemon::Daemon`.
 //!
 //! Guests run under TCG (`-accel tcg -cpu max`): on these hosts KVM cannot boot a stock kernel.
 //! The guest side is a busybox initramfs that runs one shell script and prints markers (see
@@ -11,11 +11,13 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use crate::daemon::Daemon;
 
 /// How long any single wait may last before the test gives up as hung. This is a hang guard,
 /// not a performance assertion: TCG guests on a loaded 2-core machine are slow.
@@ -378,211 +380,58 @@ impl Drop for Guest {
     }
 }
 
-/// The `snapmv` binary built alongside this test (override with `SNAPMV_BIN`).
-pub fn snapmv_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SNAPMV_BIN") {
-        return PathBuf::from(p);
-    }
-    // The test binary is target/<profile>/deps/<name>-<hash>; snapmv is target/<profile>/snapmv.
-    let exe = std::env::current_exe().expect("current_exe of the test binary");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("snapmv"))
-        .unwrap_or_else(|| panic!("cannot derive the target dir from {}", exe.display()));
-    assert!(
-        bin.is_file(),
-        "snapmv binary not found at {} (build it with `cargo build -p snapmv`, or set SNAPMV_BIN)",
-        bin.display()
-    );
-    bin
+/// Runs `snapmv --json --rpc-socket P ARGS…` on `daemon` and parses stdout as JSON.
+pub fn cli_json(daemon: &Daemon, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = daemon.cli(&all);
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("snapmv {all:?} printed non-JSON {out:?}: {e}"))
 }
 
-/// A `snapmv serve` daemon in a scratch directory, stopped when dropped.
-pub struct Daemon {
-    pub bin: PathBuf,
-    pub rpc_socket: PathBuf,
-    pub state_dir: PathBuf,
-    pub socket_dir: PathBuf,
-    child: Child,
+/// `snapmv snapshot NAME` → the new tag.
+pub fn snapshot_tag(daemon: &Daemon, name: &str) -> u64 {
+    let v = cli_json(daemon, &["snapshot", name]);
+    v.get("tag")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or_else(|| panic!("snapmv --json snapshot {name} printed {v}, no numeric tag"))
 }
 
-impl Daemon {
-    /// Starts `snapmv serve` with its RPC socket, state dir and export sockets under `dir`.
-    pub fn start(dir: &Path) -> Daemon {
-        let bin = snapmv_bin();
-        let rpc_socket = dir.join("rpc.sock");
-        let state_dir = dir.join("state");
-        let socket_dir = dir.join("sockets");
-        for d in [&state_dir, &socket_dir] {
-            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
-        }
-        let log = std::fs::File::create(dir.join("daemon.log"))
-            .unwrap_or_else(|e| panic!("create {}/daemon.log: {e}", dir.display()));
-        let log2 = log.try_clone().expect("dup daemon log fd");
-        let mut child = Command::new(&bin)
-            .arg("serve")
-            .arg("--rpc-socket")
-            .arg(&rpc_socket)
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--socket-dir")
-            .arg(&socket_dir)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {} serve: {e}", bin.display()));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !rpc_socket.exists() {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "snapmv serve exited ({st}) before creating {}; log:\n{}",
-                    rpc_socket.display(),
-                    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "snapmv serve did not create {} (hang guard)",
-                rpc_socket.display()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        Daemon {
-            bin,
-            rpc_socket,
-            state_dir,
-            socket_dir,
-            child,
-        }
-    }
-
-    /// Runs `snapmv --rpc-socket P ARGS…` and returns its output, whatever the status.
-    pub fn cli_output(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
-            .arg("--rpc-socket")
-            .arg(&self.rpc_socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("run snapmv {args:?}: {e}"))
-    }
-
-    /// Runs `snapmv --rpc-socket P ARGS…`, panics unless it succeeds, returns stdout.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let out = self.cli_output(args);
-        assert!(
-            out.status.success(),
-            "snapmv {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+/// Polls `snapmv --json status` until no origin exported as `name` reports a rollback in
+/// progress (`stores[].origins[].rollback`). Panics at the hang guard.
+pub fn wait_rollback_done(daemon: &Daemon, name: &str) {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let st = cli_json(daemon, &["status"]);
+        let origins: Vec<&serde_json::Value> = st["stores"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["origins"].as_array().into_iter().flatten())
+            .filter(|o| {
+                o["exported_as"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|e| e == name))
+            })
+            .collect();
+        assert_eq!(
+            origins.len(),
+            1,
+            "snapmv status shows {} origins exported as {name}: {st}",
+            origins.len()
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs `snapmv --json --rpc-socket P ARGS…` and parses stdout as JSON.
-    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.cli(&all);
-        serde_json::from_str(out.trim())
-            .unwrap_or_else(|e| panic!("snapmv {all:?} printed non-JSON {out:?}: {e}"))
-    }
-
-    /// `snapmv snapshot NAME` → the new tag.
-    pub fn snapshot(&self, name: &str) -> u64 {
-        let v = self.cli_json(&["snapshot", name]);
-        v.get("tag")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or_else(|| panic!("snapmv --json snapshot {name} printed {v}, no numeric tag"))
-    }
-
-    /// Polls `snapmv --json status` until no origin exported as `name` reports a rollback in
-    /// progress (`stores[].origins[].rollback`). Panics at the hang guard.
-    pub fn wait_rollback_done(&self, name: &str) {
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            let st = self.cli_json(&["status"]);
-            let origins: Vec<&serde_json::Value> = st["stores"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|s| s["origins"].as_array().into_iter().flatten())
-                .filter(|o| {
-                    o["exported_as"]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|e| e == name))
-                })
-                .collect();
-            assert_eq!(
-                origins.len(),
-                1,
-                "snapmv status shows {} origins exported as {name}: {st}",
-                origins.len()
-            );
-            if origins[0]
-                .get("rollback")
-                .is_none_or(serde_json::Value::is_null)
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rollback of {name} still running at the hang guard: {st}"
-            );
-            thread::sleep(Duration::from_millis(200));
+        if origins[0]
+            .get("rollback")
+            .is_none_or(serde_json::Value::is_null)
+        {
+            return;
         }
+        assert!(
+            Instant::now() < deadline,
+            "rollback of {name} still running at the hang guard: {st}"
+        );
+        thread::sleep(Duration::from_millis(200));
     }
-
-    /// The vhost-user socket of export `name`.
-    pub fn export_socket(&self, name: &str) -> PathBuf {
-        let p = self.socket_dir.join(format!("{name}.sock"));
-        assert!(p.exists(), "export socket {} does not exist", p.display());
-        p
-    }
-
-    /// The daemon's log so far.
-    pub fn log(&self) -> String {
-        self.state_dir
-            .parent()
-            .map(|d| std::fs::read_to_string(d.join("daemon.log")).unwrap_or_default())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) of our own unreaped child process.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-                Ok(None) => thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-}
-
-/// Creates a sparse file of `size` bytes.
-pub fn sparse_file(path: &Path, size: u64) {
-    let f =
-        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    f.set_len(size)
-        .unwrap_or_else(|e| panic!("set length of {} to {size}: {e}", path.display()));
 }
 
 /// sha256 of `data` as lowercase hex, through the host's `sha256sum` (coreutils).
