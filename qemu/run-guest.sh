@@ -65,6 +65,7 @@ done
 [ -r "$kernel" ] || die "guest kernel $kernel is not readable: run qemu/setup.sh first"
 command -v qemu-system-x86_64 >/dev/null 2>&1 || die "qemu-system-x86_64 missing: run qemu/setup.sh first"
 
+# shellcheck disable=SC2054 # the commas are inside QEMU option values
 args=(
     -accel tcg -cpu max -m "$mem" -smp "$smp"
     -nographic -no-reboot

@@ -167,7 +167,9 @@ if ! kernel_ok; then
     dpkg -x "$deb" "$tmp/x" || die "dpkg -x $deb failed"
     vmlinuz="$(ls "$tmp"/x/boot/vmlinuz-* 2>/dev/null | head -n1)"
     moddir="$(ls -d "$tmp"/x/lib/modules/* 2>/dev/null | head -n1)"
-    [ -n "$vmlinuz" ] && [ -n "$moddir" ] || die "$deb has no boot/vmlinuz-* or lib/modules/*"
+    if [ -z "$vmlinuz" ] || [ -z "$moddir" ]; then
+        die "$deb has no boot/vmlinuz-* or lib/modules/*"
+    fi
     rm -rf "$KDIR.new"
     mkdir -p "$KDIR.new"
     cp "$vmlinuz" "$KDIR.new/vmlinuz"
