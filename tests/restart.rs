@@ -139,3 +139,50 @@ fn sigkill_during_rollback_then_restart() {
     assert_eq!(exports_by_name(&d), before);
     assert!(rollback_of(&d).is_none());
 }
+
+/// An export whose origin vanished while the daemon was down is listed with the reason after
+/// the restart, the others are served, and `export_remove` drops it.
+#[test]
+fn export_that_cannot_be_restored_is_reported() {
+    let dir = scratch("restart-missing");
+    let (o1, o2, c1, c2) = (
+        dir.path().join("o1.img"),
+        dir.path().join("o2.img"),
+        dir.path().join("c1.img"),
+        dir.path().join("c2.img"),
+    );
+    for (p, len) in [(&o1, MIB), (&o2, MIB), (&c1, 16 * MIB), (&c2, 16 * MIB)] {
+        sparse_file(p, len);
+    }
+    let mut d = Daemon::start(dir.path());
+    for (name, o, c) in [("a", &o1, &c1), ("b", &o2, &c2)] {
+        d.ok(
+            "origin_create",
+            json!({"name": name, "origin": o, "cow": c, "bind": true, "format": true}),
+        );
+    }
+    d.kill();
+    std::fs::remove_file(&o2).unwrap();
+    d.restart();
+    let after = exports_by_name(&d);
+    assert_eq!(after.len(), 2);
+    assert_eq!(after[0].0, "a");
+    assert_eq!(after[0].2, None);
+    assert_eq!(after[1].0, "b");
+    let err = after[1]
+        .2
+        .clone()
+        .expect("b must report why it is not served");
+    assert!(err.contains("o2.img"), "{err}");
+    let m = d.err(
+        "snapshot_create",
+        json!({"name": "b"}),
+        snapmv_rpc::codes::INVALID_STATE,
+    );
+    assert!(m.contains("not being served"), "{m}");
+    assert!(Client::connect(&d.export_socket("a")).is_ok());
+    d.ok("export_remove", json!({"name": "b"}));
+    assert_eq!(exports_by_name(&d).len(), 1);
+    d.restart();
+    assert_eq!(exports_by_name(&d).len(), 1);
+}

@@ -351,6 +351,8 @@ fn export_remove_keeps_data() {
     );
     assert!(!f.d.export_socket("vol").exists());
     assert_eq!(f.d.ok("export_list", json!({}))["exports"], json!([]));
+    // No export uses the store any more: the daemon has closed it.
+    assert_eq!(f.d.ok("status", Value::Null)["stores"], json!([]));
     f.d.err("export_remove", json!({"name": "vol"}), codes::NOT_FOUND);
     f.d.err(
         "export_remove",

@@ -196,9 +196,12 @@ pub fn default_origin_id(origin: &Path) -> String {
 struct Inner {
     state_dir: StateDir,
     state: State,
-    /// Open stores by canonical path. Kept open for the daemon's life once opened, so that no
-    /// store is ever opened twice while a handle to it may still be alive in a device thread.
+    /// Open stores by canonical path. A store is closed (see [`Daemon::close_unused`]) once no
+    /// export uses it, no rollback runs in it and no call waits on it: then this daemon holds
+    /// the last handles, so dropping them closes it at once and it is never open twice.
     stores: HashMap<String, Store>,
+    /// Calls waiting on a store outside the lock (`snapshot_rollback` with `wait`).
+    waiters: HashMap<String, usize>,
     /// Open origins by (store, origin id).
     origins: HashMap<(String, String), Origin>,
     /// Exports of the state that could not be re-created at start, with the reason.
@@ -234,6 +237,7 @@ impl Daemon {
                 state,
                 stores: HashMap::new(),
                 origins: HashMap::new(),
+                waiters: HashMap::new(),
                 failed: HashMap::new(),
             }),
         };
@@ -609,6 +613,31 @@ impl Daemon {
             .collect()
     }
 
+    /// Closes every open store that no export uses, in which no rollback runs and on which no
+    /// call waits. The export manager has joined the device threads of removed exports, so the
+    /// handles dropped here are the last ones and the store is closed (committed, its threads
+    /// joined) before this returns.
+    fn close_unused(&self, inner: &mut Inner) {
+        let unused: Vec<String> = inner
+            .stores
+            .keys()
+            .filter(|cow| {
+                !inner.state.exports.iter().any(|e| &e.cow == *cow)
+                    && inner.waiters.get(*cow).copied().unwrap_or(0) == 0
+                    && !inner
+                        .origins
+                        .iter()
+                        .any(|((c, _), o)| c == *cow && o.rollback_progress().is_some())
+            })
+            .cloned()
+            .collect();
+        for cow in unused {
+            inner.origins.retain(|(c, _), _| *c != cow);
+            drop(inner.stores.remove(&cow));
+            info!("closed COW store {cow}: no export uses it");
+        }
+    }
+
     // ---- methods ----
 
     fn origin_create(&self, p: m::OriginCreateParams) -> MResult<m::ExportInfo> {
@@ -698,9 +727,9 @@ impl Daemon {
                 )));
             }
             if inner.stores.contains_key(&cow) {
-                // Open but unused: forget the handles so the formatted store is re-opened.
-                inner.stores.remove(&cow);
-                inner.origins.retain(|(c, _), _| *c != cow);
+                return Err(MethodError::Busy(format!(
+                    "COW store {cow} is still open (a rollback runs in it or a call waits on it); try again when it has finished"
+                )));
             }
             Store::format(
                 Path::new(&cow),
@@ -1085,10 +1114,20 @@ impl Daemon {
                 "rollback of origin {} to snapshot {} started",
                 rec.origin_id, p.tag
             );
+            if p.wait {
+                *inner.waiters.entry(rec.cow.clone()).or_insert(0) += 1;
+            }
             (rec, origin)
         };
         if p.wait {
-            origin.wait_rollback().map_err(MethodError::engine(format!(
+            let waited = origin.wait_rollback();
+            {
+                let mut inner = self.lock();
+                if let Some(n) = inner.waiters.get_mut(&rec.cow) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            waited.map_err(MethodError::engine(format!(
                 "rollback of origin {} (export {}) to snapshot {} failed",
                 rec.origin_id, rec.name, p.tag
             )))?;
@@ -1247,11 +1286,6 @@ impl Daemon {
             unavailable,
         })
     }
-
-    /// Canonical paths of the stores open in this daemon (for `snapmv check`'s refusal).
-    pub fn open_stores(&self) -> Vec<String> {
-        self.lock().stores.keys().cloned().collect()
-    }
 }
 
 fn describe(rec: &ExportRecord) -> String {
@@ -1281,6 +1315,13 @@ fn encode<R: Serialize>(r: MResult<R>) -> MResult<Value> {
 
 impl Daemon {
     fn dispatch(&self, method: &str, params: Value) -> MResult<Value> {
+        let result = self.dispatch_method(method, params);
+        let mut inner = self.lock();
+        self.close_unused(&mut inner);
+        result
+    }
+
+    fn dispatch_method(&self, method: &str, params: Value) -> MResult<Value> {
         match method {
             names::ORIGIN_CREATE => encode(self.origin_create(decode(method, params)?)),
             names::SNAPSHOT_EXPORT => encode(self.snapshot_export(decode(method, params)?)),
