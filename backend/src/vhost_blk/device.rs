@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -16,7 +17,10 @@ use vmm_sys_util::event::{
 };
 
 use super::config::{device_features, BlkConfig, WRITEBACK_OFFSET};
-use super::request::{handle_chain, GuestMem, RequestContext, RequestError};
+use super::pool::{Batch, IoPool};
+use super::request::{
+    handle_parsed, Completion, GuestMem, ParsedChain, RequestContext, RequestError,
+};
 use super::{BlockDisk, DiskError};
 
 /// Per-export settings of the device.
@@ -54,7 +58,7 @@ pub struct BlkBackend {
     disk: Arc<dyn BlockDisk>,
     opts: DeviceOptions,
     size: u64,
-    id: Vec<u8>,
+    id: Arc<[u8]>,
     mem: GuestMemoryAtomic<GuestMem>,
     state: Arc<ExportState>,
     event_idx: AtomicBool,
@@ -62,7 +66,16 @@ pub struct BlkBackend {
     /// and never closes them; closed by [`BlkBackend::close_exit_fds`] once the daemon is gone.
     exit_fds: Mutex<Vec<RawFd>>,
     exit_failed: AtomicBool,
+    /// Per queue: moving average of the time one request takes (ns); decides whether a batch
+    /// runs on the queue thread or on the I/O pool.
+    service_ns: Vec<AtomicU64>,
+    pool: IoPool,
 }
+
+/// Most I/O threads of one connection (started only when requests are slow).
+pub const IO_THREADS: usize = 16;
+/// Requests slower than this on average are run in parallel on the I/O pool.
+const PARALLEL_THRESHOLD: Duration = Duration::from_micros(30);
 
 impl BlkBackend {
     /// A backend for one connection. `mem` must be the same `GuestMemoryAtomic` given to the
@@ -86,9 +99,11 @@ impl BlkBackend {
         id.truncate(virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize);
         BlkBackend {
             disk,
+            service_ns: (0..opts.num_queues).map(|_| AtomicU64::new(0)).collect(),
+            pool: IoPool::new(&opts.name, IO_THREADS),
             opts,
             size,
-            id,
+            id: id.into(),
             mem,
             state,
             event_idx: AtomicBool::new(false),
@@ -151,22 +166,135 @@ impl BlkBackend {
         }
     }
 
-    /// Pops every available chain, executes it and puts it on the used ring. Holds the vring
-    /// lock for the batch, so GET_VRING_BASE (which takes it to stop the ring) waits until the
-    /// requests in flight are done.
-    fn process_batch(&self, vring: &VringRwLock, queue: usize) -> Result<usize, String> {
-        let mem = self.mem.memory();
-        let ctx = RequestContext {
+    fn record_service_time(&self, queue: usize, took: Duration) {
+        if let Some(avg) = self.service_ns.get(queue) {
+            let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+            let old = avg.load(Ordering::Relaxed);
+            // Exponential moving average, weight 1/8.
+            let new = old - old / 8 + sample / 8;
+            avg.store(new, Ordering::Relaxed);
+        }
+    }
+
+    fn is_slow(&self, queue: usize) -> bool {
+        self.service_ns
+            .get(queue)
+            .is_some_and(|a| a.load(Ordering::Relaxed) > PARALLEL_THRESHOLD.as_nanos() as u64)
+    }
+
+    /// Runs `chains` on the I/O pool (and this thread) at once; results in chain order.
+    fn run_parallel(
+        &self,
+        mem: &Arc<GuestMem>,
+        chains: Vec<(u16, ParsedChain)>,
+        queue: usize,
+        writeback: bool,
+        out: &mut Vec<(u16, Completion)>,
+    ) {
+        if chains.len() <= 1 {
+            let ctx = self.context(writeback);
+            for (head, chain) in chains {
+                let t = Instant::now();
+                out.push((head, handle_parsed(mem, chain, &ctx)));
+                self.record_service_time(queue, t.elapsed());
+            }
+            return;
+        }
+        let batch = Batch::new(chains.len());
+        let jobs = chains
+            .into_iter()
+            .enumerate()
+            .map(|(i, (head, chain))| {
+                let batch = batch.clone();
+                let mem = mem.clone();
+                let disk = self.disk.clone();
+                let id = self.id.clone();
+                let (size, readonly) = (self.size, self.opts.readonly);
+                Box::new(move || {
+                    let t = Instant::now();
+                    let ctx = RequestContext {
+                        disk: &*disk,
+                        size,
+                        readonly,
+                        writeback,
+                        id: &id,
+                    };
+                    let done = handle_parsed(&mem, chain, &ctx);
+                    batch.finish(i, (head, done, t.elapsed()));
+                }) as Box<dyn FnOnce() + Send>
+            })
+            .collect();
+        self.pool.submit(jobs);
+        // Every job calls `finish` exactly once (request handling catches panics), so every
+        // slot is filled.
+        for (head, done, took) in batch.wait(&self.pool).into_iter().flatten() {
+            self.record_service_time(queue, took);
+            out.push((head, done));
+        }
+    }
+
+    fn context(&self, writeback: bool) -> RequestContext<'_> {
+        RequestContext {
             disk: &*self.disk,
             size: self.size,
             readonly: self.opts.readonly,
-            writeback: self.state.writeback.load(Ordering::Relaxed),
+            writeback,
             id: &self.id,
-        };
+        }
+    }
+
+    /// Executes the chains of one batch. Fast requests (page cache) run one after the other on
+    /// this thread; when requests have been slow lately (waiting for the journal or the
+    /// device), they run in parallel on the I/O pool, a FLUSH waiting for every request before
+    /// it in the batch and running before those after it.
+    fn execute_batch(
+        &self,
+        mem: &Arc<GuestMem>,
+        chains: Vec<(u16, ParsedChain)>,
+        queue: usize,
+        writeback: bool,
+    ) -> Vec<(u16, Completion)> {
+        let mut out = Vec::with_capacity(chains.len());
+        if chains.len() == 1 || !self.is_slow(queue) {
+            let ctx = self.context(writeback);
+            for (head, chain) in chains {
+                let t = Instant::now();
+                out.push((head, handle_parsed(mem, chain, &ctx)));
+                self.record_service_time(queue, t.elapsed());
+            }
+            return out;
+        }
+        let mut segment = Vec::new();
+        for (head, chain) in chains {
+            if chain.request_type(mem) == Some(virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH) {
+                self.run_parallel(
+                    mem,
+                    std::mem::take(&mut segment),
+                    queue,
+                    writeback,
+                    &mut out,
+                );
+                self.run_parallel(mem, vec![(head, chain)], queue, writeback, &mut out);
+            } else {
+                segment.push((head, chain));
+            }
+        }
+        self.run_parallel(mem, segment, queue, writeback, &mut out);
+        out
+    }
+
+    /// Pops every available chain, executes the batch and puts it on the used ring. Holds the
+    /// vring lock for the batch, so GET_VRING_BASE (which takes it to stop the ring) waits
+    /// until the requests in flight are done.
+    fn process_batch(&self, vring: &VringRwLock, queue: usize) -> Result<usize, String> {
+        let mem = self.mem.memory().into_inner();
+        let writeback = self.state.writeback.load(Ordering::Relaxed);
         let mut guard = vring.get_mut();
         let q = guard.get_queue_mut();
-        let chains: Vec<_> = match q.iter(&*mem) {
-            Ok(it) => it.collect(),
+        let chains: Vec<(u16, ParsedChain)> = match q.iter(&*mem) {
+            Ok(it) => it
+                .map(|chain| (chain.head_index(), ParsedChain::parse(chain)))
+                .collect(),
             // Not ready (stopped or reset): nothing to do.
             Err(virtio_queue::Error::QueueNotReady) => return Ok(0),
             Err(e) => return Err(format!("cannot read the available ring: {e}")),
@@ -175,9 +303,7 @@ impl BlkBackend {
         if count == 0 {
             return Ok(0);
         }
-        for chain in chains {
-            let head = chain.head_index();
-            let done = handle_chain(&mem, chain, &ctx);
+        for (head, done) in self.execute_batch(&mem, chains, queue, writeback) {
             if let Some(e) = &done.error {
                 self.log_failure(queue, e);
             }

@@ -7,6 +7,7 @@
 pub mod config;
 pub(crate) mod device;
 mod memdisk;
+mod pool;
 pub mod request;
 mod volume;
 

@@ -114,6 +114,9 @@ pub enum RequestError {
         /// The flags.
         flags: u32,
     },
+    /// The code below the device panicked (a bug); reported as IOERR.
+    #[error("request handling panicked: {0}")]
+    Panicked(String),
     /// The disk failed.
     #[error("{what} failed: {source}")]
     Disk {
@@ -142,6 +145,7 @@ impl RequestError {
         !matches!(
             self,
             RequestError::Disk { .. }
+                | RequestError::Panicked(_)
                 | RequestError::OutOfRange { .. }
                 | RequestError::ReadOnly(_)
                 | RequestError::Unsupported(_)
@@ -335,16 +339,54 @@ fn byte_range(what: &'static str, sector: u64, len: u64, size: u64) -> Result<u6
     Ok(offset)
 }
 
+/// A chain whose descriptors have been read (owned, so it can move to another thread).
+#[derive(Debug)]
+pub struct ParsedChain {
+    /// What the descriptors looked like.
+    pub layout: ChainLayout,
+    /// Why the chain is malformed, if it is.
+    pub fault: Option<RequestError>,
+}
+
+impl ParsedChain {
+    /// Reads the descriptors of one chain.
+    pub fn parse(descs: impl Iterator<Item = Descriptor>) -> ParsedChain {
+        match ChainLayout::collect(descs) {
+            Ok(layout) => ParsedChain {
+                layout,
+                fault: None,
+            },
+            Err((layout, e)) => ParsedChain {
+                layout,
+                fault: Some(e),
+            },
+        }
+    }
+
+    /// The request type in the header, if the chain is well formed and the header readable.
+    pub fn request_type(&self, mem: &GuestMem) -> Option<u32> {
+        if self.fault.is_some() {
+            return None;
+        }
+        let mut t = [0u8; 4];
+        read_segs(mem, &sub_segs(&self.layout.readable, 0, 4), &mut t).ok()?;
+        (self.layout.readable_len() >= HEADER_SIZE).then(|| u32::from_le_bytes(t))
+    }
+}
+
 /// Parses and executes one chain. Never panics on guest input.
 pub fn handle_chain(
     mem: &GuestMem,
     descs: impl Iterator<Item = Descriptor>,
     ctx: &RequestContext<'_>,
 ) -> Completion {
-    let (layout, fault) = match ChainLayout::collect(descs) {
-        Ok(l) => (l, None),
-        Err((l, e)) => (l, Some(e)),
-    };
+    handle_parsed(mem, ParsedChain::parse(descs), ctx)
+}
+
+/// Executes a parsed chain and writes its status. Never panics on guest input; a panic in the
+/// disk below is caught and reported as IOERR, so that the queue keeps being served.
+pub fn handle_parsed(mem: &GuestMem, chain: ParsedChain, ctx: &RequestContext<'_>) -> Completion {
+    let ParsedChain { layout, fault } = chain;
     let Some(status_addr) = layout.status_addr() else {
         return Completion {
             used_len: 0,
@@ -353,10 +395,21 @@ pub fn handle_chain(
     };
     let (result, data_written) = match fault {
         Some(e) => (Err(e), 0),
-        None => match execute(mem, &layout, ctx) {
-            Ok(n) => (Ok(()), n),
-            Err(e) => (Err(e), 0),
-        },
+        None => {
+            let run = std::panic::AssertUnwindSafe(|| execute(mem, &layout, ctx));
+            match std::panic::catch_unwind(run) {
+                Ok(Ok(n)) => (Ok(()), n),
+                Ok(Err(e)) => (Err(e), 0),
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    (Err(RequestError::Panicked(why)), 0)
+                }
+            }
+        }
     };
     let status = match &result {
         Ok(()) => VIRTIO_BLK_S_OK as u8,
