@@ -86,6 +86,7 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     /// Export socket directory.
     pub socket_dir: PathBuf,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -93,7 +94,13 @@ impl Daemon {
     /// Starts a daemon with everything under `dir` (`rpc.sock`, `state/`, `sockets/`,
     /// `daemon.log`); waits until its RPC socket answers.
     pub fn start(dir: &Path) -> Daemon {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`Daemon::start`] with extra `serve` arguments.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
         let mut d = Daemon {
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             bin: snapmv_bin(),
             dir: dir.to_path_buf(),
             rpc_socket: dir.join("rpc.sock"),
@@ -115,6 +122,7 @@ impl Daemon {
             .arg(&self.state_dir)
             .arg("--socket-dir")
             .arg(&self.socket_dir)
+            .args(&self.extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -885,3 +885,66 @@ fn concurrent_conflicting_operations() {
     f.d.restart();
     assert_eq!(tags(&f.d), want);
 }
+
+/// SO_PEERCRED: with the socket's mode opened up by hand, a client of another uid is still
+/// refused unless `--allow-uid` names it. Needs root (to run a client as another uid).
+#[test]
+fn peer_uid_is_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("SKIPPED peer_uid_is_checked: needs root and /usr/bin/setpriv");
+        return;
+    }
+    let nobody = 65534;
+    let run_as_nobody = |d: &Daemon, bin: &Path| {
+        std::process::Command::new("/usr/bin/setpriv")
+            .args([
+                "--reuid",
+                &nobody.to_string(),
+                "--regid",
+                &nobody.to_string(),
+                "--clear-groups",
+            ])
+            .arg(bin)
+            .arg("--rpc-socket")
+            .arg(&d.rpc_socket)
+            .arg("exports")
+            .output()
+            .unwrap()
+    };
+    for allow in [false, true] {
+        let dir = scratch("peer");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.path().join("snapmv");
+        std::fs::copy(snapmv_tests::daemon::snapmv_bin(), &bin).unwrap();
+        let extra: &[&str] = if allow {
+            &["--allow-uid", "65534"]
+        } else {
+            &[]
+        };
+        let d = Daemon::start_with(dir.path(), extra);
+        // The socket itself is private: another uid cannot even connect.
+        let out = run_as_nobody(&d, &bin);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Opened up by hand, the uid check still applies.
+        std::fs::set_permissions(&d.rpc_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let out = run_as_nobody(&d, &bin);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if allow {
+            assert!(out.status.success(), "{stderr}");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "no exports\n");
+        } else {
+            assert!(!out.status.success());
+            assert!(
+                stderr.contains("uid 65534 is not allowed") && stderr.contains("-32011"),
+                "{stderr}"
+            );
+        }
+    }
+}

@@ -142,6 +142,13 @@ impl RpcClient {
         line.push(b'\n');
         self.send_raw(&line)?;
         let resp = self.read_response(method)?;
+        // An error the server could not tie to a request (refused connection, unparsable
+        // line) carries a null id.
+        if resp.id.is_null() {
+            if let (None, Some(e)) = (&resp.result, resp.error.clone()) {
+                return Err(RpcError::Remote(e));
+            }
+        }
         if resp.id != id {
             return Err(self.protocol(method, format!("id {} instead of {id}", resp.id)));
         }
