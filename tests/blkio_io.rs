@@ -598,3 +598,123 @@ fn full_store_fails_writes_with_ioerr_and_keeps_serving() {
         0
     );
 }
+
+/// A disk whose writes take a while, recording how many run at once and what a flush saw.
+struct SlowDisk {
+    inner: MemDisk,
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: std::sync::atomic::AtomicUsize,
+    writes_done: std::sync::atomic::AtomicUsize,
+    done_at_flush: std::sync::Mutex<Vec<usize>>,
+}
+
+impl BlockDisk for SlowDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_vectored(
+        &self,
+        offset: u64,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+    ) -> Result<(), snapmv::vhost_blk::DiskError> {
+        self.inner.read_vectored(offset, bufs)
+    }
+    fn write_vectored(
+        &self,
+        offset: u64,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Result<(), snapmv::vhost_blk::DiskError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, SeqCst);
+        // Like a copy-out waiting for the journal.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let r = self.inner.write_vectored(offset, bufs);
+        self.in_flight.fetch_sub(1, SeqCst);
+        self.writes_done.fetch_add(1, SeqCst);
+        r
+    }
+    fn flush(&self) -> Result<(), snapmv::vhost_blk::DiskError> {
+        let done = self.writes_done.load(std::sync::atomic::Ordering::SeqCst);
+        self.done_at_flush.lock().unwrap().push(done);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), snapmv::vhost_blk::DiskError> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), snapmv::vhost_blk::DiskError> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn physical_block_size(&self) -> u32 {
+        4096
+    }
+}
+
+#[test]
+fn slow_writes_run_in_parallel_and_flush_waits_for_earlier_writes() {
+    let f = Fixture::new();
+    let disk = Arc::new(SlowDisk {
+        inner: MemDisk::new("slow", 8 * MIB),
+        in_flight: Default::default(),
+        max_in_flight: Default::default(),
+        writes_done: Default::default(),
+        done_at_flush: Default::default(),
+    });
+    let sock = f.export("slow", disk.clone(), 1, false);
+    let mut c = Client::connect(&sock).expect("connect");
+    let base = c.region.addr;
+    fill_random(&mut c.mem()[..16 * 4096], 5);
+    let q = &mut c.queues[0];
+    // Round 1 teaches the device that this disk is slow.
+    for i in 0..16usize {
+        q.write(
+            i as u64 * 4096,
+            (base + i * 4096) as *const u8,
+            4096,
+            i,
+            NO_FLAGS,
+        );
+    }
+    assert!(wait_for(q, 16).unwrap().iter().all(|&(_, r)| r == 0));
+    // Round 2: 8 writes, a flush, 8 more writes, all queued before one kick.
+    for i in 0..8usize {
+        q.write(
+            i as u64 * 4096,
+            (base + i * 4096) as *const u8,
+            4096,
+            i,
+            NO_FLAGS,
+        );
+    }
+    q.flush(100, NO_FLAGS);
+    for i in 8..16usize {
+        q.write(
+            i as u64 * 4096,
+            (base + i * 4096) as *const u8,
+            4096,
+            i,
+            NO_FLAGS,
+        );
+    }
+    assert!(wait_for(q, 17).unwrap().iter().all(|&(_, r)| r == 0));
+    let max = disk.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        max >= 2,
+        "slow writes of one queue never overlapped (max in flight {max})"
+    );
+    let flushes = disk.done_at_flush.lock().unwrap().clone();
+    assert_eq!(flushes.len(), 1, "flushes seen: {flushes:?}");
+    assert!(
+        flushes[0] >= 24,
+        "the flush ran after only {} of the 24 writes queued before it",
+        flushes[0]
+    );
+    // Data intact.
+    let got = read_back(&mut c, 0, 16 * 4096);
+    let mut want = vec![0u8; 16 * 4096];
+    fill_random(&mut want, 5);
+    assert!(got == want, "data written in parallel differs");
+}
