@@ -23,6 +23,9 @@
 # (mkinitramfs.sh's /init), 124 on timeout, otherwise 125 (QEMU failed or the guest died
 # before finishing).
 #
+# The kernel prints only emergencies on the console (loglevel=1), so that its messages cannot
+# split the guest script's output lines.
+#
 # KVM is not used: on these hosts /dev/kvm is para-virtualised and a stock kernel hangs under
 # it, so the guest runs under TCG (`-accel tcg -cpu max`), which boots in a few seconds.
 set -euo pipefail
@@ -71,7 +74,7 @@ args=(
     -nographic -no-reboot
     -object "memory-backend-memfd,id=mem,size=$mem,share=on" -machine q35,memory-backend=mem
     -kernel "$kernel" -initrd "$initrd"
-    -append "console=ttyS0 quiet panic=-1 $append"
+    -append "console=ttyS0 quiet loglevel=1 panic=-1 $append"
     -nic none
 )
 i=0
