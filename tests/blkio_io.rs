@@ -718,3 +718,58 @@ fn slow_writes_run_in_parallel_and_flush_waits_for_earlier_writes() {
     fill_random(&mut want, 5);
     assert!(got == want, "data written in parallel differs");
 }
+
+#[test]
+fn remove_during_io_and_with_a_silent_client_returns() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let f = Fixture::new();
+    let (_o, sock) = f.export_origin("busy", 8 * MIB, 2, false);
+    let done = Arc::new(AtomicU64::new(0));
+    let stopped = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (sock, done, stopped) = (sock.clone(), done.clone(), stopped.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&sock).expect("connect");
+            let base = c.region.addr;
+            let q = &mut c.queues[0];
+            let mut comps: Vec<std::mem::MaybeUninit<blkio::Completion>> =
+                (0..8).map(|_| std::mem::MaybeUninit::uninit()).collect();
+            'io: loop {
+                for i in 0..8usize {
+                    q.write(
+                        i as u64 * 65536,
+                        (base + i * 65536) as *const u8,
+                        65536,
+                        i,
+                        NO_FLAGS,
+                    );
+                }
+                let mut got = 0;
+                while got < 8 {
+                    // Short timeouts: once the export is gone nothing completes any more.
+                    let mut t = std::time::Duration::from_secs(1);
+                    match q.do_io(&mut comps[got..], 1, Some(&mut t), None) {
+                        Ok(0) | Err(_) => break 'io,
+                        Ok(n) => got += n,
+                    }
+                }
+                done.fetch_add(8, Ordering::SeqCst);
+            }
+            stopped.store(true, Ordering::SeqCst);
+        })
+    };
+    wait_until("some I/O completed", || done.load(Ordering::SeqCst) >= 64);
+    f.mgr.remove("busy").expect("remove during I/O");
+    assert!(!sock.exists());
+    client.join().expect("client thread");
+    assert!(stopped.load(Ordering::SeqCst));
+
+    // A client that connects and says nothing does not block removal either.
+    let (_o2, sock2) = f.export_origin("silent", MIB, 1, false);
+    let _silent = std::os::unix::net::UnixStream::connect(&sock2).expect("raw connect");
+    wait_until("export shows connected", || {
+        f.mgr.get("silent").is_some_and(|i| i.connected)
+    });
+    f.mgr.remove("silent").expect("remove with a silent client");
+    assert!(f.mgr.list().is_empty());
+}
