@@ -170,9 +170,17 @@ fn unique_suffix() -> u64 {
         .unwrap_or(0)
 }
 
-impl RpcServer {
-    /// Locks `SOCKET.lock`, checks nobody serves the socket, and binds it.
-    pub fn bind(cfg: RpcServerConfig) -> Result<Self, ServerError> {
+/// The RPC socket's lock, held before anything else is set up so that of two daemons started
+/// at once on the same socket, the second changes nothing.
+#[derive(Debug)]
+pub struct RpcLock {
+    cfg: RpcServerConfig,
+    lock: File,
+}
+
+impl RpcLock {
+    /// Locks `SOCKET.lock` and checks that nobody serves the socket.
+    pub fn acquire(cfg: RpcServerConfig) -> Result<Self, ServerError> {
         let path = cfg.socket.clone();
         let mut lock_name = path.as_os_str().to_owned();
         lock_name.push(".lock");
@@ -199,15 +207,29 @@ impl RpcServer {
                 ))
             }
         }
+        check_socket_free(&path)?;
+        Ok(RpcLock { cfg, lock })
+    }
+
+    /// Binds the socket (replacing a stale one).
+    pub fn bind(self) -> Result<RpcServer, ServerError> {
+        let path = self.cfg.socket.clone();
         if check_socket_free(&path)? {
             info!("replacing stale RPC socket {}", path.display());
         }
         let listener = bind_private_socket(&path)?;
         Ok(RpcServer {
-            cfg,
+            cfg: self.cfg,
             listener,
-            _lock: lock,
+            _lock: self.lock,
         })
+    }
+}
+
+impl RpcServer {
+    /// Locks `SOCKET.lock`, checks nobody serves the socket, and binds it.
+    pub fn bind(cfg: RpcServerConfig) -> Result<Self, ServerError> {
+        RpcLock::acquire(cfg)?.bind()
     }
 
     /// The socket path.

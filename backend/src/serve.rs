@@ -19,7 +19,7 @@ use snapmv_rpc::methods::{self as m, names};
 use snapmv_rpc::{codes, ErrorObject};
 
 use crate::export::{ExportConfig, ExportError, ExportManager};
-use crate::rpc_server::{Handler, RpcServer, RpcServerConfig, ServerError};
+use crate::rpc_server::{Handler, RpcLock, RpcServerConfig, ServerError};
 use crate::state::{ExportRecord, OriginRecord, State, StateDir, StateError, StoreRecord};
 
 pub use crate::export::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
@@ -1351,7 +1351,6 @@ impl Handler for Daemon {
 
 /// Runs the daemon until killed.
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
-    // Check the socket before touching any store, so a second daemon changes nothing.
     let mut rcfg = RpcServerConfig::new(cfg.rpc_socket.clone());
     rcfg.allowed_uids = cfg.allowed_uids.clone();
     if let Some(parent) = cfg.rpc_socket.parent() {
@@ -1362,9 +1361,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             })?;
         }
     }
-    crate::rpc_server::check_socket_free(&cfg.rpc_socket)?;
+    // Lock the socket before touching any store, so a second daemon changes nothing; answer
+    // only once every export is back.
+    let lock = RpcLock::acquire(rcfg)?;
     let daemon = Arc::new(Daemon::open(&cfg)?);
-    let server = RpcServer::bind(rcfg)?;
+    let server = lock.bind()?;
     info!(
         "snapmv daemon ready: RPC socket {}, state {}, export sockets in {}",
         server.path().display(),

@@ -140,7 +140,19 @@ impl RpcClient {
             source,
         })?;
         line.push(b'\n');
-        self.send_raw(&line)?;
+        if let Err(send_err) = self.send_raw(&line) {
+            // The daemon may have refused the connection (uid, too many clients) and closed
+            // it before the request arrived: its reason is waiting to be read.
+            if let Ok(Response {
+                error: Some(e),
+                result: None,
+                ..
+            }) = self.read_response(method)
+            {
+                return Err(RpcError::Remote(e));
+            }
+            return Err(send_err);
+        }
         let resp = self.read_response(method)?;
         // An error the server could not tie to a request (refused connection, unparsable
         // line) carries a null id.
