@@ -224,11 +224,12 @@ fn serve(shared: Arc<Shared>, mut listener: Listener) {
             Ok(d) => d,
             Err(e) => {
                 log::error!("export {name}: cannot create the vhost-user daemon: {e}");
+                // Workers started before the failure have no handler left to stop them.
+                backend.stop_orphan_workers();
                 if backend.exit_event_failed() {
-                    // Its workers can never be told to stop; do not block on them.
+                    // Some worker has no exit event at all; the export cannot be served safely.
                     return;
                 }
-                backend.close_exit_fds();
                 std::thread::sleep(Duration::from_millis(500));
                 continue;
             }

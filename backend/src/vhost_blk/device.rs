@@ -65,6 +65,8 @@ pub struct BlkBackend {
     /// Consumer ends of the exit eventfds handed to the crate, which turns them into raw fds
     /// and never closes them; closed by [`BlkBackend::close_exit_fds`] once the daemon is gone.
     exit_fds: Mutex<Vec<RawFd>>,
+    /// Our own handles on the notify ends, to stop the workers if the daemon cannot be built.
+    exit_notifiers: Mutex<Vec<EventNotifier>>,
     exit_failed: AtomicBool,
     /// Per queue: moving average of the time one request takes (ns); decides whether a batch
     /// runs on the queue thread or on the I/O pool.
@@ -108,6 +110,7 @@ impl BlkBackend {
             state,
             event_idx: AtomicBool::new(false),
             exit_fds: Mutex::new(Vec::new()),
+            exit_notifiers: Mutex::new(Vec::new()),
             exit_failed: AtomicBool::new(false),
         }
     }
@@ -138,6 +141,30 @@ impl BlkBackend {
             // thread are gone once the daemon is dropped, so this is the only owner left.
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
+    }
+
+    /// Tells every worker thread created so far to exit. For when `VhostUserDaemon::new`
+    /// failed half-way: its workers were started but no handler will ever stop them. Their
+    /// exit fds are then left open (the threads may still be reading them).
+    pub fn stop_orphan_workers(&self) {
+        let notifiers = std::mem::take(
+            &mut *self
+                .exit_notifiers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for n in notifiers {
+            if let Err(e) = n.notify() {
+                log::error!(
+                    "export {}: cannot stop a worker thread: {e}",
+                    self.opts.name
+                );
+            }
+        }
+        self.exit_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     fn log_failure(&self, queue: usize, e: &RequestError) {
@@ -420,6 +447,17 @@ impl VhostUserBackend for BlkBackend {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(consumer.as_raw_fd());
+                match notifier.try_clone() {
+                    Ok(n) => self
+                        .exit_notifiers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(n),
+                    Err(e) => log::warn!(
+                        "export {}: cannot duplicate the exit eventfd of worker {thread_index}: {e}",
+                        self.opts.name
+                    ),
+                }
                 Some((consumer, notifier))
             }
             Err(e) => {
