@@ -175,6 +175,27 @@ impl Daemon {
         }
     }
 
+    /// Sends SIGTERM and waits for the daemon to exit; returns its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("the daemon is not running");
+        let pid = libc::pid_t::try_from(c.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a valid signal number on our own, not yet reaped, child.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM): {}", std::io::Error::last_os_error());
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(st) = c.try_wait().expect("wait for the daemon") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "snapmv serve ignored SIGTERM (hang guard); log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the daemon again on the same directory (after [`Daemon::kill`]).
     pub fn restart(&mut self) {
         self.kill();
