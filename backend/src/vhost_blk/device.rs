@@ -42,6 +42,7 @@ pub struct DeviceOptions {
 pub(crate) struct ExportState {
     pub(crate) writeback: AtomicBool,
     pub(crate) bad_requests: AtomicU64,
+    pub(crate) disk_errors: AtomicU64,
 }
 
 impl Default for ExportState {
@@ -49,6 +50,7 @@ impl Default for ExportState {
         ExportState {
             writeback: AtomicBool::new(true),
             bad_requests: AtomicU64::new(0),
+            disk_errors: AtomicU64::new(0),
         }
     }
 }
@@ -167,29 +169,31 @@ impl BlkBackend {
             .clear();
     }
 
+    /// Logs a failed request. A guest (or a full store) can make every request fail: after
+    /// the first 16 of a kind, only every power of two is logged.
     fn log_failure(&self, queue: usize, e: &RequestError) {
-        if let RequestError::Disk {
-            source: DiskError::NoSpace { .. },
-            ..
-        } = e
-        {
-            log::error!(
-                "export {}: COW store is full, write failed with IOERR (queue {queue}): {e}",
-                self.opts.name
-            );
+        let disk = e.is_disk_failure();
+        let counter = if disk {
+            &self.state.disk_errors
+        } else {
+            &self.state.bad_requests
+        };
+        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > 16 && !n.is_power_of_two() {
             return;
         }
-        if !e.is_guest_fault() {
-            log::warn!("export {} queue {queue}: {e}", self.opts.name);
-            return;
-        }
-        // A hostile guest could flood the log: report the first ones, then every power of two.
-        let n = self.state.bad_requests.fetch_add(1, Ordering::Relaxed) + 1;
-        if n <= 16 || n.is_power_of_two() {
-            log::warn!(
-                "export {} queue {queue}: bad request from the guest ({n} so far): {e}",
-                self.opts.name
-            );
+        let name = &self.opts.name;
+        match e {
+            RequestError::Disk {
+                source: DiskError::NoSpace { .. },
+                ..
+            } => log::error!(
+                "export {name}: COW store is full, write failed with IOERR (queue {queue}, {n} disk errors so far): {e}"
+            ),
+            _ if disk => log::error!("export {name} queue {queue}: {e} ({n} disk errors so far)"),
+            _ => log::warn!(
+                "export {name} queue {queue}: request refused ({n} so far): {e}"
+            ),
         }
     }
 

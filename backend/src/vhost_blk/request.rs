@@ -139,18 +139,9 @@ impl RequestError {
         }
     }
 
-    /// True when the guest sent something malformed (as opposed to a disk failure or an
-    /// ordinary refused request).
-    pub fn is_guest_fault(&self) -> bool {
-        !matches!(
-            self,
-            RequestError::Disk { .. }
-                | RequestError::Panicked(_)
-                | RequestError::OutOfRange { .. }
-                | RequestError::ReadOnly(_)
-                | RequestError::Unsupported(_)
-                | RequestError::UnsupportedFlags { .. }
-        )
+    /// True when the disk below failed (as opposed to a request the device refused).
+    pub fn is_disk_failure(&self) -> bool {
+        matches!(self, RequestError::Disk { .. } | RequestError::Panicked(_))
     }
 }
 
