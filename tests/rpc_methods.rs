@@ -163,6 +163,13 @@ fn origin_create_success_and_errors() {
         json!({"name": "x", "origin": state, "cow": f.cow}),
         codes::INVALID_PARAMS,
     );
+    let lock = format!("{}.lock", f.d.rpc_socket.display());
+    let m = f.d.err(
+        "origin_create",
+        json!({"name": "x", "origin": o2, "cow": lock, "bind": true, "force_format": true}),
+        codes::INVALID_PARAMS,
+    );
+    assert!(m.contains("lock file"), "{m}");
     // Option combinations.
     f.d.err(
         "origin_create",

@@ -396,6 +396,13 @@ impl Daemon {
                 self.state_dir_canon.display()
             )));
         }
+        let mut lock = self.rpc_socket.as_os_str().to_owned();
+        lock.push(".lock");
+        if file_id(Path::new(&lock)) == Some((meta.dev(), meta.ino())) {
+            return Err(MethodError::InvalidParams(format!(
+                "{what} {p} is the daemon's RPC lock file"
+            )));
+        }
         let s = canon
             .to_str()
             .map(str::to_string)
