@@ -325,7 +325,10 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
             if i + 1 == cells.len() {
                 l.push_str(c);
             } else {
-                l.push_str(&format!("{c:<w$}  ", w = widths[i]));
+                l.push_str(&format!(
+                    "{c:<w$}  ",
+                    w = widths.get(i).copied().unwrap_or(0)
+                ));
             }
         }
         out.push_str(l.trim_end());
