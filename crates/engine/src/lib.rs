@@ -95,10 +95,14 @@ impl Origin {
         self.core.rollback_progress()
     }
 
-    /// Waits until no rollback is in progress.
+    /// Waits until no rollback is in progress. Fails with `NoSpace` if the copy-back is
+    /// stalled because the store is full (delete a snapshot to let it go on).
     pub fn wait_rollback(&self) -> Result<()> {
         while self.core.rollback_progress().is_some() {
             self.core.check_alive()?;
+            if let Some(e) = self.core.rollback_stalled() {
+                return Err(e);
+            }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         Ok(())

@@ -89,6 +89,8 @@ pub(crate) struct RollbackRt {
     done: AtomicU64,
     total: u64,
     cursor: AtomicU64,
+    /// Why the copy-back cannot go on (the store is full); cleared by progress.
+    stalled: Mutex<Option<Error>>,
 }
 
 impl RollbackRt {
@@ -249,6 +251,7 @@ impl OriginCore {
                 done: AtomicU64::new(done),
                 total: nchunks,
                 cursor: AtomicU64::new(0),
+                stalled: Mutex::new(None),
             })
         });
         let has_dead = m.nodes.iter().any(|n| n.dead);
@@ -525,9 +528,17 @@ impl OriginCore {
         if rb.is_restored(c) {
             return Ok(());
         }
-        let newest = self.newest.load(SeqCst);
-        let e = self.copy_out_locked(c, newest)?;
-        self.store.wait_durable(e)?;
+        // Where the source reads the origin itself, the origin already holds its data.
+        if self
+            .resolve(rb.source, self.map[c as usize].load().as_deref())
+            .is_some()
+            && self.others_share_origin(rb)
+        {
+            // The origin chunk is about to change: save it for the snapshots that share it.
+            let newest = self.newest.load(SeqCst);
+            let e = self.copy_out_locked(c, newest)?;
+            self.store.wait_durable(e)?;
+        }
         let list = self.map[c as usize].load();
         if let Some(s) = self.resolve(rb.source, list.as_deref()) {
             let len = self.chunk_len(c) as usize;
@@ -559,6 +570,11 @@ impl OriginCore {
         });
         m.pending_origin_sync.insert(self.slot);
         Ok(())
+    }
+
+    /// Whether any snapshot other than the rollback's own may read the origin's data.
+    fn others_share_origin(&self, rb: &RollbackRt) -> bool {
+        lock(&self.snaps).keys().any(|t| *t != rb.tag)
     }
 
     // ---- origin I/O -------------------------------------------------------------------
@@ -682,15 +698,34 @@ impl OriginCore {
         }
         self.check_alive()?;
         let leaf = snap.leaf.load(SeqCst);
+        // Take every chunk this write may need up front, so that a full store fails the
+        // write before any of it lands.
+        let need = self
+            .chunks(offset, len)
+            .filter(|&c| Self::own(self.map[c as usize].load().as_deref(), leaf).is_none())
+            .count();
+        let mut spare = self.store.alloc_chunks(need, || {
+            format!(
+                "write of snapshot {} of origin {} at byte {offset} needs {need} new chunks (the write fails)",
+                snap.tag, self.id
+            )
+        })?;
         let mut done = 0u64;
+        let mut r = Ok(());
         for c in self.chunks(offset, len) {
             let start = (c * self.cs).max(offset);
             let end = ((c + 1) * self.cs).min(offset + len);
             let piece = crate::volume::piece(bufs, done as usize, (end - start) as usize);
-            self.snap_write_chunk(snap.tag, leaf, c, start - c * self.cs, &piece)?;
+            r = self.snap_write_chunk(leaf, c, start - c * self.cs, &piece, &mut spare);
+            if r.is_err() {
+                break;
+            }
             done += end - start;
         }
-        Ok(())
+        for s in spare {
+            self.store.unalloc_chunk(s);
+        }
+        r
     }
 
     fn own(list: Option<&ExList>, leaf: u32) -> Option<u64> {
@@ -699,11 +734,11 @@ impl OriginCore {
 
     fn snap_write_chunk(
         &self,
-        tag: u32,
         leaf: u32,
         c: u64,
         within: u64,
         piece: &[std::io::IoSlice<'_>],
+        spare: &mut Vec<u64>,
     ) -> Result<()> {
         let in_place = |s: u64| {
             let off = self.store_off(s) + within;
@@ -720,12 +755,16 @@ impl OriginCore {
             return in_place(s);
         }
         // First write of this snapshot to this chunk: give it a private copy.
-        let s = self.store.alloc_chunk(|| {
-            format!(
-                "first write of snapshot {tag} of origin {} to chunk {c} (the write fails)",
-                self.id
-            )
-        })?;
+        let s = match spare.pop() {
+            Some(s) => s,
+            // A concurrent writer of this snapshot took a chunk we counted on: take another.
+            None => self.store.alloc_chunk(|| {
+                format!(
+                    "first write of a snapshot of origin {} to chunk {c} (the write fails)",
+                    self.id
+                )
+            })?,
+        };
         let clen = self.chunk_len(c) as usize;
         let plen: usize = piece.iter().map(|b| b.len()).sum();
         let r = (|| {
@@ -814,6 +853,17 @@ impl OriginCore {
         let birth = now_secs();
         let epoch = match of {
             None => {
+                // A chain node assumes the origin only changes by writes; a rollback in
+                // progress changes it wholesale, so origin snapshots wait for it to finish.
+                if let Some(r) = self.rollback.load().as_ref() {
+                    return Err(Error::Busy(format!(
+                        "origin {} is rolling back to snapshot {} ({} of {} chunks done); snapshot it when the rollback finishes",
+                        self.id,
+                        r.tag,
+                        r.done.load(SeqCst),
+                        r.total
+                    )));
+                }
                 let _closed = self.gate.close();
                 let mut m = self.store.lock_meta();
                 let tag = self.next_tag.load(SeqCst);
@@ -1013,12 +1063,26 @@ impl OriginCore {
                 done: AtomicU64::new(0),
                 total: self.nchunks,
                 cursor: AtomicU64::new(0),
+                stalled: Mutex::new(None),
             })));
             m.epoch
         };
         self.commit(epoch)?;
         self.store.wake_worker();
         Ok(())
+    }
+
+    /// Why the rollback cannot progress, if it cannot.
+    pub fn rollback_stalled(&self) -> Option<Error> {
+        let rb = self.rollback.load_full()?;
+        let s = lock(&rb.stalled);
+        s.as_ref().map(|e| match e {
+            Error::NoSpace { store, what } => Error::NoSpace {
+                store: store.clone(),
+                what: what.clone(),
+            },
+            other => Error::Busy(other.to_string()),
+        })
     }
 
     pub fn rollback_progress(&self) -> Option<RollbackProgress> {
@@ -1095,13 +1159,24 @@ impl OriginCore {
         if self.unbound.load(SeqCst) || self.store.check_failed().is_err() {
             return Ok(false);
         }
-        if let Some(rb) = self.rollback.load_full() {
-            self.rollback_step(&rb)?;
-            return Ok(true);
-        }
         if self.reclaim_needed.swap(false, SeqCst) {
             let _ops = lock(&self.ops);
             self.reclaim()?;
+        }
+        if let Some(rb) = self.rollback.load_full() {
+            return match self.rollback_step(&rb) {
+                Ok(()) => {
+                    *lock(&rb.stalled) = None;
+                    Ok(true)
+                }
+                Err(e @ Error::NoSpace { .. }) => {
+                    // Wait for space (a delete wakes the worker).
+                    log::error!("origin {}: rollback stalled: {e}", self.id);
+                    *lock(&rb.stalled) = Some(e);
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            };
         }
         Ok(false)
     }
@@ -1113,9 +1188,11 @@ impl OriginCore {
         let end = (start + BATCH).min(self.nchunks);
         // Copy out what the other versions still need first, all in one commit.
         let newest = self.newest.load(SeqCst);
+        let protect = self.others_share_origin(rb);
         let mut wait = 0;
         for c in start..end {
-            if !rb.is_restored(c)
+            if protect
+                && !rb.is_restored(c)
                 && self
                     .resolve(rb.source, self.map[c as usize].load().as_deref())
                     .is_some()

@@ -635,6 +635,19 @@ impl StoreCore {
         }
     }
 
+    /// Takes `n` free store chunks at once, or none.
+    pub(crate) fn alloc_chunks(&self, n: usize, what: impl FnOnce() -> String) -> Result<Vec<u64>> {
+        let mut m = self.lock_meta();
+        if m.free.len() < n {
+            return Err(Error::NoSpace {
+                store: self.name.clone(),
+                what: what(),
+            });
+        }
+        let at = m.free.len() - n;
+        Ok(m.free.split_off(at))
+    }
+
     /// Returns a chunk taken by `alloc_chunk` that was never recorded.
     pub(crate) fn unalloc_chunk(&self, c: u64) {
         self.lock_meta().free.push(c);

@@ -1,0 +1,302 @@
+//! Model-based test: random operations on the engine and on an obviously correct in-memory
+//! model, comparing every read. `SNAPMV_MODEL_OPS` sets the total operation count (default
+//! 100,000 across seeds); `SNAPMV_MODEL_SEED` replays one seed.
+
+mod common;
+
+use common::{env_u64, MemStorage};
+use snapmv_engine::{Error, FormatOptions, Origin, Storage, Store};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+struct Model {
+    origin: Vec<u8>,
+    snaps: BTreeMap<u32, Vec<u8>>,
+}
+
+struct Engine {
+    store_st: Arc<MemStorage>,
+    origin_st: Arc<MemStorage>,
+    store: Option<Store>,
+    origin: Option<Origin>,
+}
+
+impl Engine {
+    fn open(&mut self) {
+        let store =
+            Store::open_storage(self.store_st.clone() as Arc<dyn Storage>).expect("reopen store");
+        let origin = store
+            .open_origin_storage("o", self.origin_st.clone() as Arc<dyn Storage>)
+            .expect("reopen origin");
+        self.store = Some(store);
+        self.origin = Some(origin);
+    }
+    fn close(&mut self) {
+        self.origin = None;
+        self.store = None;
+    }
+    fn o(&self) -> &Origin {
+        self.origin.as_ref().unwrap()
+    }
+}
+
+/// Waits for a rollback; one stalled on a full store gets space by deleting snapshots.
+fn wait_rollback(e: &Engine, m: &mut Model) {
+    loop {
+        match e.o().wait_rollback() {
+            Ok(()) => return,
+            Err(Error::NoSpace { .. }) => {
+                let t = *m
+                    .snaps
+                    .keys()
+                    .next()
+                    .expect("rollback stalled with no snapshot to delete");
+                e.o().delete_snapshot(t).unwrap();
+                m.snaps.remove(&t);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(err) => panic!("wait_rollback: {err}"),
+        }
+    }
+}
+
+fn run_seed(seed: u64, ops: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let cs = 4096usize;
+    let nchunks = rng.usize(4..40);
+    let tail = if rng.bool() { rng.usize(1..8) * 512 } else { 0 };
+    let size = nchunks * cs + tail;
+    let data_chunks = rng.usize(nchunks..nchunks * 4);
+    // Find a store size whose layout gives about `data_chunks` chunks.
+    let store_size = 4 << 20;
+    let store_size = store_size + data_chunks * cs;
+    let store_st = MemStorage::new("store", store_size);
+    let origin_st = MemStorage::new("origin", size);
+    let mut initial = vec![0u8; size];
+    rng.fill(&mut initial);
+    origin_st.data.lock().unwrap().copy_from_slice(&initial);
+    Store::format_storage(
+        store_st.as_ref(),
+        &FormatOptions {
+            chunk_size: cs as u32,
+            force: false,
+        },
+    )
+    .unwrap();
+    let store = Store::open_storage(store_st.clone() as Arc<dyn Storage>).unwrap();
+    let origin = store
+        .bind_origin_storage("o", origin_st.clone() as Arc<dyn Storage>)
+        .unwrap();
+    let mut e = Engine {
+        store_st,
+        origin_st,
+        store: Some(store),
+        origin: Some(origin),
+    };
+    let mut m = Model {
+        origin: initial,
+        snaps: BTreeMap::new(),
+    };
+    let ctx = |op: u64, what: &str| {
+        format!("seed {seed} op {op}: {what} (replay: SNAPMV_MODEL_SEED={seed})")
+    };
+
+    for op in 0..ops {
+        let live: Vec<u32> = m.snaps.keys().copied().collect();
+        let pick = |rng: &mut fastrand::Rng| live[rng.usize(..live.len())];
+        let r = rng.u32(0..100);
+        let (off, len) = {
+            let start = rng.usize(0..size / 512) * 512;
+            let max = (size - start).min(3 * cs) / 512;
+            (start, rng.usize(1..=max) * 512)
+        };
+        let trace = std::env::var("SNAPMV_MODEL_TRACE").is_ok();
+        if trace {
+            eprintln!(
+                "op {op}: r={r} off={off} len={len} live={live:?} rb={:?}",
+                e.o().rollback_progress()
+            );
+        }
+        match r {
+            0..=29 => {
+                let mut buf = vec![0u8; len];
+                rng.fill(&mut buf);
+                match e.o().volume().write(off as u64, &buf) {
+                    Ok(()) => m.origin[off..off + len].copy_from_slice(&buf),
+                    Err(Error::NoSpace { .. }) => {}
+                    Err(err) => panic!("{}", ctx(op, &format!("origin write: {err}"))),
+                }
+            }
+            30..=49 if !live.is_empty() => {
+                let t = pick(&mut rng);
+                let mut buf = vec![0u8; len];
+                if rng.u8(0..4) == 0 {
+                    buf.fill(0);
+                    match e
+                        .o()
+                        .snapshot_volume(t)
+                        .unwrap()
+                        .write_zeroes(off as u64, len as u64)
+                    {
+                        Ok(()) => {
+                            m.snaps.get_mut(&t).unwrap()[off..off + len].copy_from_slice(&buf)
+                        }
+                        Err(Error::NoSpace { .. }) => {}
+                        Err(err) => {
+                            panic!("{}", ctx(op, &format!("snapshot {t} write-zeroes: {err}")))
+                        }
+                    }
+                } else {
+                    rng.fill(&mut buf);
+                    match e.o().snapshot_volume(t).unwrap().write(off as u64, &buf) {
+                        Ok(()) => {
+                            m.snaps.get_mut(&t).unwrap()[off..off + len].copy_from_slice(&buf)
+                        }
+                        Err(Error::NoSpace { .. }) => {}
+                        Err(err) => panic!("{}", ctx(op, &format!("snapshot {t} write: {err}"))),
+                    }
+                }
+            }
+            50..=59 => {
+                let mut buf = vec![0u8; len];
+                e.o().volume().read(off as u64, &mut buf).unwrap();
+                assert!(
+                    buf == m.origin[off..off + len],
+                    "{}",
+                    ctx(op, &format!("origin read at {off}+{len} differs"))
+                );
+            }
+            60..=69 if !live.is_empty() => {
+                let t = pick(&mut rng);
+                let mut buf = vec![0u8; len];
+                e.o()
+                    .snapshot_volume(t)
+                    .unwrap()
+                    .read(off as u64, &mut buf)
+                    .unwrap();
+                assert!(
+                    buf == m.snaps[&t][off..off + len],
+                    "{}",
+                    ctx(op, &format!("snapshot {t} read at {off}+{len} differs"))
+                );
+            }
+            70..=76 => match e.o().create_snapshot(None, "m") {
+                Ok(t) => {
+                    assert!(!m.snaps.contains_key(&t), "{}", ctx(op, "tag reused"));
+                    m.snaps.insert(t, m.origin.clone());
+                }
+                Err(Error::Busy(_)) => assert!(
+                    e.o().rollback_progress().is_some(),
+                    "{}",
+                    ctx(op, "busy without rollback")
+                ),
+                Err(err) => panic!("{}", ctx(op, &format!("snapshot: {err}"))),
+            },
+            77..=80 if !live.is_empty() => {
+                let p = pick(&mut rng);
+                let t = e.o().create_snapshot(Some(p), "").unwrap_or_else(|err| {
+                    panic!("{}", ctx(op, &format!("snapshot of {p}: {err}")))
+                });
+                let content = m.snaps[&p].clone();
+                m.snaps.insert(t, content);
+            }
+            81..=86 if !live.is_empty() => {
+                let t = pick(&mut rng);
+                e.o()
+                    .delete_snapshot(t)
+                    .unwrap_or_else(|err| panic!("{}", ctx(op, &format!("delete {t}: {err}"))));
+                m.snaps.remove(&t);
+                assert!(e.o().snapshot_volume(t).is_err());
+            }
+            87..=89 if !live.is_empty() => {
+                let t = pick(&mut rng);
+                match e.o().rollback(t) {
+                    Ok(()) => m.origin = m.snaps[&t].clone(),
+                    Err(Error::Busy(_)) => {}
+                    Err(err) => panic!("{}", ctx(op, &format!("rollback {t}: {err}"))),
+                }
+            }
+            90..=91 => wait_rollback(&e, &mut m),
+            92..=93 => {
+                e.close();
+                e.open();
+            }
+            94..=95 => e.o().volume().flush().unwrap(),
+            _ => {
+                let mut buf = vec![0u8; size];
+                e.o().volume().read(0, &mut buf).unwrap();
+                assert!(buf == m.origin, "{}", ctx(op, "whole origin differs"));
+                for (t, content) in &m.snaps {
+                    e.o()
+                        .snapshot_volume(*t)
+                        .unwrap()
+                        .read(0, &mut buf)
+                        .unwrap();
+                    assert!(
+                        &buf == content,
+                        "{}",
+                        ctx(op, &format!("whole snapshot {t} differs"))
+                    );
+                }
+                let listed: Vec<u32> = e.o().snapshots().iter().map(|s| s.tag).collect();
+                assert_eq!(
+                    listed,
+                    m.snaps.keys().copied().collect::<Vec<_>>(),
+                    "{}",
+                    ctx(op, "list")
+                );
+            }
+        }
+    }
+    // Finish: let the rollback and reclaim run, then everything must still match and check clean.
+    wait_rollback(&e, &mut m);
+    e.close();
+    let report = snapmv_engine::check_storage(e.store_st.as_ref(), false).unwrap();
+    assert!(
+        report.is_clean(),
+        "{}",
+        ctx(ops, &format!("check: {:?}", report.problems))
+    );
+    e.open();
+    let mut buf = vec![0u8; size];
+    e.o().volume().read(0, &mut buf).unwrap();
+    assert!(buf == m.origin, "{}", ctx(ops, "final origin differs"));
+    for (t, content) in &m.snaps {
+        e.o()
+            .snapshot_volume(*t)
+            .unwrap()
+            .read(0, &mut buf)
+            .unwrap();
+        assert!(
+            &buf == content,
+            "{}",
+            ctx(ops, &format!("final snapshot {t} differs"))
+        );
+    }
+    // Deleting everything frees every chunk once reclaim has run.
+    for t in m.snaps.keys() {
+        e.o().delete_snapshot(*t).unwrap();
+    }
+    e.store.as_ref().unwrap().unbind_origin("o").unwrap();
+    let st = e.store.as_ref().unwrap().status();
+    assert_eq!(
+        st.chunks_used,
+        0,
+        "{}",
+        ctx(ops, "chunks leaked after deleting everything")
+    );
+}
+
+#[test]
+fn model_random_operations() {
+    if let Ok(seed) = std::env::var("SNAPMV_MODEL_SEED") {
+        run_seed(seed.parse().unwrap(), env_u64("SNAPMV_MODEL_OPS", 5000));
+        return;
+    }
+    let total = env_u64("SNAPMV_MODEL_OPS", 100_000);
+    let per_seed = 2_000;
+    let seeds = total.div_ceil(per_seed);
+    for seed in 0..seeds {
+        run_seed(seed, per_seed);
+    }
+}
