@@ -237,6 +237,18 @@ fn origin_create_success_and_errors() {
         json!({"name": "y", "origin": o3, "cow": f.cow, "bind": true, "socket": "y.sock"}),
         codes::INVALID_PARAMS,
     );
+    // The daemon's own RPC socket, however it is spelt.
+    for sock in [
+        f.d.rpc_socket.display().to_string(),
+        format!("{}/./rpc.sock", f.d.dir.display()),
+    ] {
+        let m = f.d.err(
+            "origin_create",
+            json!({"name": "y", "origin": o3, "cow": f.cow, "bind": true, "socket": sock}),
+            codes::INVALID_PARAMS,
+        );
+        assert!(m.contains("RPC socket"), "{m}");
+    }
     // Unknown and mistyped parameters.
     f.d.err(
         "origin_create",

@@ -232,7 +232,7 @@ impl Daemon {
             std::fs::canonicalize(&cfg.state_dir).unwrap_or_else(|_| cfg.state_dir.clone());
         let daemon = Daemon {
             socket_dir: cfg.socket_dir.clone(),
-            rpc_socket: cfg.rpc_socket.clone(),
+            rpc_socket: canonical_socket_path(&cfg.rpc_socket),
             state_dir_canon,
             exports: ExportManager::new(),
             inner: Mutex::new(Inner {
@@ -1313,6 +1313,18 @@ impl Daemon {
             stores,
             unavailable,
         })
+    }
+}
+
+/// `path` with its directory canonicalised (the socket itself may not exist yet).
+fn canonical_socket_path(path: &Path) -> PathBuf {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(parent), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
     }
 }
 
