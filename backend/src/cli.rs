@@ -294,7 +294,7 @@ pub fn rollback(ctx: &Ctx, name: &str, tag: u32, background: bool) -> Result<(),
         }
     }
     if shown {
-        eprintln!();
+        eprintln!("\rrolling {name} back to snapshot {tag}: finished{:30}", "");
     }
     let v = handle.join().map_err(|_| CliError::Wait {
         name: name.to_string(),
@@ -380,6 +380,13 @@ pub fn format_size(bytes: u64) -> String {
     }
 }
 
+/// A memo on one line: control characters (newlines, escapes) become spaces.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 fn dash_if_empty(v: &[String]) -> String {
     if v.is_empty() {
         "-".into()
@@ -415,7 +422,7 @@ pub fn render_list(l: &m::SnapshotList) -> String {
                         format_time(s.birth_unix_secs),
                         s.exclusive_chunks.to_string(),
                         dash_if_empty(&s.exported_as),
-                        s.memo.clone(),
+                        one_line(&s.memo),
                     ]);
                 }
             }
@@ -439,7 +446,7 @@ pub fn render_list(l: &m::SnapshotList) -> String {
                     format_time(s.birth_unix_secs),
                     s.exclusive_chunks.to_string(),
                     dash_if_empty(&s.exported_as),
-                    s.memo.clone(),
+                    one_line(&s.memo),
                 ]);
             }
         }
@@ -703,7 +710,7 @@ mod tests {
         let s = |tag, parent| m::SnapshotInfo {
             tag,
             parent,
-            memo: format!("m{tag}"),
+            memo: format!("m{tag}\n"),
             birth_unix_secs: 0,
             exclusive_chunks: 0,
             exported_as: vec![],
@@ -729,6 +736,7 @@ mod tests {
         );
         // 1, then its child 2 (indented), then 3.
         assert_eq!(tags.len(), 3, "{out}");
+        assert_eq!(out.lines().count(), 5, "memos stay on their line:\n{out}");
         let pos = |needle: &str| out.find(needle).unwrap();
         assert!(pos("m1") < pos("m2") && pos("m2") < pos("m3"), "{out}");
     }
