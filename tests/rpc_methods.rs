@@ -1003,3 +1003,37 @@ fn origin_delete_during_rollback() {
     }
     assert_eq!(f.d.ok("export_list", Value::Null)["exports"], json!([]));
 }
+
+/// More than 64 simultaneous clients: the extra one is told the daemon is busy; once a client
+/// leaves, new ones are served again.
+#[test]
+fn too_many_clients_are_refused_then_served() {
+    let f = fixture("many");
+    let mut idle: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&f.d.rpc_socket).unwrap())
+        .collect();
+    // Every idle connection has been accepted (and counted) once this call is answered...
+    // unless it is itself the 65th: then it is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut refused = None;
+    while refused.is_none() {
+        match f.d.client().call("export_list", Value::Null) {
+            Err(e) => {
+                assert_eq!(e.code(), Some(codes::BUSY), "{e}");
+                refused = Some(e.to_string());
+            }
+            Ok(_) => {
+                // The accept loop had not reached all idle connections yet; it has now.
+                assert!(std::time::Instant::now() < deadline, "never refused");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    assert!(refused.unwrap().contains("64 clients"));
+    idle.truncate(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while f.d.client().call("export_list", Value::Null).is_err() {
+        assert!(std::time::Instant::now() < deadline, "never served again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
