@@ -25,13 +25,22 @@ use snapmv_tests::qemu::{
 const MIB: u64 = 1024 * 1024;
 const BLOCK: usize = 4096;
 
-fn create_origin(daemon: &Daemon, dir: &Path, name: &str, size: u64) -> (String, String) {
+/// Sparse origin and store files, then `snapmv create NAME ORIGIN COW -b -f EXTRA…`.
+fn create_origin(
+    daemon: &Daemon,
+    dir: &Path,
+    name: &str,
+    size: u64,
+    extra: &[&str],
+) -> (String, String) {
     let origin = dir.join(format!("{name}.origin"));
     let cow = dir.join(format!("{name}.cow"));
     sparse_file(&origin, size);
     sparse_file(&cow, 4 * size);
     let (o, c) = (origin.display().to_string(), cow.display().to_string());
-    daemon.cli(&["create", name, &o, &c, "-b", "-f"]);
+    let mut args = vec!["create", name, &o, &c, "-b", "-f"];
+    args.extend_from_slice(extra);
+    daemon.cli(&args);
     (o, c)
 }
 
@@ -63,14 +72,35 @@ fn pattern(len: usize) -> Vec<u8> {
 
 #[test]
 fn origin_export_size_queues_and_data_survive_reboot() {
-    let Some(tools) = guest_tools("e2e_qemu::origin_export_size_queues_and_data_survive_reboot")
-    else {
+    pattern_test(
+        "e2e_qemu::origin_export_size_queues_and_data_survive_reboot",
+        &[],
+        false,
+    );
+}
+
+/// The same with O_DIRECT on the origin and store files, 64 KiB chunks, and a snapshot taken
+/// between the boots (so the second boot reads an origin that has a snapshot).
+#[test]
+#[ignore = "known failure, 2026-11-25: `snapmv create --direct` fails with EINVAL reading the \
+            store's superblock (the engine's FileStorage reads into unaligned buffers under \
+            O_DIRECT); remove this ignore once --direct works"]
+fn direct_io_export_with_snapshot_data_survives_reboot() {
+    pattern_test(
+        "e2e_qemu::direct_io_export_with_snapshot_data_survives_reboot",
+        &["--direct", "-c", "16"],
+        true,
+    );
+}
+
+fn pattern_test(test: &str, create_flags: &[&str], snapshot_between: bool) {
+    let Some(tools) = guest_tools(test) else {
         return;
     };
     const SIZE: u64 = 64 * MIB;
     let dir = scratch("e2e-pattern");
     let daemon = Daemon::start(dir.path());
-    let (origin, _cow) = create_origin(&daemon, dir.path(), "vol", SIZE);
+    let (origin, _cow) = create_origin(&daemon, dir.path(), "vol", SIZE, create_flags);
     let sock = daemon.export_socket("vol");
     let initrd = tools.initramfs(dir.path(), "pattern", PATTERN_GUEST);
 
@@ -110,6 +140,11 @@ fn origin_export_size_queues_and_data_survive_reboot() {
         expect_tail,
         "boot1: pattern read back at the end"
     );
+
+    if snapshot_between {
+        let tag = snapshot_tag(&daemon, "vol");
+        eprintln!("{test}: snapshot {tag} taken between the boots");
+    }
 
     // Boot 2: a fresh guest (new connection on the same socket), two vCPUs and two queues.
     let mut cfg = GuestConfig::new(
@@ -379,7 +414,8 @@ fn live_snapshots_and_rollback_under_guest_writes() {
     const SIZE: u64 = 64 * MIB;
     let dir = scratch("e2e-live");
     let daemon = Daemon::start(dir.path());
-    let (origin, cow) = create_origin(&daemon, dir.path(), "vol", SIZE);
+    // 64 KiB chunks: each 4 KiB block write copies out a chunk that neighbouring blocks share.
+    let (origin, cow) = create_origin(&daemon, dir.path(), "vol", SIZE, &["-c", "16"]);
     let vol_sock = daemon.export_socket("vol");
     let writer_initrd = tools.initramfs(dir.path(), "writer", WRITER_GUEST);
     let reader_initrd = tools.initramfs(dir.path(), "reader", READER_GUEST);
