@@ -138,7 +138,10 @@ have_cpio || missing+=(cpio)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_update
     say "installing ${missing[*]}"
-    apt_install "${missing[@]}" || die "could not install ${missing[*]}"
+    # Not apt_install: busybox-static replaces a dynamic `busybox` package if one is installed,
+    # and that removal is wanted.
+    as_root apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+        die "could not install ${missing[*]}"
 fi
 have_busybox || die "/bin/busybox is missing or not static after installing busybox-static"
 have_cpio || die "cpio missing after install"
