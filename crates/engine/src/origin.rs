@@ -865,6 +865,12 @@ impl OriginCore {
                     )));
                 }
                 let _closed = self.gate.close();
+                // The snapshot holds every write completed before it: make those durable, as
+                // its chunks still on the origin are read from there.
+                self.io(
+                    || format!("syncing origin {} before a snapshot", self.origin.name()),
+                    self.origin.sync(),
+                )?;
                 let mut m = self.store.lock_meta();
                 let tag = self.next_tag.load(SeqCst);
                 let seq = self

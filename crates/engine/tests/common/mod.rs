@@ -63,6 +63,8 @@ impl Storage for MemStorage {
 pub struct RecordingStorage {
     pub name: String,
     pub state: Mutex<Rec>,
+    /// Shared by the storages of one machine, so that a crash cuts them all at one instant.
+    pub world: Arc<Mutex<()>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -75,14 +77,15 @@ pub struct Rec {
 }
 
 impl RecordingStorage {
-    pub fn new(name: &str, size: usize) -> Arc<Self> {
+    pub fn new(world: &Arc<Mutex<()>>, name: &str, data: Vec<u8>) -> Arc<Self> {
         Arc::new(RecordingStorage {
             name: name.into(),
             state: Mutex::new(Rec {
-                current: vec![0; size],
-                durable: vec![0; size],
+                current: data.clone(),
+                durable: data,
                 ..Default::default()
             }),
+            world: world.clone(),
         })
     }
 
@@ -126,6 +129,7 @@ impl Storage for RecordingStorage {
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let _w = self.world.lock().unwrap();
         let mut s = self.state.lock().unwrap();
         let o = offset as usize;
         if o + buf.len() > s.current.len() {
@@ -137,6 +141,7 @@ impl Storage for RecordingStorage {
         Ok(())
     }
     fn sync(&self) -> io::Result<()> {
+        let _w = self.world.lock().unwrap();
         let mut s = self.state.lock().unwrap();
         s.durable = s.current.clone();
         s.unsynced.clear();
