@@ -8,9 +8,11 @@ use snapmv_tests::blkio_client::{run1, Client, NO_FLAGS};
 use snapmv_tests::daemon::{scratch, sparse_file, Daemon};
 
 const MIB: u64 = 1 << 20;
-const ORIGIN_SIZE: u64 = 8 * MIB;
-/// One 4 KiB block every STRIDE bytes carries the pattern.
-const STRIDE: u64 = 64 << 10;
+const ORIGIN_SIZE: u64 = 64 * MIB;
+/// Bytes per request when filling or reading the whole origin.
+const SPAN: usize = 4 << 20;
+/// Rounds tried to catch the rollback still running at the moment of the kill.
+const ROUNDS: usize = 5;
 
 fn write_block(c: &mut Client, off: u64, byte: u8) {
     c.mem()[..4096].fill(byte);
@@ -26,9 +28,46 @@ fn read_block(c: &mut Client, off: u64) -> Vec<u8> {
     c.mem()[..4096].to_vec()
 }
 
-/// The byte the block at `off` holds in the snapshot (pattern A).
-fn pattern_a(off: u64) -> u8 {
-    (off / STRIDE) as u8 | 1
+/// Pattern A (the snapshot's content): every 4 KiB block names its own index.
+fn fill_a(buf: &mut [u8], off: u64) {
+    for (i, block) in buf.chunks_mut(4096).enumerate() {
+        let idx = off / 4096 + i as u64;
+        for (j, word) in block.chunks_mut(8).enumerate() {
+            word.copy_from_slice(&(idx * 1000 + j as u64).to_le_bytes());
+        }
+    }
+}
+
+/// Writes the whole origin: pattern A, or `byte` everywhere.
+fn fill_origin(c: &mut Client, byte: Option<u8>) {
+    for off in (0..ORIGIN_SIZE).step_by(SPAN) {
+        match byte {
+            Some(b) => c.mem()[..SPAN].fill(b),
+            None => fill_a(&mut c.mem()[..SPAN], off),
+        }
+        let p = c.ptr(0);
+        let ret = run1(&mut c.queues[0], |q| q.write(off, p, SPAN, 0, NO_FLAGS)).unwrap();
+        assert_eq!(ret, 0, "write at {off}");
+    }
+}
+
+/// Checks that the whole volume holds pattern A.
+fn check_a(c: &mut Client, what: &str) {
+    let mut want = vec![0u8; SPAN];
+    for off in (0..ORIGIN_SIZE).step_by(SPAN) {
+        let p = c.ptr(0);
+        let ret = run1(&mut c.queues[0], |q| q.read(off, p, SPAN, 0, NO_FLAGS)).unwrap();
+        assert_eq!(ret, 0, "read {what} at {off}");
+        fill_a(&mut want, off);
+        if c.mem()[..SPAN] != want[..] {
+            let bad = c.mem()[..SPAN]
+                .iter()
+                .zip(&want)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            panic!("{what}: first wrong byte at {}", off + bad as u64);
+        }
+    }
 }
 
 fn rollback_of(d: &Daemon) -> Option<Value> {
@@ -58,44 +97,55 @@ fn sigkill_during_rollback_then_restart() {
     let origin = dir.path().join("o.img");
     let cow = dir.path().join("c.img");
     sparse_file(&origin, ORIGIN_SIZE);
-    sparse_file(&cow, 4 * ORIGIN_SIZE);
+    // Each rollback round keeps a hidden image of the whole origin.
+    sparse_file(&cow, (ROUNDS as u64 + 2) * 2 * ORIGIN_SIZE);
     let (o, c) = (origin.display().to_string(), cow.display().to_string());
     let mut d = Daemon::start(dir.path());
     d.ok(
         "origin_create",
         json!({"name": "vol", "origin": o, "cow": c, "bind": true, "format": true}),
     );
+    let region = snapmv_tests::blkio_client::ClientOptions {
+        region_len: SPAN,
+        ..Default::default()
+    };
     {
-        let mut cl = Client::connect(&d.export_socket("vol")).unwrap();
-        for off in (0..ORIGIN_SIZE).step_by(STRIDE as usize) {
-            write_block(&mut cl, off, pattern_a(off));
-        }
-        let t = d.ok("snapshot_create", json!({"name": "vol", "memo": "A"}))["tag"]
-            .as_u64()
-            .unwrap();
-        assert_eq!(t, 1);
-        for off in (0..ORIGIN_SIZE).step_by(STRIDE as usize) {
-            write_block(&mut cl, off, 0xee);
-        }
-        // A block written only after the snapshot: the rollback must bring back zeroes.
-        write_block(&mut cl, 4096, 0xdd);
+        let mut cl = Client::connect_with(&d.export_socket("vol"), &region).unwrap();
+        fill_origin(&mut cl, None);
     }
+    let t = d.ok("snapshot_create", json!({"name": "vol", "memo": "A"}))["tag"]
+        .as_u64()
+        .unwrap();
     d.ok(
         "snapshot_export",
-        json!({"name": "snap", "origin_id": "o.img", "cow": c, "tag": 1, "readonly": true}),
+        json!({"name": "snap", "origin_id": "o.img", "cow": c, "tag": t, "readonly": true}),
     );
     let before = exports_by_name(&d);
     assert_eq!(before.len(), 2);
 
-    let r = d.ok("snapshot_rollback", json!({"name": "vol", "tag": 1}));
-    assert_eq!(r["tag"], 1);
-    // Whether the copy-back is still running at the kill depends on the machine's speed; the
-    // checks below hold either way, and the log says which case ran.
-    let in_progress = rollback_of(&d);
-    d.kill();
+    // Overwrite everything, start the rollback, SIGKILL while it runs. Whether it is still
+    // running at the kill depends on the machine's speed: try a few rounds to catch it, and
+    // check the same things either way.
+    let mut caught = None;
+    for round in 0..ROUNDS {
+        {
+            let mut cl = Client::connect_with(&d.export_socket("vol"), &region).unwrap();
+            fill_origin(&mut cl, Some(0xee - round as u8));
+        }
+        let r = d.ok("snapshot_rollback", json!({"name": "vol", "tag": t}));
+        assert_eq!(r["tag"], t);
+        if let Some(p) = rollback_of(&d) {
+            d.kill();
+            caught = Some(p);
+            break;
+        }
+    }
+    if caught.is_none() {
+        d.kill();
+    }
     eprintln!(
         "rollback at SIGKILL: {}",
-        in_progress.map_or("already finished".into(), |r| r.to_string())
+        caught.map_or("finished in every round".into(), |r| r.to_string())
     );
 
     d.restart();
@@ -117,21 +167,18 @@ fn sigkill_during_rollback_then_restart() {
     assert_eq!(list["origins"][0]["snapshots"][0]["memo"], "A");
 
     // The origin is the snapshot again, and the snapshot did not change.
-    let mut vol = Client::connect(&d.export_socket("vol")).unwrap();
+    let mut vol = Client::connect_with(&d.export_socket("vol"), &region).unwrap();
+    check_a(&mut vol, "origin");
     let mut snap = Client::connect_with(
         &d.export_socket("snap"),
         &snapmv_tests::blkio_client::ClientOptions {
             read_only: true,
+            region_len: SPAN,
             ..Default::default()
         },
     )
     .unwrap();
-    for off in (0..ORIGIN_SIZE).step_by(STRIDE as usize) {
-        let want = vec![pattern_a(off); 4096];
-        assert_eq!(read_block(&mut vol, off), want, "origin block at {off}");
-        assert_eq!(read_block(&mut snap, off), want, "snapshot block at {off}");
-    }
-    assert_eq!(read_block(&mut vol, 4096), vec![0; 4096]);
+    check_a(&mut snap, "snapshot");
     drop((vol, snap));
 
     // A second restart with nothing running changes nothing.
