@@ -979,9 +979,23 @@ fn origin_delete_during_rollback() {
         "origin_create",
         json!({"name": "big", "origin": big, "cow": f.cow, "bind": true, "format": true}),
     );
+    // Real data everywhere, so the copy-back has work to do.
+    let opts = snapmv_tests::blkio_client::ClientOptions {
+        region_len: 4 << 20,
+        ..Default::default()
+    };
+    let mut c = Client::connect_with(&f.d.export_socket("big"), &opts).unwrap();
+    let fill = |c: &mut Client, byte: u8| {
+        for off in (0..16 * MIB).step_by(4 << 20) {
+            write_byte(c, off, 4 << 20, byte);
+        }
+    };
+    fill(&mut c, 0x11);
     let t = f.d.ok("snapshot_create", json!({"name": "big"}))["tag"]
         .as_u64()
         .unwrap();
+    fill(&mut c, 0x22);
+    drop(c);
     f.d.ok("snapshot_rollback", json!({"name": "big", "tag": t}));
     // The rollback's source may be deleted while it runs.
     f.d.ok("snapshot_delete", json!({"name": "big", "tag": t}));
