@@ -1176,9 +1176,12 @@ impl OriginCore {
                     Ok(true)
                 }
                 Err(e @ Error::NoSpace { .. }) => {
-                    // Wait for space (a delete wakes the worker).
-                    log::error!("origin {}: rollback stalled: {e}", self.id);
-                    *lock(&rb.stalled) = Some(e);
+                    // Wait for space (a delete wakes the worker); say so once.
+                    let mut st = lock(&rb.stalled);
+                    if st.is_none() {
+                        log::error!("origin {}: rollback stalled: {e}", self.id);
+                    }
+                    *st = Some(e);
                     Ok(false)
                 }
                 Err(e) => Err(e),
