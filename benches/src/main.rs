@@ -1,1 +1,274 @@
-fn main(){}
+//! `snapmv-bench`: snapmv against qemu-storage-daemon over vhost-user-blk, side by side, on
+//! the same files, A/B interleaved (issue 6), plus engine-level figures (issue 3).
+//!
+//! `cargo run --release -p snapmv-bench -- [--quick] [--scenario N]... [--out DIR]`
+
+mod engine;
+mod error;
+mod load;
+mod report;
+mod scenarios;
+mod servers;
+
+use clap::Parser;
+use error::{io_err, BenchError, Result};
+use scenarios::Ctx;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmarks snapmv against qemu-storage-daemon (blkio client)")]
+struct Args {
+    /// Short runs (1 s per point, smaller volumes): the whole suite in about 10 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Scenarios to run: 1..6 and `engine` (default: all). Repeatable or comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    scenario: Vec<String>,
+    /// Where to write latest.md and latest.json.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    out: PathBuf,
+    /// Scratch directory for the volumes (default: /tmp/snapmv-bench-PID, removed at the end).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Keep the scratch directory.
+    #[arg(long)]
+    keep: bool,
+    /// The snapmv binary (default: `snapmv` next to this binary, built if missing).
+    #[arg(long)]
+    snapmv_bin: Option<PathBuf>,
+    /// Repetitions of each A/B pair (at least 3).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Seconds per measurement (default 1 with --quick, else 5).
+    #[arg(long)]
+    secs: Option<f64>,
+    /// qemu-storage-daemon's aio mode for files (threads, io_uring, native).
+    #[arg(long, default_value = "threads")]
+    qsd_aio: String,
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory of the
+    // right type; statvfs fills it on success.
+    let r = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn find_snapmv(arg: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = arg {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().map_err(io_err("locating this binary", "/proc/self/exe"))?;
+    let bin = exe.with_file_name("snapmv");
+    if !bin.exists() {
+        eprintln!("building the release snapmv binary (cargo build --release -p snapmv)");
+        let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let st = Command::new("cargo")
+            .args(["build", "--release", "-p", "snapmv"])
+            .current_dir(&ws)
+            .status()
+            .map_err(io_err("running cargo", &ws))?;
+        if !st.success() || !bin.exists() {
+            return Err(BenchError::Command {
+                program: "cargo".into(),
+                args: "build --release -p snapmv".into(),
+                what: format!("{st}; {} still missing", bin.display()),
+            });
+        }
+    }
+    Ok(bin)
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.reps < 3 {
+        return Err(BenchError::Invalid(format!("--reps {} (at least 3)", args.reps)));
+    }
+    let all = ["1", "2", "3", "4", "5", "6", "engine"];
+    let sel: Vec<String> = if args.scenario.is_empty() {
+        all.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.scenario.clone()
+    };
+    if let Some(bad) = sel.iter().find(|s| !all.contains(&s.as_str())) {
+        return Err(BenchError::Invalid(format!("unknown scenario {bad:?} (1..6, engine)")));
+    }
+    let want = |s: &str| sel.iter().any(|x| x == s);
+    let snapmv_bin = find_snapmv(args.snapmv_bin.clone())?;
+    let dir = args
+        .scratch
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/snapmv-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&dir).map_err(io_err("creating the scratch directory", &dir))?;
+    let dir = dir.canonicalize().map_err(io_err("resolving", &dir))?;
+    let (size, small) = if args.quick { (2u64 << 30, 512u64 << 20) } else { (4u64 << 30, 1u64 << 30) };
+    let need = size * 4 + small * 6;
+    if let Some(free) = free_bytes(&dir) {
+        if free < need {
+            return Err(BenchError::Invalid(format!(
+                "{} has {} MiB free, the run needs about {} MiB",
+                dir.display(),
+                free >> 20,
+                need >> 20
+            )));
+        }
+    }
+    let dur = Duration::from_secs_f64(args.secs.unwrap_or(if args.quick { 1.0 } else { 5.0 }));
+    let date = sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let load_before = loadavg();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<u64>().ok()))
+        .map(|k| k as f64 / (1 << 20) as f64)
+        .unwrap_or(0.0);
+    let qsd_version = sh("qemu-storage-daemon", &["--version"])
+        .lines()
+        .next()
+        .unwrap_or("?")
+        .to_string();
+    let ws = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let commit = sh("git", &["-C", ws, "rev-parse", "--short", "HEAD"]);
+    eprintln!("snapmv-bench: {date}, {cores} cores ({cpu}), kernel {kernel}, load {load_before}, scratch {}", dir.display());
+    let mut ctx = Ctx {
+        quick: args.quick,
+        dur,
+        reps: args.reps,
+        dir: dir.clone(),
+        snapmv_bin,
+        aio: args.qsd_aio.clone(),
+        size,
+        small,
+        rows: Vec::new(),
+    };
+    let t0 = Instant::now();
+    let res = run_scenarios(&mut ctx, &want);
+    if let Err(e) = &res {
+        eprintln!("snapmv-bench: stopped early: {e}");
+    }
+    let load_after = loadavg();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let header = format!(
+        "Date: {date}. Machine: {cores} cores ({cpu}), {mem_gib:.0} GiB RAM, kernel {kernel}. \
+         Load average (1/5/15 min) before: {load_before}, after: {load_after}. \
+         Mode: {} ({} s per point, {} repetitions, A/B interleaved). Peer: {qsd_version}, aio={}. \
+         snapmv commit {commit}. Main origin {} GiB, small origin {} MiB, files in the page cache \
+         (buffered). Run time {:.0} s.{}",
+        if ctx.quick { "quick" } else { "full" },
+        dur.as_secs_f64(),
+        ctx.reps,
+        ctx.aio,
+        size >> 30,
+        small >> 20,
+        elapsed,
+        match &res {
+            Err(e) => format!(" **Run stopped early: {e}**"),
+            Ok(()) => String::new(),
+        }
+    );
+    let table = report::markdown(&ctx.rows);
+    let md = format!("{header}\n\n{table}");
+    println!("{md}");
+    std::fs::create_dir_all(&args.out).map_err(io_err("creating the output directory", &args.out))?;
+    let mdp = args.out.join("latest.md");
+    std::fs::write(&mdp, &md).map_err(io_err("writing", &mdp))?;
+    let js = json!({
+        "date": date, "cores": cores, "cpu": cpu, "mem_gib": mem_gib, "kernel": kernel,
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "mode": if ctx.quick { "quick" } else { "full" }, "secs_per_point": dur.as_secs_f64(),
+        "reps": ctx.reps, "peer": qsd_version, "qsd_aio": ctx.aio, "snapmv_commit": commit,
+        "origin_bytes": size, "small_origin_bytes": small, "run_secs": elapsed,
+        "error": res.as_ref().err().map(|e| e.to_string()),
+        "rows": ctx.rows,
+    });
+    let jp = args.out.join("latest.json");
+    let text = serde_json::to_string_pretty(&js)
+        .map_err(|e| BenchError::Invalid(format!("serialising the results: {e}")))?;
+    std::fs::write(&jp, text + "\n").map_err(io_err("writing", &jp))?;
+    eprintln!("wrote {} and {}", mdp.display(), jp.display());
+    if !args.keep && args.scratch.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    res
+}
+
+fn run_scenarios(ctx: &mut Ctx, want: &dyn Fn(&str) -> bool) -> Result<()> {
+    let needs_daemon = ["1", "2", "3", "4", "5", "6"].iter().any(|s| want(s));
+    if needs_daemon {
+        let mut sm = servers::Snapmv::start(&ctx.snapmv_bin, &ctx.dir)?;
+        if want("1") || want("2") || want("4") {
+            let origin = ctx.dir.join("origin.raw");
+            let store = ctx.dir.join("store1.cow");
+            let t = Instant::now();
+            scenarios::fill_file(&origin, ctx.size)?;
+            scenarios::sparse_file(&store, ctx.size)?;
+            sm.export_origin("vol", &origin, &store, true, false)?;
+            eprintln!("origin of {} GiB written in {:.1} s", ctx.size >> 30, t.elapsed().as_secs_f64());
+            if want("1") {
+                scenarios::s1(ctx, &mut sm, &origin, &store)?;
+            }
+            if want("2") {
+                scenarios::s2(ctx, &mut sm, &origin)?;
+            }
+            if want("4") {
+                scenarios::s4(ctx, &mut sm, &origin)?;
+            }
+        }
+        if want("3") || want("5") || want("6") {
+            let sock = scenarios::s3_s5(ctx, &mut sm, want("3"), want("5"))?;
+            if want("6") {
+                scenarios::s6(ctx, &mut sm, &sock)?;
+            }
+        }
+    }
+    if want("engine") {
+        engine::run(ctx)?;
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("snapmv-bench: {e}");
+        std::process::exit(1);
+    }
+}
