@@ -7,7 +7,7 @@
 #   1. qemu/setup.sh installs what the QEMU guest tests need and is missing (qemu-system-x86,
 #      busybox-static, cpio) and unpacks a Debian cloud kernel into qemu/cache/;
 #   2. cargo fmt --check, cargo clippy --workspace --all-targets -D warnings;
-#   3. builds the workspace (debug) including the `snapmv` binary the end-to-end tests start;
+#   3. builds the binaries (debug), among them the `snapmv` the end-to-end tests start;
 #   4. runs every test: unit, integration (blkio client, vhost protocol, RPC, CLI), QEMU guest
 #      end-to-end, crash tests — with `cargo nextest run --profile ci` (cargo test if
 #      cargo-nextest is absent) — then the doc tests.
@@ -58,8 +58,8 @@ cargo fmt --all --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "cargo build --workspace --all-targets (debug; the e2e tests start target/debug/snapmv)"
-cargo build --workspace --all-targets
+step "cargo build --workspace --bins (debug; the e2e tests start target/debug/snapmv)"
+cargo build --workspace --bins
 target_dir="$(cargo metadata --format-version 1 --no-deps |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 [ -n "$target_dir" ] || die "cannot tell cargo's target directory"
