@@ -9,7 +9,9 @@ use crate::storage::Storage;
 use crate::store::{MetaCore, StoreCore};
 use arc_swap::ArcSwapOption;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst,
+};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 const STRIPES: usize = 1024;
@@ -172,7 +174,27 @@ pub(crate) struct OriginCore {
     pub rollback: ArcSwapOption<RollbackRt>,
     reclaim_needed: AtomicBool,
     unbound: AtomicBool,
+    /// Origin writes waiting for their chunk's copy-out to become durable (see `Overlay`).
+    overlays: Mutex<BTreeMap<u64, Overlay>>,
+    overlay_flag: Box<[AtomicBool]>,
+    overlay_count: AtomicUsize,
+    overlay_bytes: AtomicUsize,
+    /// An overlay that could not be written to the origin: reported by the next flush.
+    overlay_error: Mutex<Option<String>>,
 }
+
+/// The new content of an origin chunk whose old content was just copied out but whose
+/// copy-out record is not durable yet. The write is acknowledged at once (a volatile write
+/// cache: nothing is promised before a flush); reads of the chunk are served from here; the
+/// content goes to the origin once batch `epoch` is durable, so the copy always reaches the
+/// store's media before the overwrite can reach the origin's.
+struct Overlay {
+    epoch: u64,
+    data: Vec<u8>,
+}
+
+/// Most memory held by overlays per origin; past it, first writes wait for their commit.
+const MAX_OVERLAY_BYTES: usize = 64 << 20;
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -277,6 +299,11 @@ impl OriginCore {
             rollback: ArcSwapOption::new(rollback),
             reclaim_needed: AtomicBool::new(has_dead),
             unbound: AtomicBool::new(false),
+            overlays: Mutex::new(BTreeMap::new()),
+            overlay_flag: (0..nchunks).map(|_| AtomicBool::new(false)).collect(),
+            overlay_count: AtomicUsize::new(0),
+            overlay_bytes: AtomicUsize::new(0),
+            overlay_error: Mutex::new(None),
         }))
     }
 
@@ -593,27 +620,41 @@ impl OriginCore {
         bufs: &mut [std::io::IoSliceMut<'_>],
     ) -> Result<()> {
         let rb = self.rollback.load_full();
-        let Some(rb) = rb else {
+        if rb.is_none() && self.overlay_count.load(SeqCst) == 0 {
             return self.io(
                 || format!("reading origin {} at {offset}", self.origin.name()),
                 self.origin.read_vectored_at(bufs, offset),
             );
-        };
-        // During a rollback, chunks not yet copied back read as the snapshot's.
+        }
         let mut done = 0u64;
         for c in self.chunks(offset, len) {
             let start = (c * self.cs).max(offset);
             let end = ((c + 1) * self.cs).min(offset + len);
             let mut piece = crate::volume::piece_mut(bufs, done as usize, (end - start) as usize);
-            if rb.is_restored(c) {
-                self.io(
+            done += end - start;
+            let within = (start - c * self.cs) as usize;
+            if self.overlay_flag[c as usize].load(SeqCst) {
+                let _g = self.stripe(c);
+                if let Some(ov) = lock(&self.overlays).get(&c) {
+                    let mut at = within;
+                    for b in piece.iter_mut() {
+                        let n = b.len();
+                        b.copy_from_slice(&ov.data[at..at + n]);
+                        at += n;
+                    }
+                    continue;
+                }
+            }
+            match &rb {
+                // During a rollback, chunks not yet copied back read as the snapshot's.
+                Some(rb) if !rb.is_restored(c) => {
+                    self.read_view(rb.source, c, within as u64, &mut piece)?
+                }
+                _ => self.io(
                     || format!("reading origin {} at {start}", self.origin.name()),
                     self.origin.read_vectored_at(&mut piece, start),
-                )?;
-            } else {
-                self.read_view(rb.source, c, start - c * self.cs, &mut piece)?;
+                )?,
             }
-            done += end - start;
         }
         Ok(())
     }
@@ -622,27 +663,143 @@ impl OriginCore {
         let _pass = self.gate.enter();
         self.check_alive()?;
         let newest = self.newest.load(SeqCst);
-        let rb = self.rollback.load_full();
-        if newest != 0 || rb.is_some() {
+        let write_all = |bufs: &[std::io::IoSlice<'_>], at: u64| {
+            self.io(
+                || format!("writing origin {} at {at}", self.origin.name()),
+                self.origin.write_vectored_at(bufs, at),
+            )
+        };
+        if let Some(rb) = self.rollback.load_full() {
+            // During a rollback: restore first, and wait for copy-outs (no overlays).
             let mut wait = 0;
             for c in self.chunks(offset, len) {
-                if let Some(rb) = &rb {
-                    self.restore_chunk(rb, c)?;
-                }
+                self.restore_chunk(&rb, c)?;
                 wait = wait.max(self.ensure_copied(c, newest)?);
             }
-            if wait > 0 {
-                self.store.wait_durable(wait)?;
-            }
+            self.store.wait_durable(wait)?;
+            return write_all(bufs, offset);
         }
-        self.io(
-            || format!("writing origin {} at {offset}", self.origin.name()),
-            self.origin.write_vectored_at(bufs, offset),
-        )
+        let in_place = |c: u64, durable: u64| {
+            !self.overlay_flag[c as usize].load(SeqCst)
+                && (newest == 0
+                    || (self.top[c as usize].load(SeqCst) == newest
+                        && self.copy_epoch[c as usize].load(SeqCst) <= durable))
+        };
+        let durable = self.store.durable_epoch.load(SeqCst);
+        if self.chunks(offset, len).all(|c| in_place(c, durable)) {
+            return write_all(bufs, offset);
+        }
+        // Copy out first, every chunk: a full store fails the write before any of it lands.
+        for c in self.chunks(offset, len) {
+            self.ensure_copied(c, newest)?;
+        }
+        let mut done = 0u64;
+        for c in self.chunks(offset, len) {
+            let start = (c * self.cs).max(offset);
+            let end = ((c + 1) * self.cs).min(offset + len);
+            let piece = crate::volume::piece(bufs, done as usize, (end - start) as usize);
+            done += end - start;
+            if in_place(c, self.store.durable_epoch.load(SeqCst)) {
+                write_all(&piece, start)?;
+                continue;
+            }
+            let _g = self.stripe(c);
+            // The copy made above, unless reclaim has since found that no version needs it
+            // (then nothing needs the old data either).
+            let e = if self.top[c as usize].load(SeqCst) == newest {
+                self.copy_epoch[c as usize].load(SeqCst)
+            } else {
+                0
+            };
+            let within = (start - c * self.cs) as usize;
+            let plen = (end - start) as usize;
+            if let Some(ov) = lock(&self.overlays).get_mut(&c) {
+                crate::volume::gather(&piece, &mut ov.data[within..within + plen]);
+                ov.epoch = ov.epoch.max(e);
+                continue;
+            }
+            if e <= self.store.durable_epoch.load(SeqCst) {
+                write_all(&piece, start)?;
+                continue;
+            }
+            let clen = self.chunk_len(c) as usize;
+            if self.overlay_bytes.load(SeqCst) + clen > MAX_OVERLAY_BYTES {
+                self.store.wait_durable(e)?;
+                write_all(&piece, start)?;
+                continue;
+            }
+            // The origin chunk still holds the data just copied out: start from it.
+            let mut data = vec![0u8; clen];
+            self.io(
+                || format!("reading origin {} chunk {c}", self.origin.name()),
+                self.origin.read_at(&mut data, c * self.cs),
+            )?;
+            crate::volume::gather(&piece, &mut data[within..within + plen]);
+            lock(&self.overlays).insert(c, Overlay { epoch: e, data });
+            self.overlay_bytes.fetch_add(clen, SeqCst);
+            self.overlay_count.fetch_add(1, SeqCst);
+            self.overlay_flag[c as usize].store(true, SeqCst);
+            self.store.commit_wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Writes overlays whose copy-out is durable to the origin. `wait`: take every chunk lock
+    /// (callers that hold none); otherwise skip chunks that are busy.
+    pub fn drain_overlays(&self, wait: bool) {
+        if self.overlay_count.load(SeqCst) == 0 {
+            return;
+        }
+        let durable = self.store.durable_epoch.load(SeqCst);
+        let ready: Vec<u64> = lock(&self.overlays)
+            .iter()
+            .filter(|(_, o)| o.epoch <= durable)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in ready {
+            let _g = if wait {
+                self.stripe(c)
+            } else {
+                match self.stripes[(c as usize) % STRIPES].try_lock() {
+                    Ok(g) => g,
+                    Err(_) => continue,
+                }
+            };
+            let ov = {
+                let mut ovs = lock(&self.overlays);
+                match ovs.get(&c) {
+                    Some(o) if o.epoch <= durable => ovs.remove(&c),
+                    _ => None,
+                }
+            };
+            let Some(ov) = ov else { continue };
+            if let Err(e) = self.origin.write_at(&ov.data, c * self.cs) {
+                let msg = format!("writing origin {} chunk {c}: {e}", self.origin.name());
+                log::error!("{msg}");
+                *lock(&self.overlay_error) = Some(msg);
+            }
+            self.overlay_flag[c as usize].store(false, SeqCst);
+            self.overlay_bytes.fetch_sub(ov.data.len(), SeqCst);
+            self.overlay_count.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// Commits and writes out every overlay (before an operation that reads the origin device
+    /// as the truth: a snapshot, a rollback, a flush).
+    fn settle_overlays(&self) -> Result<()> {
+        if self.overlay_count.load(SeqCst) > 0 {
+            self.store.commit_sync()?;
+            self.drain_overlays(true);
+        }
+        if let Some(e) = lock(&self.overlay_error).take() {
+            return Err(Error::io(e, std::io::Error::other("overlay write failed")));
+        }
+        Ok(())
     }
 
     pub fn origin_flush(&self) -> Result<()> {
         self.check_alive()?;
+        self.settle_overlays()?;
         self.io(
             || format!("syncing origin {}", self.origin.name()),
             self.origin.sync(),
@@ -865,6 +1022,7 @@ impl OriginCore {
                     )));
                 }
                 let _closed = self.gate.close();
+                self.settle_overlays()?;
                 // The snapshot holds every write completed before it: make those durable, as
                 // its chunks still on the origin are read from there.
                 self.io(
@@ -1029,6 +1187,7 @@ impl OriginCore {
         let epoch = {
             let _c1 = self.gate.close();
             let _c2 = s.gate.close();
+            self.settle_overlays()?;
             let mut m = self.store.lock_meta();
             let seq = self
                 .newest
@@ -1142,6 +1301,7 @@ impl OriginCore {
         if self.has_snapshots() {
             return Err(Error::HasSnapshots(self.id.clone()));
         }
+        self.settle_overlays()?;
         self.reclaim()?;
         Ok(())
     }
@@ -1165,6 +1325,7 @@ impl OriginCore {
         if self.unbound.load(SeqCst) || self.store.check_failed().is_err() {
             return Ok(false);
         }
+        self.drain_overlays(false);
         if self.reclaim_needed.swap(false, SeqCst) {
             let _ops = lock(&self.ops);
             self.reclaim()?;
@@ -1300,7 +1461,8 @@ impl OriginCore {
         for c in 0..self.nchunks {
             let list = self.map[c as usize].load();
             let Some(l) = list.as_ref() else { continue };
-            if !l.iter().any(|e| garbage(l, e)) {
+            // A chunk with an overlay keeps its copy until the overlay is written.
+            if self.overlay_flag[c as usize].load(SeqCst) || !l.iter().any(|e| garbage(l, e)) {
                 continue;
             }
             let _g = self.stripe(c);

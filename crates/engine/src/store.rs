@@ -705,6 +705,12 @@ impl StoreCore {
             }
             self.release_freed(epoch);
             self.set_durable(epoch);
+            // Origin writes held back for this batch's copy-outs can go to the origins now.
+            let origins: Vec<Arc<OriginCore>> =
+                self.lock_meta().origins.values().cloned().collect();
+            for o in origins {
+                o.drain_overlays(false);
+            }
             if need_ckpt {
                 if let Err(e) = self.checkpoint() {
                     self.fail(e);
