@@ -78,13 +78,22 @@ fn prewrite(vol: &Volume, lo: u64, hi: u64) -> Result<()> {
     let mut off = lo;
     while off < hi {
         let n = (hi - off).min(buf.len() as u64) as usize;
-        vol.write(off, &buf[..n]).map_err(eng("pre-write of the hot range"))?;
+        vol.write(off, &buf[..n])
+            .map_err(eng("pre-write of the hot range"))?;
         off += n as u64;
     }
     Ok(())
 }
 
-fn build(origin: &Origin, vol: &Volume, have: &mut usize, want: usize, size: u64, writes: bool, threads: usize) -> Result<f64> {
+fn build(
+    origin: &Origin,
+    vol: &Volume,
+    have: &mut usize,
+    want: usize,
+    size: u64,
+    writes: bool,
+    threads: usize,
+) -> Result<f64> {
     let t = Instant::now();
     if writes {
         let mut rng = fastrand::Rng::with_seed(99);
@@ -92,9 +101,12 @@ fn build(origin: &Origin, vol: &Volume, have: &mut usize, want: usize, size: u64
         while *have < want {
             for _ in 0..8 {
                 let off = rng.u64(0..size / K4) * K4;
-                vol.write(off, &buf).map_err(eng("write between snapshots"))?;
+                vol.write(off, &buf)
+                    .map_err(eng("write between snapshots"))?;
             }
-            origin.create_snapshot(None, "").map_err(eng("snapshot create"))?;
+            origin
+                .create_snapshot(None, "")
+                .map_err(eng("snapshot create"))?;
             *have += 1;
         }
     } else {
@@ -105,10 +117,14 @@ fn build(origin: &Origin, vol: &Volume, have: &mut usize, want: usize, size: u64
                     let todo = &todo;
                     s.spawn(move || -> Result<()> {
                         while todo
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| x.checked_sub(1))
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
+                                x.checked_sub(1)
+                            })
                             .is_ok()
                         {
-                            origin.create_snapshot(None, "").map_err(eng("snapshot create"))?;
+                            origin
+                                .create_snapshot(None, "")
+                                .map_err(eng("snapshot create"))?;
                         }
                         Ok(())
                     })
@@ -129,10 +145,14 @@ fn create_latency(origin: &Origin, k: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let (mut c, mut d) = (Vec::new(), Vec::new());
     for _ in 0..k {
         let t = Instant::now();
-        let tag = origin.create_snapshot(None, "").map_err(eng("snapshot create"))?;
+        let tag = origin
+            .create_snapshot(None, "")
+            .map_err(eng("snapshot create"))?;
         c.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        origin.delete_snapshot(tag).map_err(eng("snapshot delete"))?;
+        origin
+            .delete_snapshot(tag)
+            .map_err(eng("snapshot delete"))?;
         d.push(t.elapsed().as_secs_f64() * 1e3);
     }
     Ok((c, d))
@@ -154,9 +174,18 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     let cow = ctx.dir.join("eng.cow");
     fill_file(&origin_path, size)?;
     sparse_file(&cow, size * 2)?;
-    Store::format(&cow, &FormatOptions { chunk_size: K4 as u32, force: true }).map_err(eng("format"))?;
+    Store::format(
+        &cow,
+        &FormatOptions {
+            chunk_size: K4 as u32,
+            force: true,
+        },
+    )
+    .map_err(eng("format"))?;
     let store = Store::open(&cow, false).map_err(eng("open"))?;
-    let origin = store.bind_origin("eng", &origin_path, false).map_err(eng("bind origin"))?;
+    let origin = store
+        .bind_origin("eng", &origin_path, false)
+        .map_err(eng("bind origin"))?;
     let vol = origin.volume();
     let hot = 16u64 << 20;
     let dur = ctx.dur;
@@ -178,17 +207,23 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         }
         rate_row(ctx, &format!("origin 4k random write, 1 thread, {level} snapshots (16 MiB range written since the last snapshot)"), v);
         if level == 1 {
-            let slice = (size - hot) / reps as u64;
+            let slice = (size - hot) / reps as u64 / (1 << 20) * (1 << 20);
             for threads in [1usize, 16] {
                 let mut v = Vec::new();
                 for r in 0..reps as u64 {
                     // A fresh snapshot per repetition keeps the level at ~1 and every chunk untouched.
-                    origin.create_snapshot(None, "").map_err(eng("snapshot create"))?;
+                    origin
+                        .create_snapshot(None, "")
+                        .map_err(eng("snapshot create"))?;
                     have += 1;
                     let lo = hot + r * slice;
-                    v.push(first_writes(&vol, threads, dur, lo, lo + slice / K4 * K4)?);
+                    v.push(first_writes(&vol, threads, dur, lo, lo + slice)?);
                 }
-                rate_row(ctx, &format!("origin 4k first write after a snapshot, {threads} thread(s)"), v);
+                rate_row(
+                    ctx,
+                    &format!("origin 4k first write after a snapshot, {threads} thread(s)"),
+                    v,
+                );
             }
             let (c, d) = create_latency(&origin, if ctx.quick { 50 } else { 200 })?;
             push_lat(ctx, "snapshot create (no load)", have, &c);
@@ -207,8 +242,20 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn push_lat(ctx: &mut Ctx, what: &str, have: usize, v: &[f64]) {
-    eprintln!("  {what} at {have}: p50 {:.2} ms p99 {:.2} ms max {:.2} ms", pct(v, 0.5), pct(v, 0.99), pct(v, 1.0));
+    eprintln!(
+        "  {what} at {have}: p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+        pct(v, 0.5),
+        pct(v, 0.99),
+        pct(v, 1.0)
+    );
     for (n, p) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
-        ctx.rows.push(Row::new("E", &format!("{what}, {have} existing snapshots ({} samples)", v.len()), &format!("{n} ms"), &[pct(v, p)], &[], "—"));
+        ctx.rows.push(Row::new(
+            "E",
+            &format!("{what}, {have} existing snapshots ({} samples)", v.len()),
+            &format!("{n} ms"),
+            &[pct(v, p)],
+            &[],
+            "—",
+        ));
     }
 }

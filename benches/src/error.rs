@@ -68,7 +68,10 @@ pub enum BenchError {
 pub type Result<T> = std::result::Result<T, BenchError>;
 
 /// Builds an [`BenchError::Io`] mapper.
-pub fn io_err(what: impl Into<String>, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> BenchError {
+pub fn io_err(
+    what: impl Into<String>,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> BenchError {
     let what = what.into();
     let path = path.into();
     move |source| BenchError::Io { what, path, source }

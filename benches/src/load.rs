@@ -113,7 +113,14 @@ pub struct LoadSpec {
 
 impl LoadSpec {
     /// A timed run over `range`.
-    pub fn new(pattern: Pattern, bs: usize, qd: usize, queues: usize, duration: Duration, range: (u64, u64)) -> Self {
+    pub fn new(
+        pattern: Pattern,
+        bs: usize,
+        qd: usize,
+        queues: usize,
+        duration: Duration,
+        range: (u64, u64),
+    ) -> Self {
         LoadSpec {
             pattern,
             bs,
@@ -133,7 +140,12 @@ impl LoadSpec {
         } else {
             format!("{}k", self.bs >> 10)
         };
-        format!("{bs} {} QD{} {}q", self.pattern.name(), self.qd, self.queues)
+        format!(
+            "{bs} {} QD{} {}q",
+            self.pattern.name(),
+            self.qd,
+            self.queues
+        )
     }
 }
 
@@ -185,12 +197,14 @@ impl Conn {
     /// Connects to `sock` with `queues` queues and a data region of at least `region_len`.
     pub fn connect(sock: &Path, queues: usize, region_len: usize) -> Result<Conn> {
         let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| berr("new", sock, e))?;
-        let path = sock
-            .to_str()
-            .ok_or_else(|| BenchError::Invalid(format!("socket path {} is not UTF-8", sock.display())))?;
-        b.set_str("path", path).map_err(|e| berr("set path", sock, e))?;
+        let path = sock.to_str().ok_or_else(|| {
+            BenchError::Invalid(format!("socket path {} is not UTF-8", sock.display()))
+        })?;
+        b.set_str("path", path)
+            .map_err(|e| berr("set path", sock, e))?;
         b.connect().map_err(|e| berr("connect", sock, e))?;
-        let nq = i32::try_from(queues).map_err(|_| BenchError::Invalid(format!("{queues} queues")))?;
+        let nq =
+            i32::try_from(queues).map_err(|_| BenchError::Invalid(format!("{queues} queues")))?;
         b.set_i32("num-queues", nq)
             .map_err(|e| berr("set num-queues", sock, e))?;
         b.set_i32("queue-size", 256)
@@ -225,7 +239,12 @@ impl Conn {
     }
 
     /// Runs `spec`, measuring the CPU time of process `server_pid`.
-    pub fn run(&mut self, spec: &LoadSpec, server_pid: u32, stop: Option<&AtomicBool>) -> Result<LoadResult> {
+    pub fn run(
+        &mut self,
+        spec: &LoadSpec,
+        server_pid: u32,
+        stop: Option<&AtomicBool>,
+    ) -> Result<LoadResult> {
         let nq = spec.queues;
         if nq == 0 || nq > self.queues.len() {
             return Err(BenchError::Invalid(format!(
@@ -299,7 +318,8 @@ impl Conn {
             });
         }
         lats.sort_unstable();
-        let pct = |p: f64| lats[((lats.len() as f64 * p) as usize).min(lats.len() - 1)] as f64 / 1000.0;
+        let pct =
+            |p: f64| lats[((lats.len() as f64 * p) as usize).min(lats.len() - 1)] as f64 / 1000.0;
         let mean = lats.iter().map(|&x| x as f64).sum::<f64>() / lats.len() as f64 / 1000.0;
         let secs = secs.max(1e-9);
         let cpu = match (cpu0, cpu1) {
@@ -447,7 +467,10 @@ fn queue_thread(
         if got == 0 {
             return Err(BenchError::Request {
                 sock: sock.to_path_buf(),
-                what: format!("{}: no completion within {IO_TIMEOUT:?} ({inflight} in flight)", spec.label()),
+                what: format!(
+                    "{}: no completion within {IO_TIMEOUT:?} ({inflight} in flight)",
+                    spec.label()
+                ),
             });
         }
         let now = Instant::now();
@@ -469,7 +492,11 @@ fn queue_thread(
                     what: format!("{}: completion for unknown slot {slot}", spec.label()),
                 });
             }
-            lats.push(now.duration_since(started[slot]).as_nanos().min(u32::MAX as u128) as u32);
+            lats.push(
+                now.duration_since(started[slot])
+                    .as_nanos()
+                    .min(u32::MAX as u128) as u32,
+            );
             inflight -= 1;
             if go_on && submit(q, slot, &mut next, &mut started) {
                 inflight += 1;

@@ -76,7 +76,10 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs returned 0, so it initialised `st`.
     let st = unsafe { st.assume_init() };
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    // c_ulong is u64 on 64-bit targets only.
+    #[allow(clippy::unnecessary_cast)]
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    Some(free)
 }
 
 fn find_snapmv(arg: Option<PathBuf>) -> Result<PathBuf> {
@@ -85,28 +88,36 @@ fn find_snapmv(arg: Option<PathBuf>) -> Result<PathBuf> {
     }
     let exe = std::env::current_exe().map_err(io_err("locating this binary", "/proc/self/exe"))?;
     let bin = exe.with_file_name("snapmv");
-    if !bin.exists() {
-        eprintln!("building the release snapmv binary (cargo build --release -p snapmv)");
-        let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let st = Command::new("cargo")
-            .args(["build", "--release", "-p", "snapmv"])
-            .current_dir(&ws)
-            .status()
-            .map_err(io_err("running cargo", &ws))?;
-        if !st.success() || !bin.exists() {
-            return Err(BenchError::Command {
-                program: "cargo".into(),
-                args: "build --release -p snapmv".into(),
-                what: format!("{st}; {} still missing", bin.display()),
-            });
-        }
+    // Always (re)build: a stale binary would measure other code than the engine scenario.
+    eprintln!("building the release snapmv binary (cargo build --release -p snapmv)");
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| ws.join("target"));
+    let st = Command::new("cargo")
+        .args(["build", "--release", "-p", "snapmv"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(&ws)
+        .status()
+        .map_err(io_err("running cargo", &ws))?;
+    if !st.success() || !bin.exists() {
+        return Err(BenchError::Command {
+            program: "cargo".into(),
+            args: "build --release -p snapmv".into(),
+            what: format!("{st}; {} missing", bin.display()),
+        });
     }
     Ok(bin)
 }
 
 fn run(args: Args) -> Result<()> {
     if args.reps < 3 {
-        return Err(BenchError::Invalid(format!("--reps {} (at least 3)", args.reps)));
+        return Err(BenchError::Invalid(format!(
+            "--reps {} (at least 3)",
+            args.reps
+        )));
     }
     let all = ["1", "2", "3", "4", "5", "6", "engine"];
     let sel: Vec<String> = if args.scenario.is_empty() {
@@ -115,7 +126,9 @@ fn run(args: Args) -> Result<()> {
         args.scenario.clone()
     };
     if let Some(bad) = sel.iter().find(|s| !all.contains(&s.as_str())) {
-        return Err(BenchError::Invalid(format!("unknown scenario {bad:?} (1..6, engine)")));
+        return Err(BenchError::Invalid(format!(
+            "unknown scenario {bad:?} (1..6, engine)"
+        )));
     }
     let want = |s: &str| sel.iter().any(|x| x == s);
     let snapmv_bin = find_snapmv(args.snapmv_bin.clone())?;
@@ -125,7 +138,11 @@ fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("/tmp/snapmv-bench-{}", std::process::id())));
     std::fs::create_dir_all(&dir).map_err(io_err("creating the scratch directory", &dir))?;
     let dir = dir.canonicalize().map_err(io_err("resolving", &dir))?;
-    let (size, small) = if args.quick { (2u64 << 30, 512u64 << 20) } else { (4u64 << 30, 1u64 << 30) };
+    let (size, small) = if args.quick {
+        (2u64 << 30, 512u64 << 20)
+    } else {
+        (4u64 << 30, 1u64 << 30)
+    };
     let need = size * 4 + small * 6;
     if let Some(free) = free_bytes(&dir) {
         if free < need {
@@ -140,7 +157,9 @@ fn run(args: Args) -> Result<()> {
     let dur = Duration::from_secs_f64(args.secs.unwrap_or(if args.quick { 1.0 } else { 5.0 }));
     let date = sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let load_before = loadavg();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
@@ -157,7 +176,11 @@ fn run(args: Args) -> Result<()> {
         .unwrap_or_default()
         .lines()
         .next()
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<u64>().ok()))
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|k| k.parse::<u64>().ok())
+        })
         .map(|k| k as f64 / (1 << 20) as f64)
         .unwrap_or(0.0);
     let qsd_version = sh("qemu-storage-daemon", &["--version"])
@@ -166,7 +189,10 @@ fn run(args: Args) -> Result<()> {
         .unwrap_or("?")
         .to_string();
     let ws = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let commit = sh("git", &["-C", ws, "rev-parse", "--short", "HEAD"]);
+    let mut commit = sh("git", &["-C", ws, "rev-parse", "--short", "HEAD"]);
+    if !sh("git", &["-C", ws, "status", "--porcelain", "--", "crates", "backend"]).is_empty() {
+        commit.push_str(" + uncommitted changes in crates/ or backend/");
+    }
     eprintln!("snapmv-bench: {date}, {cores} cores ({cpu}), kernel {kernel}, load {load_before}, scratch {}", dir.display());
     let mut ctx = Ctx {
         quick: args.quick,
@@ -207,7 +233,8 @@ fn run(args: Args) -> Result<()> {
     let table = report::markdown(&ctx.rows);
     let md = format!("{header}\n\n{table}");
     println!("{md}");
-    std::fs::create_dir_all(&args.out).map_err(io_err("creating the output directory", &args.out))?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(io_err("creating the output directory", &args.out))?;
     let mdp = args.out.join("latest.md");
     std::fs::write(&mdp, &md).map_err(io_err("writing", &mdp))?;
     let js = json!({
@@ -241,7 +268,11 @@ fn run_scenarios(ctx: &mut Ctx, want: &dyn Fn(&str) -> bool) -> Result<()> {
             scenarios::fill_file(&origin, ctx.size)?;
             scenarios::sparse_file(&store, ctx.size)?;
             sm.export_origin("vol", &origin, &store, true, false)?;
-            eprintln!("origin of {} GiB written in {:.1} s", ctx.size >> 30, t.elapsed().as_secs_f64());
+            eprintln!(
+                "origin of {} GiB written in {:.1} s",
+                ctx.size >> 30,
+                t.elapsed().as_secs_f64()
+            );
             if want("1") {
                 scenarios::s1(ctx, &mut sm, &origin, &store)?;
             }

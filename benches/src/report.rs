@@ -110,7 +110,14 @@ pub struct Row {
 
 impl Row {
     /// A row from two sets of values.
-    pub fn new(scenario: &str, case: &str, metric: &str, snapmv: &[f64], peer: &[f64], peer_name: &str) -> Row {
+    pub fn new(
+        scenario: &str,
+        case: &str,
+        metric: &str,
+        snapmv: &[f64],
+        peer: &[f64],
+        peer_name: &str,
+    ) -> Row {
         let s = Stat::of(snapmv);
         let p = Stat::of(peer);
         let ratio = match (&s, &p) {
@@ -132,9 +139,22 @@ impl Row {
     }
 
     /// An IOPS row from load runs.
-    pub fn load(scenario: &str, case: &str, snapmv: &[LoadResult], peer: &[LoadResult], peer_name: &str) -> Row {
+    pub fn load(
+        scenario: &str,
+        case: &str,
+        snapmv: &[LoadResult],
+        peer: &[LoadResult],
+        peer_name: &str,
+    ) -> Row {
         let iops = |v: &[LoadResult]| v.iter().map(|r| r.iops).collect::<Vec<_>>();
-        let mut r = Row::new(scenario, case, "IOPS", &iops(snapmv), &iops(peer), peer_name);
+        let mut r = Row::new(
+            scenario,
+            case,
+            "IOPS",
+            &iops(snapmv),
+            &iops(peer),
+            peer_name,
+        );
         r.snapmv_detail = Detail::of(snapmv);
         r.peer_detail = Detail::of(peer);
         r
@@ -170,7 +190,9 @@ fn num(x: f64) -> String {
 
 fn stat_cell(s: &Option<Stat>) -> String {
     match s {
-        Some(s) if s.values.len() > 1 => format!("{} ({}–{})", num(s.median), num(s.min), num(s.max)),
+        Some(s) if s.values.len() > 1 => {
+            format!("{} ({}–{})", num(s.median), num(s.min), num(s.max))
+        }
         Some(s) => num(s.median),
         None => "—".into(),
     }
@@ -214,7 +236,9 @@ pub fn markdown(rows: &[Row]) -> String {
             stat_cell(&r.snapmv),
             stat_cell(&r.peer),
             esc(&r.peer_name),
-            r.ratio.map(|x| format!("{x:.2}×")).unwrap_or_else(|| "—".into()),
+            r.ratio
+                .map(|x| format!("{x:.2}×"))
+                .unwrap_or_else(|| "—".into()),
             lat_cell(&r.snapmv_detail),
             lat_cell(&r.peer_detail),
             cpu_cell(&r.snapmv_detail),

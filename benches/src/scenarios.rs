@@ -105,7 +105,10 @@ fn ab(
 
 fn goal(row: Row, g: f64) -> Row {
     let met = row.ratio.is_some_and(|r| r >= g);
-    row.note(format!("goal ≥{g}×: {}", if met { "met" } else { "NOT met" }))
+    row.note(format!(
+        "goal ≥{g}×: {}",
+        if met { "met" } else { "NOT met" }
+    ))
 }
 
 /// Scenario 1: origin without snapshot, buffered and O_DIRECT.
@@ -134,7 +137,13 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
                     || run_on(&sock, sm.pid(), &spec),
                     || run_on(&qsd.socket, qsd.pid(), &spec),
                 )?;
-                let row = Row::load("1", &format!("buffered {}", spec.label()), &a, &b, &format!("QSD raw aio={}", ctx.aio));
+                let row = Row::load(
+                    "1",
+                    &format!("buffered {}", spec.label()),
+                    &a,
+                    &b,
+                    &format!("QSD raw aio={}", ctx.aio),
+                );
                 ctx.rows.push(goal(row, if q == 1 { 2.0 } else { 5.0 }));
             }
         }
@@ -147,12 +156,26 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
         .and_then(|s| {
             let probe = LoadSpec {
                 max_ops: Some(64),
-                ..LoadSpec::new(Pattern::RandWrite, K4, 4, 1, Duration::from_secs(5), (0, ctx.size))
+                ..LoadSpec::new(
+                    Pattern::RandWrite,
+                    K4,
+                    4,
+                    1,
+                    Duration::from_secs(5),
+                    (0, ctx.size),
+                )
             };
             run_on(&s, sm.pid(), &probe)?;
             let probe = LoadSpec {
                 max_ops: Some(64),
-                ..LoadSpec::new(Pattern::RandRead, K4, 4, 1, Duration::from_secs(5), (0, ctx.size))
+                ..LoadSpec::new(
+                    Pattern::RandRead,
+                    K4,
+                    4,
+                    1,
+                    Duration::from_secs(5),
+                    (0, ctx.size),
+                )
             };
             run_on(&s, sm.pid(), &probe)?;
             Ok(s)
@@ -161,8 +184,17 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
         Err(e) => {
             eprintln!("  O_DIRECT: not supported yet: {e}");
             ctx.rows.push(
-                Row::new("1", "O_DIRECT (all cases)", "IOPS", &[], &[], "QSD raw cache.direct=on")
-                    .note(format!("not run: snapmv does not support O_DIRECT yet ({e})")),
+                Row::new(
+                    "1",
+                    "O_DIRECT (all cases)",
+                    "IOPS",
+                    &[],
+                    &[],
+                    "QSD raw cache.direct=on",
+                )
+                .note(format!(
+                    "not run: snapmv does not support O_DIRECT yet ({e})"
+                )),
             );
         }
         Ok(dsock) => {
@@ -175,7 +207,13 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
                         || run_on(&dsock, sm.pid(), &spec),
                         || run_on(&qsd.socket, qsd.pid(), &spec),
                     )?;
-                    let row = Row::load("1", &format!("O_DIRECT {}", spec.label()), &a, &b, &format!("QSD raw cache.direct=on aio={}", ctx.aio));
+                    let row = Row::load(
+                        "1",
+                        &format!("O_DIRECT {}", spec.label()),
+                        &a,
+                        &b,
+                        &format!("QSD raw cache.direct=on aio={}", ctx.aio),
+                    );
                     ctx.rows.push(goal(row, 1.1));
                 }
             }
@@ -193,7 +231,20 @@ pub fn s2(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path) -> Result<()> {
     let sock = sm.socket_dir.join("vol.sock");
     let img = ctx.dir.join("s2.qcow2");
     let (o, i) = (origin.display().to_string(), img.display().to_string());
-    run_cmd("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536", &o, &i])?;
+    run_cmd(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            &o,
+            &i,
+        ],
+    )?;
     let mut qsd = Qsd::start_qcow2(&ctx.dir, "qcow2", &img, None, &ctx.aio)?;
     let mut base = Vec::new();
     for qd in [1, 32] {
@@ -204,7 +255,13 @@ pub fn s2(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path) -> Result<()> {
             || run_on(&sock, sm.pid(), &spec),
             || run_on(&qsd.socket, qsd.pid(), &spec),
         )?;
-        let row = Row::load("2", &format!("{}, no snapshot (baseline)", spec.label()), &a, &b, "QSD qcow2 64k, no snapshot");
+        let row = Row::load(
+            "2",
+            &format!("{}, no snapshot (baseline)", spec.label()),
+            &a,
+            &b,
+            "QSD qcow2 64k, no snapshot",
+        );
         base.push(row.snapmv.as_ref().map(|s| s.median).unwrap_or(0.0));
         ctx.rows.push(row);
     }
@@ -235,7 +292,10 @@ pub fn s2(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path) -> Result<()> {
         )?;
         let row = Row::load(
             "2",
-            &format!("{}, every write a first write after a snapshot", spec.label()),
+            &format!(
+                "{}, every write a first write after a snapshot",
+                spec.label()
+            ),
             &a,
             &b,
             "QSD qcow2 64k after internal snapshot",
@@ -255,7 +315,14 @@ pub fn s2(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path) -> Result<()> {
 fn write_some(conn: &mut Conn, pid: u32, n: u64, size: u64) -> Result<()> {
     let spec = LoadSpec {
         max_ops: Some(n),
-        ..LoadSpec::new(Pattern::RandWrite, K4, 16, 1, Duration::from_secs(60), (0, size))
+        ..LoadSpec::new(
+            Pattern::RandWrite,
+            K4,
+            16,
+            1,
+            Duration::from_secs(60),
+            (0, size),
+        )
     };
     conn.run(&spec, pid, None).map(|_| ())
 }
@@ -325,12 +392,27 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
     let sock = sm.export_origin("v3", &origin, &store, true, false)?;
     let img = ctx.dir.join("s3.qcow2");
     let (o, i) = (origin.display().to_string(), img.display().to_string());
-    run_cmd("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536", &o, &i])?;
+    run_cmd(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            &o,
+            &i,
+        ],
+    )?;
     let mut qsd = Qsd::start_qcow2(&ctx.dir, "s3", &img, None, &ctx.aio)?;
     let hot = 16u64 << 20;
     let (mut n_sm, mut n_q) = (0usize, 0usize);
     let qsd_max = if ctx.quick { 100 } else { 1000 };
     let k = if ctx.quick { 10 } else { 30 };
+    // snapmv's medians at 1 snapshot (overwrite, first write), for the flatness goal.
+    let mut lvl1 = [None, None];
     for level in [1usize, 100, 1000] {
         // Build up: some writes, then a snapshot, until `level` snapshots exist.
         let t = Instant::now();
@@ -361,25 +443,54 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
         let skip = "QSD peer skipped in --quick (each qcow2 internal snapshot costs ~80 ms here)";
         if run3 {
             // (a) overwrite of a range already written since the last snapshot.
-            let pre = LoadSpec::new(Pattern::Write, 1 << 20, 4, 1, Duration::from_secs(600), (0, hot));
-            let pre = LoadSpec { max_ops: Some(hot >> 20), ..pre };
+            let pre = LoadSpec::new(
+                Pattern::Write,
+                1 << 20,
+                4,
+                1,
+                Duration::from_secs(600),
+                (0, hot),
+            );
+            let pre = LoadSpec {
+                max_ops: Some(hot >> 20),
+                ..pre
+            };
             run_on(&sock, sm.pid(), &pre)?;
             if qsd_here {
                 run_on(&qsd.socket, qsd.pid(), &pre)?;
             }
             let spec = LoadSpec::new(Pattern::RandWrite, K4, 32, 1, ctx.dur, (0, hot));
             let (a, b) = if qsd_here {
-                ab(ctx.reps, &format!("{level} snapshots, overwrite {}", spec.label()), || run_on(&sock, sm.pid(), &spec), || run_on(&qsd.socket, qsd.pid(), &spec))?
+                ab(
+                    ctx.reps,
+                    &format!("{level} snapshots, overwrite {}", spec.label()),
+                    || run_on(&sock, sm.pid(), &spec),
+                    || run_on(&qsd.socket, qsd.pid(), &spec),
+                )?
             } else {
-                ab1(ctx.reps, &format!("{level} snapshots, overwrite {}", spec.label()), || run_on(&sock, sm.pid(), &spec))?
+                ab1(
+                    ctx.reps,
+                    &format!("{level} snapshots, overwrite {}", spec.label()),
+                    || run_on(&sock, sm.pid(), &spec),
+                )?
             };
-            let mut row = Row::load("3", &format!("{level} snapshots: {} on a 16 MiB range written since the last snapshot", spec.label()), &a, &b, "QSD qcow2 64k, same number of internal snapshots");
+            let mut row = Row::load(
+                "3",
+                &format!(
+                    "{level} snapshots: {} on a 16 MiB range written since the last snapshot",
+                    spec.label()
+                ),
+                &a,
+                &b,
+                "QSD qcow2 64k, same number of internal snapshots",
+            );
             if !qsd_here {
                 row = row.note(skip);
             }
+            row = flat(row, level, &mut lvl1[0]);
             ctx.rows.push(row);
             // (b) first writes (untouched chunks), a separate slice per repetition.
-            let slice = (size - hot) / ctx.reps as u64;
+            let slice = (size - hot) / ctx.reps as u64 / (1 << 20) * (1 << 20);
             let mut rep_a = 0;
             let mut rep_b = 0;
             let label = format!("{level} snapshots, first writes {}", spec.label());
@@ -395,7 +506,12 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
             let (a, b) = if qsd_here {
                 ab(ctx.reps, &label, run_a, || {
                     let s = LoadSpec {
-                        distinct: Some(Distinct::new(hot + rep_b * slice, slice, QCOW2_CLUSTER, None)),
+                        distinct: Some(Distinct::new(
+                            hot + rep_b * slice,
+                            slice,
+                            QCOW2_CLUSTER,
+                            None,
+                        )),
                         range: (0, size),
                         ..spec.clone()
                     };
@@ -405,10 +521,20 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
             } else {
                 ab1(ctx.reps, &label, run_a)?
             };
-            let mut row = Row::load("3", &format!("{level} snapshots: {}, every write a first write", spec.label()), &a, &b, "QSD qcow2 64k, same number of internal snapshots");
+            let mut row = Row::load(
+                "3",
+                &format!(
+                    "{level} snapshots: {}, every write a first write",
+                    spec.label()
+                ),
+                &a,
+                &b,
+                "QSD qcow2 64k, same number of internal snapshots",
+            );
             if !qsd_here {
                 row = row.note(skip);
             }
+            row = flat(row, level, &mut lvl1[1]);
             ctx.rows.push(row);
         }
         if run5 && (level == 1 || level == 1000) {
@@ -450,7 +576,11 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
                         size,
                         k,
                         &mut |i| q_cell.borrow_mut().snapshot(&format!("s5-{rep}-{i}")),
-                        &mut |i| q_cell.borrow_mut().delete_snapshot(&format!("s5-{rep}-{i}")),
+                        &mut |i| {
+                            q_cell
+                                .borrow_mut()
+                                .delete_snapshot(&format!("s5-{rep}-{i}"))
+                        },
                     )?;
                     eprintln!("    QSD    rep {rep}: create p50 {:.2} ms max {:.2} ms, delete p50 {:.2} ms max {:.2} ms, load {:.0} IOPS", pctl(&c1, 0.5), pctl(&c1, 1.0), pctl(&d1, 0.5), pctl(&d1, 1.0), l.iops);
                     qc.extend(c1);
@@ -461,7 +591,11 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
             let peer = "QSD qcow2 64k internal snapshot (QMP)";
             for (what, s, q) in [("create", &sc, &qc), ("delete", &sd, &qd)] {
                 for (pn, p) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
-                    let qv: Vec<f64> = if q.is_empty() { vec![] } else { vec![pctl(q, p)] };
+                    let qv: Vec<f64> = if q.is_empty() {
+                        vec![]
+                    } else {
+                        vec![pctl(q, p)]
+                    };
                     let mut row = Row::new(
                         "5",
                         &format!("snapshot {what} under 4k randwrite QD32, {level} existing ({} samples)", s.len()),
@@ -472,7 +606,10 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
                     );
                     if pn == "p99" {
                         let ok = pctl(s, p) < 5.0;
-                        row = row.note(format!("goal p99 < 5 ms: {}", if ok { "met" } else { "NOT met" }));
+                        row = row.note(format!(
+                            "goal p99 < 5 ms: {}",
+                            if ok { "met" } else { "NOT met" }
+                        ));
                     }
                     if q.is_empty() {
                         row = row.note(skip);
@@ -480,7 +617,13 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
                     ctx.rows.push(row);
                 }
             }
-            let mut row = Row::load("5", &format!("the randwrite QD32 load during it, {level} existing"), &sl, &ql, peer);
+            let mut row = Row::load(
+                "5",
+                &format!("the randwrite QD32 load during it, {level} existing"),
+                &sl,
+                &ql,
+                peer,
+            );
             row.case.push_str(" (background load)");
             ctx.rows.push(row);
         }
@@ -488,8 +631,36 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
     Ok(sock)
 }
 
+/// Scenario 3's goal: the rate with N snapshots against the rate with one.
+fn flat(row: Row, level: usize, at1: &mut Option<f64>) -> Row {
+    let m = row.snapmv.as_ref().map(|s| s.median);
+    if level == 1 {
+        *at1 = m;
+        return row;
+    }
+    match (m, *at1) {
+        (Some(m), Some(b)) if b > 0.0 => {
+            let r = m / b;
+            let goal = if level >= 1000 {
+                format!(
+                    " (goal ≥0.95: {})",
+                    if r >= 0.95 { "met" } else { "NOT met" }
+                )
+            } else {
+                String::new()
+            };
+            row.note(format!("{r:.2}× snapmv's rate at 1 snapshot{goal}"))
+        }
+        _ => row,
+    }
+}
+
 /// Like [`ab`] with no peer.
-fn ab1(reps: usize, label: &str, mut a: impl FnMut() -> Result<LoadResult>) -> Result<(Vec<LoadResult>, Vec<LoadResult>)> {
+fn ab1(
+    reps: usize,
+    label: &str,
+    mut a: impl FnMut() -> Result<LoadResult>,
+) -> Result<(Vec<LoadResult>, Vec<LoadResult>)> {
     eprintln!("  {label} (no peer)");
     let mut va = Vec::new();
     for rep in 0..reps {
@@ -509,19 +680,46 @@ pub fn s4(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path) -> Result<()> {
     let tag = sm.snapshot("vol")?;
     let fill = |stride: u64| LoadSpec {
         duration: None,
-        distinct: Some(Distinct::new(range.0, range.1, stride, Some(range.1 / stride / 2))),
+        distinct: Some(Distinct::new(
+            range.0,
+            range.1,
+            stride,
+            Some(range.1 / stride / 2),
+        )),
         ..LoadSpec::new(Pattern::RandWrite, K4, 32, 1, Duration::ZERO, range)
     };
     let t = Instant::now();
     run_on(&sock, sm.pid(), &fill(K4 as u64))?;
-    eprintln!("  half of 128 MiB copied out of the origin into the store in {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "  half of 128 MiB copied out of the origin into the store in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let ssock = sm.export_snapshot("snap4", "origin.raw", &ctx.dir.join("store1.cow"), tag)?;
     let ov = ctx.dir.join("ov.qcow2");
     let (o, v) = (origin.display().to_string(), ov.display().to_string());
-    run_cmd("qemu-img", &["create", "-f", "qcow2", "-o", "cluster_size=65536", "-b", &o, "-F", "raw", &v])?;
+    run_cmd(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            "-b",
+            &o,
+            "-F",
+            "raw",
+            &v,
+        ],
+    )?;
     let qsd = Qsd::start_qcow2(&ctx.dir, "overlay", &ov, Some(origin), &ctx.aio)?;
     run_on(&qsd.socket, qsd.pid(), &fill(QCOW2_CLUSTER))?;
-    for (p, qd) in [(Pattern::RandRead, 1), (Pattern::RandRead, 32), (Pattern::RandWrite, 1), (Pattern::RandWrite, 32)] {
+    for (p, qd) in [
+        (Pattern::RandRead, 1),
+        (Pattern::RandRead, 32),
+        (Pattern::RandWrite, 1),
+        (Pattern::RandWrite, 32),
+    ] {
         let spec = LoadSpec::new(p, K4, qd, 1, ctx.dur, range);
         let (a, b) = ab(
             ctx.reps,
@@ -529,9 +727,19 @@ pub fn s4(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path) -> Result<()> {
             || run_on(&ssock, sm.pid(), &spec),
             || run_on(&qsd.socket, qsd.pid(), &spec),
         )?;
-        let mut row = Row::load("4", &format!("snapshot volume {} over 128 MiB, half in store / half on origin", spec.label()), &a, &b, "QSD qcow2 64k overlay, half allocated, raw backing");
+        let mut row = Row::load(
+            "4",
+            &format!(
+                "snapshot volume {} over 128 MiB, half in store / half on origin",
+                spec.label()
+            ),
+            &a,
+            &b,
+            "QSD qcow2 64k overlay, half allocated, raw backing",
+        );
         if p == Pattern::RandWrite {
-            row = row.note("writes move data into the store, so the mix drifts over the repetitions");
+            row =
+                row.note("writes move data into the store, so the mix drifts over the repetitions");
         }
         ctx.rows.push(row);
     }
@@ -551,7 +759,8 @@ pub fn s6(ctx: &mut Ctx, sm: &mut Snapmv, sock: &Path) -> Result<()> {
     let size = ctx.small;
     let m: u64 = if ctx.quick { 8192 } else { 32768 };
     let bytes = m * K4 as u64;
-    let (mut effect, mut secs, mut tput, mut ddt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut effect, mut secs, mut tput, mut ddt) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut total_chunks = 0u64;
     let src = ctx.dir.join("dd-src");
     let dst = ctx.dir.join("dd-dst");
@@ -580,16 +789,24 @@ pub fn s6(ctx: &mut Ctx, sm: &mut Snapmv, sock: &Path) -> Result<()> {
                 break;
             }
             if t.elapsed() > Duration::from_secs(600) {
-                return Err(BenchError::Invalid("rollback of v3 did not finish in 600 s".into()));
+                return Err(BenchError::Invalid(
+                    "rollback of v3 did not finish in 600 s".into(),
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
         let s = t.elapsed().as_secs_f64();
         // dd of the same size, same machine, to the page cache and then to disk.
-        let (sa, da) = (format!("if={}", src.display()), format!("of={}", dst.display()));
+        let (sa, da) = (
+            format!("if={}", src.display()),
+            format!("of={}", dst.display()),
+        );
         let cnt = format!("count={}", bytes >> 20);
         let t = Instant::now();
-        run_cmd("dd", &[&sa, &da, "bs=1M", &cnt, "conv=fdatasync", "status=none"])?;
+        run_cmd(
+            "dd",
+            &[&sa, &da, "bs=1M", &cnt, "conv=fdatasync", "status=none"],
+        )?;
         let d = t.elapsed().as_secs_f64();
         eprintln!("  rep {rep}: effect {eff:.2} ms, copy-back of {m} chunks ({total_chunks} scanned) {s:.3} s = {:.1} MB/s; dd {:.1} MB/s", bytes as f64 / s / 1e6, bytes as f64 / d / 1e6);
         effect.push(eff);
@@ -598,7 +815,17 @@ pub fn s6(ctx: &mut Ctx, sm: &mut Snapmv, sock: &Path) -> Result<()> {
         ddt.push(bytes as f64 / d / 1e6);
         let _ = std::fs::remove_file(&dst);
     }
-    ctx.rows.push(Row::new("6", "rollback: time until it takes effect (RPC answered, guest reads the snapshot)", "ms", &effect, &[], "—").note("1000+ snapshots on the origin"));
+    ctx.rows.push(
+        Row::new(
+            "6",
+            "rollback: time until it takes effect (RPC answered, guest reads the snapshot)",
+            "ms",
+            &effect,
+            &[],
+            "—",
+        )
+        .note("1000+ snapshots on the origin"),
+    );
     ctx.rows.push(
         Row::new(
             "6",

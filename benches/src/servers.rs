@@ -133,10 +133,12 @@ impl Snapmv {
 
     /// Calls an RPC method.
     pub fn call(&mut self, method: &str, params: Value) -> Result<Value> {
-        self.rpc.call(method, params).map_err(|source| BenchError::Rpc {
-            method: method.into(),
-            source,
-        })
+        self.rpc
+            .call(method, params)
+            .map_err(|source| BenchError::Rpc {
+                method: method.into(),
+                source,
+            })
     }
 
     /// Exports an origin (binding and formatting the store when `format`), `queues` queues.
@@ -167,7 +169,13 @@ impl Snapmv {
     }
 
     /// Exports snapshot `tag` of `origin_id`. Returns the socket path.
-    pub fn export_snapshot(&mut self, name: &str, origin_id: &str, cow: &Path, tag: u32) -> Result<PathBuf> {
+    pub fn export_snapshot(
+        &mut self,
+        name: &str,
+        origin_id: &str,
+        cow: &Path,
+        tag: u32,
+    ) -> Result<PathBuf> {
         let r = self.call(
             "snapshot_export",
             json!({"name": name, "origin_id": origin_id, "cow": cow, "tag": tag,
@@ -182,7 +190,9 @@ impl Snapmv {
         r["tag"]
             .as_u64()
             .and_then(|t| u32::try_from(t).ok())
-            .ok_or_else(|| BenchError::Invalid(format!("snapshot_create on {name} returned no tag: {r}")))
+            .ok_or_else(|| {
+                BenchError::Invalid(format!("snapshot_create on {name} returned no tag: {r}"))
+            })
     }
 
     /// Deletes snapshot `tag` of the origin `name` exports.
@@ -193,7 +203,8 @@ impl Snapmv {
 
     /// Stops serving `name`.
     pub fn remove(&mut self, name: &str) -> Result<()> {
-        self.call("export_remove", json!({"name": name})).map(|_| ())
+        self.call("export_remove", json!({"name": name}))
+            .map(|_| ())
     }
 }
 
@@ -236,7 +247,10 @@ impl Qsd {
             "type=vhost-user-blk,id=exp0,node-name={node},addr.type=unix,addr.path={},writable=on,num-queues=2",
             socket.display()
         );
-        let chardev = format!("socket,id=qmp0,path={},server=on,wait=off", qmp_path.display());
+        let chardev = format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            qmp_path.display()
+        );
         let mut child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(blockdev.to_string())
@@ -250,7 +264,10 @@ impl Qsd {
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
-            .map_err(io_err("starting qemu-storage-daemon", "qemu-storage-daemon"))?;
+            .map_err(io_err(
+                "starting qemu-storage-daemon",
+                "qemu-storage-daemon",
+            ))?;
         for p in [&socket, &qmp_path] {
             if let Err(e) = wait_for_path(p, &mut child, "qemu-storage-daemon", &log) {
                 stop_child(&mut child);
@@ -290,7 +307,13 @@ impl Qsd {
     }
 
     /// Starts QSD on a qcow2 image (optionally with a raw backing file).
-    pub fn start_qcow2(dir: &Path, name: &str, image: &Path, backing: Option<&Path>, aio: &str) -> Result<Qsd> {
+    pub fn start_qcow2(
+        dir: &Path,
+        name: &str,
+        image: &Path,
+        backing: Option<&Path>,
+        aio: &str,
+    ) -> Result<Qsd> {
         let mut bd = json!({
             "driver": "qcow2", "node-name": "disk",
             "file": {"driver": "file", "filename": image, "aio": aio, "locking": "off"},
@@ -382,7 +405,11 @@ pub fn run_cmd(program: &str, args: &[&str]) -> Result<String> {
         return Err(BenchError::Command {
             program: program.into(),
             args: args.join(" "),
-            what: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+            what: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
