@@ -1052,30 +1052,8 @@ impl OriginCore {
                         memo: String::new(),
                     },
                 )?;
-                let leaf = self.push_node(
-                    &mut m,
-                    NodeMeta {
-                        kind: NodeKind::Leaf,
-                        dead: false,
-                        parent: chain,
-                        seq: 0,
-                        tag,
-                        parent_tag: 0,
-                        birth,
-                        memo: memo.into(),
-                    },
-                )?;
-                self.next_tag.store(tag + 1, SeqCst);
+                self.add_snapshot(&mut m, chain, tag, 0, birth, memo)?;
                 self.newest.store(seq, SeqCst);
-                lock(&self.snaps).insert(
-                    tag,
-                    Arc::new(SnapRt {
-                        tag,
-                        leaf: AtomicU32::new(leaf),
-                        gate: IoGate::default(),
-                        deleted: AtomicBool::new(false),
-                    }),
-                );
                 (m.epoch, tag)
             }
             Some(parent) => {
@@ -1090,34 +1068,48 @@ impl OriginCore {
                     )));
                 }
                 let frozen = self.freeze(&mut m, &ps)?;
-                let leaf = self.push_node(
-                    &mut m,
-                    NodeMeta {
-                        kind: NodeKind::Leaf,
-                        dead: false,
-                        parent: frozen,
-                        seq: 0,
-                        tag,
-                        parent_tag: parent,
-                        birth,
-                        memo: memo.into(),
-                    },
-                )?;
-                self.next_tag.store(tag + 1, SeqCst);
-                lock(&self.snaps).insert(
-                    tag,
-                    Arc::new(SnapRt {
-                        tag,
-                        leaf: AtomicU32::new(leaf),
-                        gate: IoGate::default(),
-                        deleted: AtomicBool::new(false),
-                    }),
-                );
+                self.add_snapshot(&mut m, frozen, tag, parent, birth, memo)?;
                 (m.epoch, tag)
             }
         };
         self.commit(epoch.0)?;
         Ok(epoch.1)
+    }
+
+    /// Adds snapshot `tag`: a leaf below `parent` (metadata lock held).
+    fn add_snapshot(
+        &self,
+        m: &mut MetaCore,
+        parent: u32,
+        tag: u32,
+        parent_tag: u32,
+        birth: u64,
+        memo: &str,
+    ) -> Result<()> {
+        let leaf = self.push_node(
+            m,
+            NodeMeta {
+                kind: NodeKind::Leaf,
+                dead: false,
+                parent,
+                seq: 0,
+                tag,
+                parent_tag,
+                birth,
+                memo: memo.into(),
+            },
+        )?;
+        self.next_tag.store(tag + 1, SeqCst);
+        lock(&self.snaps).insert(
+            tag,
+            Arc::new(SnapRt {
+                tag,
+                leaf: AtomicU32::new(leaf),
+                gate: IoGate::default(),
+                deleted: AtomicBool::new(false),
+            }),
+        );
+        Ok(())
     }
 
     /// Freezes snapshot `ps`'s leaf and gives the tag a fresh leaf below it (gate closed,
