@@ -143,7 +143,8 @@ fn run(args: Args) -> Result<()> {
     } else {
         (4u64 << 30, 1u64 << 30)
     };
-    let need = size * 4 + small * 6;
+    // Origins, qcow2 copies, and sparse stores that may fill up to their size.
+    let need = size * 6 + small * 12;
     if let Some(free) = free_bytes(&dir) {
         if free < need {
             return Err(BenchError::Invalid(format!(
@@ -251,7 +252,7 @@ fn run(args: Args) -> Result<()> {
         .map_err(|e| BenchError::Invalid(format!("serialising the results: {e}")))?;
     std::fs::write(&jp, text + "\n").map_err(io_err("writing", &jp))?;
     eprintln!("wrote {} and {}", mdp.display(), jp.display());
-    if !args.keep && args.scratch.is_none() {
+    if !args.keep && args.scratch.is_none() && res.is_ok() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     res
@@ -266,7 +267,7 @@ fn run_scenarios(ctx: &mut Ctx, want: &dyn Fn(&str) -> bool) -> Result<()> {
             let store = ctx.dir.join("store1.cow");
             let t = Instant::now();
             scenarios::fill_file(&origin, ctx.size)?;
-            scenarios::sparse_file(&store, ctx.size)?;
+            scenarios::sparse_file(&store, ctx.size * 3)?;
             sm.export_origin("vol", &origin, &store, true, false)?;
             eprintln!(
                 "origin of {} GiB written in {:.1} s",

@@ -388,7 +388,8 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
     let origin = ctx.dir.join("origin3.raw");
     let store = ctx.dir.join("store3.cow");
     fill_file(&origin, size)?;
-    sparse_file(&store, size * 2)?;
+    // 1,000 snapshots, first-write runs and the scenario-5 load copy out a lot: a roomy store.
+    sparse_file(&store, size * 8)?;
     let sock = sm.export_origin("v3", &origin, &store, true, false)?;
     let img = ctx.dir.join("s3.qcow2");
     let (o, i) = (origin.display().to_string(), img.display().to_string());
