@@ -90,10 +90,25 @@ fn base() -> &'static Base {
             v.write(i * 4096, &[0xa0 + i as u8; 4096]).unwrap();
         }
         let s2 = o.create_snapshot(Some(s1), "of first").unwrap();
-        o.snapshot_volume(s2).unwrap().write(8192, &[0x55; 4096]).unwrap();
+        o.snapshot_volume(s2)
+            .unwrap()
+            .write(8192, &[0x55; 4096])
+            .unwrap();
+        v.flush().unwrap();
+        drop((v, o, store));
+        // Fold the journal into a checkpoint written to both superblock slots (what
+        // `check --repair` does for a store with a bad slot 1), so that the image has a real
+        // checkpoint, two superblocks, and a journal on top of them.
+        st.data.lock().unwrap()[4096..4104].copy_from_slice(b"SNAPMVSB");
+        let r = check_storage(&*st, true).unwrap();
+        assert!(r.is_clean(), "{:?}", r.problems);
+        let store = Store::open_storage(st.clone()).unwrap();
+        let o = store.open_origin_storage("origin-1", or.clone()).unwrap();
+        let v = o.volume();
         let s3 = o.create_snapshot(None, "third").unwrap();
         v.write(5 * 4096, &[0x77; 4096]).unwrap();
         o.delete_snapshot(s3).unwrap();
+        v.write(6 * 4096, &[0x78; 4096]).unwrap();
         v.flush().unwrap();
         store.sync().unwrap();
         let image = st.data.lock().unwrap().clone();
@@ -110,25 +125,35 @@ fn le(img: &[u8], off: usize) -> u64 {
 fuzz_target!(|data: &[u8]| {
     let b = base();
     let mut img = b.image.clone();
-    // Superblock slot 0 describes the areas (field offsets as in docs/format.md).
-    let ckpt_off = le(&img, 24) as usize;
-    let ckpt_size = le(&img, 32) as usize;
-    let journal_off = le(&img, 40) as usize;
-    let ckpt_slot = u32::from_le_bytes(img[72..76].try_into().unwrap()) as usize;
-    let ckpt_len = le(&img, 76) as usize;
+    // The current superblock (highest generation) describes the areas (field offsets as in
+    // docs/format.md).
+    let sb = if le(&img, 4096 + 12) > le(&img, 12) && &img[4096..4104] == b"SNAPMVSB" {
+        4096
+    } else {
+        0
+    };
+    let ckpt_off = le(&img, sb + 24) as usize;
+    let ckpt_size = le(&img, sb + 32) as usize;
+    let journal_off = le(&img, sb + 40) as usize;
+    let ckpt_slot = (u32::from_le_bytes(img[sb + 72..sb + 76].try_into().unwrap()) & 1) as usize;
+    let ckpt_len = le(&img, sb + 76) as usize;
     let ckpt_at = ckpt_off + ckpt_slot * ckpt_size;
     // Edits: [area, offset lo, offset hi, len, bytes...]
     let mut d = data;
     let mut truncate = None;
     while d.len() >= 4 {
-        let (area, off, n) = (d[0], u16::from_le_bytes([d[1], d[2]]) as usize, d[3] as usize);
+        let (area, off, n) = (
+            d[0],
+            u16::from_le_bytes([d[1], d[2]]) as usize,
+            d[3] as usize,
+        );
         let bytes = &d[4..(4 + n).min(d.len())];
         d = &d[(4 + n).min(d.len())..];
         let (start, span) = match area % 6 {
-            0 => (0, 4096),                           // superblock slot 0
-            1 => (4096, 4096),                        // superblock slot 1
-            2 => (ckpt_at, ckpt_len.max(1)),          // current checkpoint
-            3 => (journal_off, 64 << 10),             // journal head
+            0 => (0, 4096),                                      // superblock slot 0
+            1 => (4096, 4096),                                   // superblock slot 1
+            2 => (ckpt_at, ckpt_len.max(1)),                     // current checkpoint
+            3 => (journal_off, 64 << 10),                        // journal head
             4 => (ckpt_off + (1 - ckpt_slot) * ckpt_size, 4096), // other checkpoint area
             _ => {
                 truncate = Some(off * 64);
@@ -147,14 +172,17 @@ fuzz_target!(|data: &[u8]| {
         Ok(r) => r.is_clean(),
         Err(_) => false,
     };
-    let repaired = Mem::new(img.clone());
-    if clean {
-        // Nothing to repair: repair must change nothing.
-    } else if let Ok(r) = check_storage(&*repaired, true) {
+    if !clean {
+        let repaired = Mem::new(img.clone());
+        if let Ok(r) = check_storage(&*repaired, true) {
         if r.is_clean() {
             // What repair left must check clean again.
             let again = check_storage(&*repaired, false).expect("check after repair");
-            assert!(again.is_clean(), "repair left problems: {:?}", again.problems);
+            assert!(
+                again.is_clean(),
+                "repair left problems: {:?}",
+                again.problems
+            );
         }
     }
     // Opening starts the store's background threads, which take a while to stop: only for
