@@ -175,14 +175,15 @@ fuzz_target!(|data: &[u8]| {
     if !clean {
         let repaired = Mem::new(img.clone());
         if let Ok(r) = check_storage(&*repaired, true) {
-        if r.is_clean() {
-            // What repair left must check clean again.
-            let again = check_storage(&*repaired, false).expect("check after repair");
-            assert!(
-                again.is_clean(),
-                "repair left problems: {:?}",
-                again.problems
-            );
+            if r.is_clean() {
+                // What repair left must check clean again.
+                let again = check_storage(&*repaired, false).expect("check after repair");
+                assert!(
+                    again.is_clean(),
+                    "repair left problems: {:?}",
+                    again.problems
+                );
+            }
         }
     }
     // Opening starts the store's background threads, which take a while to stop: only for
