@@ -13,7 +13,11 @@
 //!   and any rollback finishes after the restart without changing what the origin reads.
 //!
 //! `SNAPMV_CRASH_ROUNDS` (default 20) sets the number of rounds, `SNAPMV_CRASH_SEED` the seed
-//! (printed, so a failing run can be replayed).
+//! (printed, so a failing run can be replayed). `SNAPMV_CRASH_CHECK_SPACE=1` also bounds the
+//! chunks in use after each round (off by default until the snapshot-of-snapshot space leak
+//! is fixed), `SNAPMV_CRASH_NO_SNAP_OF_SNAP=1` takes snapshots of the origin only (so that long
+//! runs do not fill the store through that leak), `SNAPMV_CRASH_VERBOSE=1` prints the space
+//! per round.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::mem::MaybeUninit;
@@ -150,6 +154,8 @@ struct Shared {
     origin_gate: Mutex<()>,
     snap_gate: Mutex<()>,
     killed: AtomicBool,
+    /// SNAPMV_CRASH_NO_SNAP_OF_SNAP: only snapshots of the origin.
+    no_snap_of_snap: bool,
     failures: Mutex<Vec<String>>,
     stats: Mutex<Stats>,
 }
@@ -280,7 +286,7 @@ fn rpc_ops(sh: Arc<Shared>, rpc_socket: PathBuf, seed: u64) {
         let op = rng.u8(0..10);
         if (op < 4 && nsnaps < MAX_SNAPS) || nsnaps == 0 {
             // Snapshot of the origin (op even) or of the exported snapshot.
-            let of_origin = op % 2 == 0 || nsnaps == 0;
+            let of_origin = op % 2 == 0 || nsnaps == 0 || sh.no_snap_of_snap;
             let (gate, model, name) = if of_origin {
                 (&sh.origin_gate, &sh.origin, "vol")
             } else {
@@ -478,6 +484,7 @@ fn kill9_under_load() {
     let mut snaps: BTreeMap<u32, Vec<Content>> = BTreeMap::new();
     let mut total = Stats::default();
     let mut checks = 0u64;
+    let mut space: Vec<(u64, u64)> = Vec::new();
 
     for round in 0..rounds {
         let sh = Arc::new(Shared {
@@ -489,6 +496,7 @@ fn kill9_under_load() {
             origin_gate: Mutex::new(()),
             snap_gate: Mutex::new(()),
             killed: AtomicBool::new(false),
+            no_snap_of_snap: std::env::var_os("SNAPMV_CRASH_NO_SNAP_OF_SNAP").is_some(),
             failures: Mutex::new(Vec::new()),
             stats: Mutex::new(Stats::default()),
         });
@@ -649,6 +657,39 @@ fn kill9_under_load() {
         total.refused += st.refused;
         total.lost_in_kill += lost;
         total.killed_mid_rollback += u64::from(mid_rollback);
+        // Space: once reclaim has run, the store holds at most one chunk per block for each
+        // live snapshot (the exported one included), plus one hidden image per rollback that
+        // some snapshot still needs: never more than the volumes' size times that.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (used, pending) = loop {
+            let st = d.ok("status", json!({"name": "vol"}));
+            let used = st["stores"][0]["chunks_used"].as_u64().unwrap();
+            let pending = st["stores"][0]["origins"][0]["reclaim_pending_chunks"]
+                .as_u64()
+                .unwrap();
+            if pending == 0 || Instant::now() > deadline {
+                break (used, pending);
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        space.push((used, model_snaps.len() as u64 + 1));
+        // Opt-in until the snapshot-of-snapshot space leak is fixed (see
+        // tests/store_full.rs::snapshot_of_snapshot_then_delete_gives_the_space_back).
+        if std::env::var_os("SNAPMV_CRASH_CHECK_SPACE").is_some() {
+            let bound = BLOCKS * (model_snaps.len() as u64 + 3);
+            assert!(
+                used <= bound,
+                "round {round} (seed {seed}): {used} chunks in use with {} snapshots of \
+                 {BLOCKS} blocks (at most {bound} expected)",
+                model_snaps.len() + 1
+            );
+        }
+        if std::env::var_os("SNAPMV_CRASH_VERBOSE").is_some() {
+            eprintln!(
+                "round {round}: {used} chunks used, {pending} pending reclaim, {} snapshots",
+                model_snaps.len() + 1
+            );
+        }
         origin_now = got_origin;
         snap_now = got_snap;
         snaps = model_snaps;
@@ -659,6 +700,11 @@ fn kill9_under_load() {
     assert!(st.success(), "exit status {st}; log:\n{}", d.log());
     run_check(&d, &cow).unwrap_or_else(|e| panic!("snapmv check after SIGTERM: {e}"));
     checks += 1;
+    let max_used = space.iter().map(|s| s.0).max().unwrap_or(0);
+    eprintln!(
+        "kill9_under_load: most chunks in use after a round: {max_used} (per round, with live \
+         snapshots: {space:?})"
+    );
     eprintln!(
         "kill9_under_load: {rounds} rounds, {checks} checks clean; {total:?} \
          (lost_in_kill counts acknowledged but unflushed writes not found after a kill)"
