@@ -265,7 +265,10 @@ impl Conn {
             )));
         }
         let (roff, rlen) = spec.range;
-        if rlen < spec.bs as u64 || roff + rlen > self.capacity {
+        if rlen < (spec.bs * nq) as u64
+            || roff % 512 != 0
+            || roff.checked_add(rlen).is_none_or(|end| end > self.capacity)
+        {
             return Err(BenchError::Invalid(format!(
                 "range {roff}+{rlen} does not fit {} ({} bytes)",
                 self.sock.display(),

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(about = "Benchmarks snapmv against qemu-storage-daemon (blkio client)")]
 struct Args {
+    /// Instead of the suite: one load run against any vhost-user-blk socket.
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Short runs (1 s per point, smaller volumes): the whole suite in about 10 minutes.
     #[arg(long)]
     quick: bool,
@@ -48,6 +51,100 @@ struct Args {
     /// qemu-storage-daemon's aio mode for files (threads, io_uring, native).
     #[arg(long, default_value = "threads")]
     qsd_aio: String,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// One load run against a vhost-user-blk socket; prints the result as JSON.
+    Load {
+        /// The vhost-user-blk socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// randread, randwrite, read, write or mixed (70 % reads).
+        #[arg(long, default_value = "randread")]
+        pattern: String,
+        /// Request size in bytes (a multiple of 512).
+        #[arg(long, default_value_t = 4096)]
+        bs: usize,
+        /// Requests in flight per queue.
+        #[arg(long, default_value_t = 32)]
+        qd: usize,
+        /// Queues (one thread each).
+        #[arg(long, default_value_t = 1)]
+        queues: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// First byte of the range (default 0).
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Length of the range in bytes (default: the whole device).
+        #[arg(long)]
+        len: Option<u64>,
+        /// Distinct-chunk mode: every write on an untouched chunk of this many bytes.
+        #[arg(long)]
+        distinct_chunk: Option<u64>,
+        /// Pid of the server, for its CPU time per I/O.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+}
+
+fn adhoc(cmd: Cmd) -> Result<()> {
+    let Cmd::Load {
+        socket,
+        pattern,
+        bs,
+        qd,
+        queues,
+        secs,
+        offset,
+        len,
+        distinct_chunk,
+        server_pid,
+    } = cmd;
+    let pattern = match pattern.as_str() {
+        "randread" => load::Pattern::RandRead,
+        "randwrite" => load::Pattern::RandWrite,
+        "read" => load::Pattern::Read,
+        "write" => load::Pattern::Write,
+        "mixed" => load::Pattern::Mixed,
+        other => {
+            return Err(BenchError::Invalid(format!(
+                "unknown pattern {other:?} (randread, randwrite, read, write, mixed)"
+            )))
+        }
+    };
+    if distinct_chunk.is_some_and(|c| c == 0 || c % 512 != 0) {
+        return Err(BenchError::Invalid(
+            "--distinct-chunk must be a positive multiple of 512".into(),
+        ));
+    }
+    if !(secs > 0.0 && secs < 1e6) || queues == 0 || qd == 0 {
+        return Err(BenchError::Invalid(format!(
+            "--secs {secs}, --queues {queues}, --qd {qd}: all must be positive"
+        )));
+    }
+    let mut conn = load::Conn::connect(&socket, queues, queues * qd * bs)?;
+    let len = len.unwrap_or(conn.capacity.saturating_sub(offset));
+    let spec = load::LoadSpec {
+        distinct: distinct_chunk.map(|c| load::Distinct::new(offset, len, c, None)),
+        ..load::LoadSpec::new(
+            pattern,
+            bs,
+            qd,
+            queues,
+            Duration::from_secs_f64(secs),
+            (offset, len),
+        )
+    };
+    let r = conn.run(&spec, server_pid.unwrap_or(0), None)?;
+    let out = json!({"load": spec.label(), "result": r});
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&out).unwrap_or_else(|_| out.to_string())
+    );
+    Ok(())
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -112,7 +209,10 @@ fn find_snapmv(arg: Option<PathBuf>) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(mut args: Args) -> Result<()> {
+    if let Some(cmd) = args.cmd.take() {
+        return adhoc(cmd);
+    }
     if args.reps < 3 {
         return Err(BenchError::Invalid(format!(
             "--reps {} (at least 3)",
@@ -191,7 +291,12 @@ fn run(args: Args) -> Result<()> {
         .to_string();
     let ws = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut commit = sh("git", &["-C", ws, "rev-parse", "--short", "HEAD"]);
-    if !sh("git", &["-C", ws, "status", "--porcelain", "--", "crates", "backend"]).is_empty() {
+    if !sh(
+        "git",
+        &["-C", ws, "status", "--porcelain", "--", "crates", "backend"],
+    )
+    .is_empty()
+    {
         commit.push_str(" + uncommitted changes in crates/ or backend/");
     }
     eprintln!("snapmv-bench: {date}, {cores} cores ({cpu}), kernel {kernel}, load {load_before}, scratch {}", dir.display());
