@@ -8,7 +8,7 @@ use crate::meta::{bit_get, NodeKind, NodeMeta, OriginMeta, RollbackMeta, ROOT};
 use crate::storage::Storage;
 use crate::store::{MetaCore, StoreCore};
 use arc_swap::ArcSwapOption;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst,
 };
@@ -173,6 +173,9 @@ pub(crate) struct OriginCore {
     next_tag: AtomicU32,
     pub rollback: ArcSwapOption<RollbackRt>,
     reclaim_needed: AtomicBool,
+    reclaim_running: AtomicBool,
+    /// Live snapshots (the size of `snaps`), read on the write path without its lock.
+    live_snaps: AtomicUsize,
     unbound: AtomicBool,
     /// Origin writes waiting for their chunk's copy-out to become durable (see `Overlay`).
     overlays: Mutex<BTreeMap<u64, Overlay>>,
@@ -298,6 +301,8 @@ impl OriginCore {
             next_tag: AtomicU32::new(m.next_tag),
             rollback: ArcSwapOption::new(rollback),
             reclaim_needed: AtomicBool::new(has_dead),
+            reclaim_running: AtomicBool::new(false),
+            live_snaps: AtomicUsize::new(m.tags.len()),
             unbound: AtomicBool::new(false),
             overlays: Mutex::new(BTreeMap::new()),
             overlay_flag: (0..nchunks).map(|_| AtomicBool::new(false)).collect(),
@@ -492,12 +497,21 @@ impl OriginCore {
                 store: self.store.name.clone(),
                 what: format!("origin {}: chain seq {newest} has no node", self.id),
             })?;
-        let s = self.store.alloc_chunk(|| {
+        let s = match self.store.alloc_chunk(|| {
             format!(
                 "copy-out of origin {} chunk {c} before an origin write (the write fails)",
                 self.id
             )
-        })?;
+        }) {
+            Ok(s) => s,
+            // With no room, look closer (this costs a walk of the live snapshots): if every
+            // snapshot that would inherit the copy has its own, the old data is not needed.
+            Err(e) if !self.copy_needed(c, newest) => {
+                log::debug!("origin {}: chunk {c} needs no copy-out ({e})", self.id);
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
         let len = self.chunk_len(c) as usize;
         let mut buf = vec![0u8; self.cs as usize];
         let r = self
@@ -544,6 +558,26 @@ impl OriginCore {
         self.copy_epoch[c as usize].store(epoch, SeqCst);
         self.top[c as usize].store(newest, SeqCst);
         Ok(epoch)
+    }
+
+    /// Whether a copy of origin chunk `c` labelled with chain seq `newest` would be read by
+    /// any live snapshot (stripe lock held).
+    fn copy_needed(&self, c: u64, newest: u32) -> bool {
+        let Some(&node) = self.chain.get(newest as usize - 1) else {
+            return true;
+        };
+        let mut list: ExList = self.map[c as usize]
+            .load()
+            .as_deref()
+            .cloned()
+            .unwrap_or_default();
+        let probe = Ex {
+            node,
+            seq: newest,
+            store: u64::MAX,
+        };
+        list.push(probe);
+        self.readers().needed(&list, &probe)
     }
 
     /// Copies the rollback source's chunk `c` back onto the origin (idempotent).
@@ -662,7 +696,7 @@ impl OriginCore {
     pub fn origin_write(&self, offset: u64, len: u64, bufs: &[std::io::IoSlice<'_>]) -> Result<()> {
         let _pass = self.gate.enter();
         self.check_alive()?;
-        let newest = self.newest.load(SeqCst);
+        let mut newest = self.newest.load(SeqCst);
         let write_all = |bufs: &[std::io::IoSlice<'_>], at: u64| {
             self.io(
                 || format!("writing origin {} at {at}", self.origin.name()),
@@ -678,6 +712,10 @@ impl OriginCore {
             }
             self.store.wait_durable(wait)?;
             return write_all(bufs, offset);
+        }
+        if self.live_snaps.load(SeqCst) == 0 {
+            // No snapshot left (a new one would wait at the gate): nobody needs a copy.
+            newest = 0;
         }
         let in_place = |c: u64, durable: u64| {
             !self.overlay_flag[c as usize].load(SeqCst)
@@ -1100,7 +1138,8 @@ impl OriginCore {
             },
         )?;
         self.next_tag.store(tag + 1, SeqCst);
-        lock(&self.snaps).insert(
+        let mut snaps = lock(&self.snaps);
+        snaps.insert(
             tag,
             Arc::new(SnapRt {
                 tag,
@@ -1109,6 +1148,7 @@ impl OriginCore {
                 deleted: AtomicBool::new(false),
             }),
         );
+        self.live_snaps.store(snaps.len(), SeqCst);
         Ok(())
     }
 
@@ -1150,7 +1190,10 @@ impl OriginCore {
             if let Some(n) = self.node(s.leaf.load(SeqCst)) {
                 n.dead.store(true, SeqCst);
             }
-            lock(&self.snaps).remove(&tag);
+            let mut snaps = lock(&self.snaps);
+            snaps.remove(&tag);
+            self.live_snaps.store(snaps.len(), SeqCst);
+            drop(snaps);
             m.pending.push(Record::DeleteTag {
                 slot: self.slot,
                 tag,
@@ -1268,11 +1311,7 @@ impl OriginCore {
     }
 
     pub fn status(&self) -> OriginStatus {
-        let reclaim_pending_chunks = (0..self.nodes.count())
-            .filter_map(|i| self.nodes.get(i))
-            .filter(|n| n.dead.load(SeqCst))
-            .map(|n| n.exceptions.load(SeqCst))
-            .sum();
+        let reclaim_pending_chunks = self.garbage_estimate();
         OriginStatus {
             origin_id: self.id.clone(),
             origin_path: self.origin.name().to_string(),
@@ -1398,57 +1437,83 @@ impl OriginCore {
         Ok(())
     }
 
-    /// Frees exceptions no live version can read. Conservative: a chain copy is kept while
-    /// any live snapshot between it and the next older copy exists.
-    fn reclaim(&self) -> Result<()> {
+    /// The live readers now: live leaves and the rollback source, with their paths.
+    fn readers(&self) -> Readers {
         let n = self.nodes.count();
-        let mut live = vec![false; n];
-        for (i, l) in live.iter_mut().enumerate() {
-            if let Some(nd) = self.nodes.get(i) {
-                *l = nd.kind() == NodeKind::Leaf && !nd.dead.load(SeqCst);
-            }
-        }
-        if let Some(rb) = self.rollback.load().as_ref() {
-            if let Some(l) = live.get_mut(rb.source as usize) {
-                *l = true;
-            }
-        }
-        for i in (1..n).rev() {
-            let Some(nd) = self.nodes.get(i) else {
-                continue;
-            };
-            if live[i]
-                && matches!(nd.kind(), NodeKind::Leaf | NodeKind::Frozen)
-                && (nd.parent as usize) < n
-            {
-                live[nd.parent as usize] = true;
-            }
-        }
-        // prefix[s]: chain nodes of seq ≤ s with a live reader in their own subtree.
         let nchain = self.chain.count();
-        let mut prefix = vec![0u64; nchain + 1];
-        for s in 1..=nchain {
-            let node = self.chain.get(s - 1).copied().unwrap_or(0) as usize;
-            prefix[s] = prefix[s - 1] + live.get(node).copied().unwrap_or(false) as u64;
-        }
-        let garbage = |list: &ExList, e: &Ex| -> bool {
-            if e.node as usize >= n {
-                return false;
-            }
-            if e.seq == 0 {
-                return !live[e.node as usize];
-            }
-            if e.seq as usize > nchain {
-                return false;
-            }
-            let below = list
-                .iter()
-                .filter(|x| x.seq > 0 && x.seq < e.seq)
-                .map(|x| x.seq)
-                .max()
-                .unwrap_or(0);
-            prefix[e.seq as usize] == prefix[below as usize]
+        let mut r = Readers {
+            n,
+            nchain,
+            paths: Vec::new(),
+            through: HashMap::new(),
+            at_chain: vec![Vec::new(); nchain + 1],
         };
+        let mut starts: Vec<u32> = (0..n)
+            .filter(|&i| {
+                self.nodes
+                    .get(i)
+                    .is_some_and(|nd| nd.kind() == NodeKind::Leaf && !nd.dead.load(SeqCst))
+            })
+            .map(|i| i as u32)
+            .collect();
+        if let Some(rb) = self.rollback.load().as_ref() {
+            starts.push(rb.source);
+        }
+        for start in starts {
+            let ri = r.paths.len();
+            let mut path = Vec::new();
+            let mut x = start;
+            // Parents are older than children, so the walk ends; the bound guards a bad tree.
+            for _ in 0..=n {
+                let Some(nd) = self.node(x) else { break };
+                match nd.kind() {
+                    NodeKind::Chain => {
+                        if let Some(v) = r.at_chain.get_mut(nd.seq as usize) {
+                            v.push(ri);
+                        }
+                        break;
+                    }
+                    NodeKind::Origin => break,
+                    NodeKind::Leaf | NodeKind::Frozen => {
+                        path.push(x);
+                        r.through.entry(x).or_default().push(ri);
+                        x = nd.parent;
+                    }
+                }
+            }
+            r.paths.push(path);
+        }
+        r
+    }
+
+    /// Store chunks held by exceptions no live snapshot can read any more, while a reclaim is
+    /// pending or running (0 otherwise).
+    fn garbage_estimate(&self) -> u64 {
+        if !self.reclaim_needed.load(SeqCst) && !self.reclaim_running.load(SeqCst) {
+            return 0;
+        }
+        let readers = self.readers();
+        self.map
+            .iter()
+            .map(|slot| {
+                slot.load().as_ref().map_or(0, |l| {
+                    l.iter().filter(|e| !readers.needed(l, e)).count() as u64
+                })
+            })
+            .sum()
+    }
+
+    fn reclaim(&self) -> Result<()> {
+        self.reclaim_running.store(true, SeqCst);
+        let r = self.reclaim_pass();
+        self.reclaim_running.store(false, SeqCst);
+        r
+    }
+
+    /// Frees every exception that no live reader resolves to.
+    fn reclaim_pass(&self) -> Result<()> {
+        let readers = self.readers();
+        let garbage = |list: &ExList, e: &Ex| !readers.needed(list, e);
         let mut freed = 0u64;
         for c in 0..self.nchunks {
             let list = self.map[c as usize].load();
@@ -1489,5 +1554,59 @@ impl OriginCore {
             self.store.commit_sync()?;
         }
         Ok(())
+    }
+}
+
+/// The live readers of an origin's versions at one instant (for reclaim): each live leaf, and
+/// the rollback source, with the path a lookup takes from it.
+struct Readers {
+    /// Nodes that existed (newer ones are kept).
+    n: usize,
+    /// Chain nodes that existed.
+    nchain: usize,
+    /// Each reader's path: itself and its frozen ancestors, up to (not including) its chain node.
+    paths: Vec<Vec<u32>>,
+    /// Non-chain node → the readers whose path passes through it.
+    through: HashMap<u32, Vec<usize>>,
+    /// Chain seq → the readers whose path ends at that chain node.
+    at_chain: Vec<Vec<usize>>,
+}
+
+impl Readers {
+    /// The first node on reader `r`'s path that has an exception in `list`; `None` if the
+    /// lookup goes on to the chain.
+    fn first_labelled(&self, r: usize, list: &ExList) -> Option<u32> {
+        self.paths[r]
+            .iter()
+            .copied()
+            .find(|x| list.iter().any(|e| e.node == *x))
+    }
+
+    /// Whether some live reader's lookup of this chunk ends at exception `e`.
+    fn needed(&self, list: &ExList, e: &Ex) -> bool {
+        if e.node as usize >= self.n {
+            return true;
+        }
+        if e.seq == 0 {
+            return self.through.get(&e.node).is_some_and(|rs| {
+                rs.iter()
+                    .any(|&r| self.first_labelled(r, list) == Some(e.node))
+            });
+        }
+        if e.seq as usize > self.nchain {
+            return true;
+        }
+        // A reader reaching chain node m takes the chain copy with the smallest seq ≥ m.
+        let below = list
+            .iter()
+            .filter(|x| x.seq > 0 && x.seq < e.seq)
+            .map(|x| x.seq)
+            .max()
+            .unwrap_or(0);
+        (below as usize + 1..=e.seq as usize).any(|m| {
+            self.at_chain[m]
+                .iter()
+                .any(|&r| self.first_labelled(r, list).is_none())
+        })
     }
 }

@@ -232,7 +232,55 @@ pub(crate) fn load_meta(storage: &dyn Storage, sb: &Superblock) -> Result<(MetaS
         pos += total;
         seq += 1;
     }
+    // Only the last batch can be torn (each is written after the previous one is durable): a
+    // valid batch of this pass after the stop means a damaged batch in the middle.
+    if let Some(at) = later_batch(storage, sb, pos, seq)? {
+        return Err(corrupt(
+            &name,
+            format!(
+                "journal batch {seq} at byte {} is damaged but a later batch follows at byte {}",
+                l.journal_off + pos,
+                l.journal_off + at
+            ),
+        ));
+    }
     Ok((meta, pos, seq))
+}
+
+/// Looks for a valid batch of the current pass with a sequence number above `seq`, after `pos`.
+fn later_batch(storage: &dyn Storage, sb: &Superblock, pos: u64, seq: u64) -> Result<Option<u64>> {
+    let l = &sb.layout;
+    let name = storage.name().to_string();
+    const WINDOW: u64 = 1 << 20;
+    let mut at = pos + JOURNAL_ALIGN;
+    while at + BATCH_HEADER as u64 <= l.journal_size {
+        let len = WINDOW.min(l.journal_size - at) as usize;
+        let mut buf = vec![0u8; len];
+        storage
+            .read_at(&mut buf, l.journal_off + at)
+            .map_err(|e| io_err(&name, "reading the journal", e))?;
+        for off in (0..len).step_by(JOURNAL_ALIGN as usize) {
+            let Some(h) = format::decode_batch_header(&buf[off..]) else {
+                continue;
+            };
+            if h.gen != sb.journal_gen || h.seq <= seq {
+                continue;
+            }
+            let p = at + off as u64;
+            if p + BATCH_HEADER as u64 + h.payload_len as u64 > l.journal_size {
+                continue;
+            }
+            let mut payload = vec![0u8; h.payload_len as usize];
+            storage
+                .read_at(&mut payload, l.journal_off + p + BATCH_HEADER as u64)
+                .map_err(|e| io_err(&name, "reading the journal", e))?;
+            if format::decode_batch_payload(&buf[off..], &payload, &h).is_some() {
+                return Ok(Some(p));
+            }
+        }
+        at += len as u64;
+    }
+    Ok(None)
 }
 
 impl Store {
