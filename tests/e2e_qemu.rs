@@ -82,9 +82,6 @@ fn origin_export_size_queues_and_data_survive_reboot() {
 /// The same with O_DIRECT on the origin and store files, 64 KiB chunks, and a snapshot taken
 /// between the boots (so the second boot reads an origin that has a snapshot).
 #[test]
-#[ignore = "known failure, 2026-11-25: `snapmv create --direct` fails with EINVAL reading the \
-            store's superblock (the engine's FileStorage reads into unaligned buffers under \
-            O_DIRECT); remove this ignore once --direct works"]
 fn direct_io_export_with_snapshot_data_survives_reboot() {
     pattern_test(
         "e2e_qemu::direct_io_export_with_snapshot_data_survives_reboot",
