@@ -127,7 +127,7 @@ pub struct SnapshotInfo {
     pub memo: String,
     /// Birth time, seconds since the Unix epoch.
     pub birth_unix_secs: u64,
-    /// Store chunks written by this snapshot and used by no other version.
+    /// Store chunks that only this snapshot reads: what deleting it would free.
     pub exclusive_chunks: u64,
 }
 
@@ -1293,7 +1293,24 @@ impl OriginCore {
         })
     }
 
+    /// Store chunks each snapshot alone reads (what deleting it would free).
+    fn exclusive_chunks(&self) -> HashMap<u32, u64> {
+        let readers = self.readers();
+        let mut out = HashMap::new();
+        for slot in self.map.iter() {
+            if let Some(l) = slot.load().as_ref() {
+                for e in l.iter() {
+                    if let Some(tag) = readers.sole_user(l, e) {
+                        *out.entry(tag).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let exclusive = self.exclusive_chunks();
         let snaps: Vec<Arc<SnapRt>> = lock(&self.snaps).values().cloned().collect();
         snaps
             .iter()
@@ -1304,7 +1321,7 @@ impl OriginCore {
                     parent: (n.parent_tag != 0).then_some(n.parent_tag),
                     memo: n.memo.clone(),
                     birth_unix_secs: n.birth,
-                    exclusive_chunks: n.exceptions.load(SeqCst),
+                    exclusive_chunks: exclusive.get(&s.tag).copied().unwrap_or(0),
                 })
             })
             .collect()
@@ -1447,6 +1464,7 @@ impl OriginCore {
             paths: Vec::new(),
             through: HashMap::new(),
             at_chain: vec![Vec::new(); nchain + 1],
+            tags: Vec::new(),
         };
         let mut starts: Vec<u32> = (0..n)
             .filter(|&i| {
@@ -1461,6 +1479,11 @@ impl OriginCore {
         }
         for start in starts {
             let ri = r.paths.len();
+            let is_leaf = self
+                .node(start)
+                .is_some_and(|nd| nd.kind() == NodeKind::Leaf);
+            r.tags
+                .push(is_leaf.then(|| self.node(start).map(|nd| nd.tag)).flatten());
             let mut path = Vec::new();
             let mut x = start;
             // Parents are older than children, so the walk ends; the bound guards a bad tree.
@@ -1570,6 +1593,8 @@ struct Readers {
     through: HashMap<u32, Vec<usize>>,
     /// Chain seq → the readers whose path ends at that chain node.
     at_chain: Vec<Vec<usize>>,
+    /// The snapshot tag of each reader (`None` for a rollback's source).
+    tags: Vec<Option<u32>>,
 }
 
 impl Readers {
@@ -1582,19 +1607,30 @@ impl Readers {
             .find(|x| list.iter().any(|e| e.node == *x))
     }
 
-    /// Whether some live reader's lookup of this chunk ends at exception `e`.
-    fn needed(&self, list: &ExList, e: &Ex) -> bool {
+    /// The live readers whose lookup of this chunk ends at exception `e`; `None` if the
+    /// exception is newer than this census (keep it).
+    fn users<'a>(
+        &'a self,
+        list: &'a ExList,
+        e: &'a Ex,
+    ) -> Option<Box<dyn Iterator<Item = usize> + 'a>> {
         if e.node as usize >= self.n {
-            return true;
+            return None;
         }
         if e.seq == 0 {
-            return self.through.get(&e.node).is_some_and(|rs| {
+            let rs = self
+                .through
+                .get(&e.node)
+                .map(|v| v.as_slice())
+                .unwrap_or(&[]);
+            return Some(Box::new(
                 rs.iter()
-                    .any(|&r| self.first_labelled(r, list) == Some(e.node))
-            });
+                    .copied()
+                    .filter(move |&r| self.first_labelled(r, list) == Some(e.node)),
+            ));
         }
         if e.seq as usize > self.nchain {
-            return true;
+            return None;
         }
         // A reader reaching chain node m takes the chain copy with the smallest seq ≥ m.
         let below = list
@@ -1603,10 +1639,25 @@ impl Readers {
             .map(|x| x.seq)
             .max()
             .unwrap_or(0);
-        (below as usize + 1..=e.seq as usize).any(|m| {
-            self.at_chain[m]
-                .iter()
-                .any(|&r| self.first_labelled(r, list).is_none())
-        })
+        Some(Box::new(
+            (below as usize + 1..=e.seq as usize)
+                .flat_map(move |m| self.at_chain[m].iter().copied())
+                .filter(move |&r| self.first_labelled(r, list).is_none()),
+        ))
+    }
+
+    /// Whether some live reader's lookup of this chunk ends at exception `e`.
+    fn needed(&self, list: &ExList, e: &Ex) -> bool {
+        self.users(list, e).is_none_or(|mut u| u.next().is_some())
+    }
+
+    /// The snapshot that alone reads exception `e`, if exactly one does.
+    fn sole_user(&self, list: &ExList, e: &Ex) -> Option<u32> {
+        let mut u = self.users(list, e)?;
+        let first = u.next()?;
+        if u.next().is_some() {
+            return None;
+        }
+        self.tags[first]
     }
 }

@@ -305,3 +305,49 @@ fn model_random_operations() {
         run_seed(seed, per_seed);
     }
 }
+
+#[test]
+fn exclusive_chunks_count_what_delete_would_free() {
+    let store_st = MemStorage::new("store", 8 << 20);
+    let origin_st = MemStorage::new("origin", 16 * 4096);
+    Store::format_storage(store_st.as_ref(), &FormatOptions::default()).unwrap();
+    let store = Store::open_storage(store_st as Arc<dyn Storage>).unwrap();
+    let o = store
+        .bind_origin_storage("o", origin_st as Arc<dyn Storage>)
+        .unwrap();
+    let a = o.create_snapshot(None, "").unwrap();
+    // Origin writes to chunks 0..4 copy them out once, for A alone.
+    o.volume().write(0, &[1u8; 4 * 4096]).unwrap();
+    let b = o.create_snapshot(None, "").unwrap();
+    // Chunks 0..2 again: copies for B alone. A's own write to chunk 9: A's.
+    o.volume().write(0, &[2u8; 2 * 4096]).unwrap();
+    o.snapshot_volume(a)
+        .unwrap()
+        .write(9 * 4096, &[3u8; 4096])
+        .unwrap();
+    let ex = |t: u32| {
+        o.snapshots()
+            .iter()
+            .find(|s| s.tag == t)
+            .unwrap()
+            .exclusive_chunks
+    };
+    assert_eq!(ex(a), 5);
+    assert_eq!(ex(b), 2);
+    // A snapshot of B shares B's view: nothing of B is B's alone any more.
+    let c = o.create_snapshot(Some(b), "").unwrap();
+    assert_eq!(ex(b), 0);
+    assert_eq!(ex(c), 0);
+    let used = store.status().chunks_used;
+    o.delete_snapshot(a).unwrap();
+    for _ in 0..500 {
+        if store.status().chunks_used == used - 5 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!(
+        "deleting A freed {} chunks, expected 5",
+        used - store.status().chunks_used
+    );
+}
