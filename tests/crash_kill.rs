@@ -444,6 +444,12 @@ fn run_check(d: &Daemon, cow: &Path) -> Result<String, String> {
     }
 }
 
+fn log_tail(d: &Daemon, n: usize) -> String {
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -546,9 +552,10 @@ fn kill9_under_load() {
         let (got_origin, got_snap) = match (got_origin, got_snap) {
             (Ok(o), Ok(s)) => (o, s),
             (o, s) => panic!(
-                "round {round} (seed {seed}): garbage read back: {:?} {:?}",
+                "round {round} (seed {seed}): garbage read back: {:?} {:?}\nlog (last 200 lines):\n{}",
                 o.err(),
-                s.err()
+                s.err(),
+                log_tail(&d, 200)
             ),
         };
         bad.extend(sh.origin.lock().unwrap().check("origin", &got_origin));
@@ -708,5 +715,63 @@ fn kill9_under_load() {
     eprintln!(
         "kill9_under_load: {rounds} rounds, {checks} checks clean; {total:?} \
          (lost_in_kill counts acknowledged but unflushed writes not found after a kill)"
+    );
+}
+
+/// The verification pattern above, alone: export a snapshot, connect a fresh blkio client,
+/// read, remove the export — many times. About one first read in 750 fails with EIO, the
+/// daemon logging "request refused: guest buffer … is not inside guest memory" (and, around
+/// it, "available ring announces entries that cannot be read"): the request is served with a
+/// memory map that predates the client's ADD_MEM_REG, which blkio had already seen
+/// acknowledged. It made two 1,000-round runs of `kill9_under_load` fail (rounds 116 and 668).
+/// `SNAPMV_REEXPORTS` (default 1500, about a minute).
+#[test]
+#[ignore = "bug: ~1 in 750 first requests on a fresh connection is refused as outside guest memory (vhost_blk device uses a stale memory map)"]
+fn fresh_export_serves_its_first_request() {
+    let n = env_u64("SNAPMV_REEXPORTS", 1500);
+    let dir = scratch("reexport");
+    let origin = dir.path().join("o.img");
+    let cow = dir.path().join("c.img");
+    sparse_file(&origin, VOL_SIZE);
+    sparse_file(&cow, STORE_SIZE);
+    let d = Daemon::start(dir.path());
+    d.ok(
+        "origin_create",
+        json!({"name": "vol", "origin": origin, "cow": cow, "bind": true, "format": true}),
+    );
+    let t = d.ok("snapshot_create", json!({"name": "vol"}))["tag"]
+        .as_u64()
+        .unwrap();
+    let mut failed = Vec::new();
+    for i in 0..n {
+        d.ok(
+            "snapshot_export",
+            json!({"name": "verify", "origin": origin, "cow": cow, "tag": t, "readonly": true}),
+        );
+        let mut c = Client::connect_with(
+            &d.export_socket("verify"),
+            &ClientOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let p = c.ptr(0);
+        let r = run1(&mut c.queues[0], |q| q.read(0, p, 4096, 0, NO_FLAGS)).unwrap();
+        if r != 0 {
+            failed.push((i, r));
+        }
+        drop(c);
+        d.ok("export_remove", json!({"name": "verify"}));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {n} first reads failed: {failed:?}\nwarnings and errors in the log:\n{}",
+        failed.len(),
+        d.log()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

@@ -471,3 +471,30 @@ fn vhost_user_messages_out_of_order() {
     }
     after(&f, 0x31);
 }
+
+/// Many short-lived blkio clients, each doing its first request right after connecting (the
+/// pattern of `tests/crash_kill.rs`'s verification, which saw a first read refused with
+/// "guest buffer … is not inside guest memory" twice in ~2,000 connections).
+/// `SNAPMV_RECONNECTS` (default 200) sets the number of connections.
+#[test]
+fn first_request_of_a_new_connection_sees_its_memory() {
+    let f = fixture(Duration::ZERO);
+    let n: u64 = std::env::var("SNAPMV_RECONNECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut refused = Vec::new();
+    for i in 0..n {
+        let mut c = Client::connect(&f.bystander).unwrap();
+        let p = c.ptr(0);
+        let r = run1(&mut c.queues[0], |q| q.read(0, p, 4096, 0, NO_FLAGS)).unwrap();
+        if r != 0 {
+            refused.push((i, r));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of {n} first reads failed: {refused:?}",
+        refused.len()
+    );
+}
