@@ -17,7 +17,9 @@
 //! chunks in use after each round (off by default until the snapshot-of-snapshot space leak
 //! is fixed), `SNAPMV_CRASH_NO_SNAP_OF_SNAP=1` takes snapshots of the origin only (so that long
 //! runs do not fill the store through that leak), `SNAPMV_CRASH_VERBOSE=1` prints the space
-//! per round.
+//! per round, `SNAPMV_CRASH_TOLERATE_STALE_MEM=1` retries (and counts) a first read of a fresh
+//! connection that fails with EIO (a known serving bug, `fresh_export_serves_its_first_request`)
+//! so that long runs measure crash consistency only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::mem::MaybeUninit;
@@ -387,6 +389,8 @@ fn rpc_ops(sh: Arc<Shared>, rpc_socket: PathBuf, seed: u64) {
     }
 }
 
+static STALE_MEM_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn read_volume(sock: &Path, read_only: bool) -> Result<Vec<Content>, String> {
     let mut cl = Client::connect_with(
         sock,
@@ -400,10 +404,22 @@ fn read_volume(sock: &Path, read_only: bool) -> Result<Vec<Content>, String> {
     let mut bad = Vec::new();
     for b in 0..BLOCKS {
         let p = cl.ptr(0);
-        let ret = run1(&mut cl.queues[0], |q| {
+        let mut ret = run1(&mut cl.queues[0], |q| {
             q.read(b * BLOCK, p, BLOCK as usize, 0, NO_FLAGS)
         })
         .map_err(|e| e.to_string())?;
+        if ret == -libc::EIO
+            && b == 0
+            && std::env::var_os("SNAPMV_CRASH_TOLERATE_STALE_MEM").is_some()
+        {
+            // The known first-request bug (see `fresh_export_serves_its_first_request`): only
+            // when asked, retry that one read once, and count it.
+            STALE_MEM_RETRIES.fetch_add(1, Ordering::SeqCst);
+            ret = run1(&mut cl.queues[0], |q| {
+                q.read(b * BLOCK, p, BLOCK as usize, 0, NO_FLAGS)
+            })
+            .map_err(|e| e.to_string())?;
+        }
         if ret != 0 {
             return Err(format!(
                 "read of block {b} on {} failed: {ret}",
@@ -708,6 +724,10 @@ fn kill9_under_load() {
     run_check(&d, &cow).unwrap_or_else(|e| panic!("snapmv check after SIGTERM: {e}"));
     checks += 1;
     let max_used = space.iter().map(|s| s.0).max().unwrap_or(0);
+    eprintln!(
+        "kill9_under_load: first reads retried for the stale-memory bug: {}",
+        STALE_MEM_RETRIES.load(Ordering::SeqCst)
+    );
     eprintln!(
         "kill9_under_load: most chunks in use after a round: {max_used} (per round, with live \
          snapshots: {space:?})"
