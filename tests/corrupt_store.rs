@@ -422,7 +422,6 @@ fn journal_damage() {
 /// damage, not a torn write (batches are written in order, each after the previous one is
 /// durable): the later batches hold committed metadata that replay silently drops.
 #[test]
-#[ignore = "bug: journal replay stops silently at a damaged batch followed by valid ones (store.rs load_meta)"]
 fn journal_damage_in_the_middle_is_reported() {
     let f = fixture();
     let b = batches(&f.journalled);
