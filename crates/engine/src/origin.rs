@@ -184,6 +184,10 @@ pub(crate) struct OriginCore {
     overlay_bytes: AtomicUsize,
     /// An overlay that could not be written to the origin: reported by the next flush.
     overlay_error: Mutex<Option<String>>,
+    /// Written since the background sync last ran (that sync keeps the dirty data a snapshot
+    /// must sync small).
+    dirty: AtomicBool,
+    last_sync: Mutex<std::time::Instant>,
 }
 
 /// The new content of an origin chunk whose old content was just copied out but whose
@@ -309,6 +313,8 @@ impl OriginCore {
             overlay_count: AtomicUsize::new(0),
             overlay_bytes: AtomicUsize::new(0),
             overlay_error: Mutex::new(None),
+            dirty: AtomicBool::new(false),
+            last_sync: Mutex::new(std::time::Instant::now()),
         }))
     }
 
@@ -601,7 +607,8 @@ impl OriginCore {
             self.store.wait_durable(e)?;
         }
         let list = self.map[c as usize].load();
-        if let Some(s) = self.resolve(rb.source, list.as_deref()) {
+        let copied = self.resolve(rb.source, list.as_deref());
+        if let Some(s) = copied {
             let len = self.chunk_len(c) as usize;
             let mut buf = vec![0u8; len];
             self.io(
@@ -629,7 +636,10 @@ impl OriginCore {
             slot: self.slot,
             chunk: c,
         });
-        m.pending_origin_sync.insert(self.slot);
+        if copied.is_some() {
+            // The origin must hold the data before the record saying so is durable.
+            m.pending_origin_sync.insert(self.slot);
+        }
         Ok(())
     }
 
@@ -697,6 +707,9 @@ impl OriginCore {
         let _pass = self.gate.enter();
         self.check_alive()?;
         let mut newest = self.newest.load(SeqCst);
+        if !self.dirty.load(std::sync::atomic::Ordering::Relaxed) {
+            self.dirty.store(true, SeqCst);
+        }
         let write_all = |bufs: &[std::io::IoSlice<'_>], at: u64| {
             self.io(
                 || format!("writing origin {} at {at}", self.origin.name()),
@@ -1368,12 +1381,26 @@ impl OriginCore {
 
     // ---- background work --------------------------------------------------------------
 
+    /// Syncs the origin about once a second while it is written, so that the sync a snapshot
+    /// needs finds little to write.
+    fn background_sync(&self) {
+        let mut last = lock(&self.last_sync);
+        if last.elapsed() < std::time::Duration::from_secs(1) || !self.dirty.swap(false, SeqCst) {
+            return;
+        }
+        *last = std::time::Instant::now();
+        if let Err(e) = self.origin.sync() {
+            log::warn!("origin {}: background sync: {e}", self.id);
+        }
+    }
+
     /// One slice of background work. Returns whether more is waiting.
     pub fn background_step(&self) -> Result<bool> {
         if self.unbound.load(SeqCst) || self.store.check_failed().is_err() {
             return Ok(false);
         }
         self.drain_overlays(false);
+        self.background_sync();
         if self.reclaim_needed.swap(false, SeqCst) {
             let _ops = lock(&self.ops);
             self.reclaim()?;
@@ -1400,10 +1427,24 @@ impl OriginCore {
     }
 
     fn rollback_step(&self, rb: &Arc<RollbackRt>) -> Result<()> {
-        const BATCH: u64 = 256;
+        // Up to BATCH chunks that need a copy, scanning at most SCAN chunks, per step: one
+        // commit covers the step's copy-outs.
+        const BATCH: usize = 2048;
+        const SCAN: u64 = 1 << 16;
         let _pass = self.gate.enter();
         let start = rb.cursor.load(SeqCst);
-        let end = (start + BATCH).min(self.nchunks);
+        let mut end = start;
+        let mut copies = 0;
+        while end < self.nchunks && end - start < SCAN && copies < BATCH {
+            if !rb.is_restored(end)
+                && self
+                    .resolve(rb.source, self.map[end as usize].load().as_deref())
+                    .is_some()
+            {
+                copies += 1;
+            }
+            end += 1;
+        }
         // Copy out what the other versions still need first, all in one commit.
         let newest = self.newest.load(SeqCst);
         let protect = self.others_share_origin(rb);
