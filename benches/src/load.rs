@@ -150,7 +150,7 @@ impl LoadSpec {
 }
 
 /// What one run measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct LoadResult {
     /// Requests completed.
     pub ops: u64,

@@ -88,21 +88,90 @@ enum Cmd {
         #[arg(long)]
         server_pid: Option<u32>,
     },
+    /// Re-renders the Markdown of a results JSON (written next to it, same name, `.md`).
+    Render {
+        /// The results JSON (e.g. benches/results/latest.json).
+        json: PathBuf,
+    },
+}
+
+/// The Markdown (header line and table) of a results JSON.
+fn render_md(js: &serde_json::Value) -> Result<String> {
+    let g = |k: &str| match &js[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "?".into(),
+        v => v.to_string(),
+    };
+    let f = |k: &str| js[k].as_f64().unwrap_or(f64::NAN);
+    let rows: Vec<report::Row> = serde_json::from_value(js["rows"].clone())
+        .map_err(|e| BenchError::Invalid(format!("results JSON: bad rows: {e}")))?;
+    let header = format!(
+        "Date: {}. Machine: {} cores ({}), {:.0} GiB RAM, kernel {}. \
+         Load average (1/5/15 min) before: {}, after: {}. \
+         Mode: {} ({} s per point, {} repetitions, A/B interleaved). Peer: {}, aio={}. \
+         snapmv commit {}. Main origin {} GiB, small origin {} MiB, files in the page cache \
+         (buffered). Run time {:.0} s.{}",
+        g("date"),
+        g("cores"),
+        g("cpu"),
+        f("mem_gib"),
+        g("kernel"),
+        g("loadavg_before"),
+        g("loadavg_after"),
+        g("mode"),
+        f("secs_per_point"),
+        g("reps"),
+        g("peer"),
+        g("qsd_aio"),
+        g("snapmv_commit"),
+        js["origin_bytes"].as_u64().unwrap_or(0) >> 30,
+        js["small_origin_bytes"].as_u64().unwrap_or(0) >> 20,
+        f("run_secs"),
+        match js["error"].as_str() {
+            Some(e) => format!(" **Run stopped early: {e}**"),
+            None => String::new(),
+        }
+    );
+    Ok(format!("{header}\n\n{}", report::markdown(&rows)))
 }
 
 fn adhoc(cmd: Cmd) -> Result<()> {
-    let Cmd::Load {
-        socket,
-        pattern,
-        bs,
-        qd,
-        queues,
-        secs,
-        offset,
-        len,
-        distinct_chunk,
-        server_pid,
-    } = cmd;
+    let (socket, pattern, bs, qd, queues, secs, offset, len, distinct_chunk, server_pid) = match cmd
+    {
+        Cmd::Render { json } => {
+            let text = std::fs::read_to_string(&json).map_err(io_err("reading", &json))?;
+            let js: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| BenchError::Invalid(format!("{}: not JSON: {e}", json.display())))?;
+            let md = render_md(&js)?;
+            let mdp = json.with_extension("md");
+            std::fs::write(&mdp, &md).map_err(io_err("writing", &mdp))?;
+            println!("{md}");
+            return Ok(());
+        }
+        Cmd::Load {
+            socket,
+            pattern,
+            bs,
+            qd,
+            queues,
+            secs,
+            offset,
+            len,
+            distinct_chunk,
+            server_pid,
+        } => (
+            socket,
+            pattern,
+            bs,
+            qd,
+            queues,
+            secs,
+            offset,
+            len,
+            distinct_chunk,
+            server_pid,
+        ),
+    };
     let pattern = match pattern.as_str() {
         "randread" => load::Pattern::RandRead,
         "randwrite" => load::Pattern::RandWrite,
@@ -318,31 +387,6 @@ fn run(mut args: Args) -> Result<()> {
     }
     let load_after = loadavg();
     let elapsed = t0.elapsed().as_secs_f64();
-    let header = format!(
-        "Date: {date}. Machine: {cores} cores ({cpu}), {mem_gib:.0} GiB RAM, kernel {kernel}. \
-         Load average (1/5/15 min) before: {load_before}, after: {load_after}. \
-         Mode: {} ({} s per point, {} repetitions, A/B interleaved). Peer: {qsd_version}, aio={}. \
-         snapmv commit {commit}. Main origin {} GiB, small origin {} MiB, files in the page cache \
-         (buffered). Run time {:.0} s.{}",
-        if ctx.quick { "quick" } else { "full" },
-        dur.as_secs_f64(),
-        ctx.reps,
-        ctx.aio,
-        size >> 30,
-        small >> 20,
-        elapsed,
-        match &res {
-            Err(e) => format!(" **Run stopped early: {e}**"),
-            Ok(()) => String::new(),
-        }
-    );
-    let table = report::markdown(&ctx.rows);
-    let md = format!("{header}\n\n{table}");
-    println!("{md}");
-    std::fs::create_dir_all(&args.out)
-        .map_err(io_err("creating the output directory", &args.out))?;
-    let mdp = args.out.join("latest.md");
-    std::fs::write(&mdp, &md).map_err(io_err("writing", &mdp))?;
     let js = json!({
         "date": date, "cores": cores, "cpu": cpu, "mem_gib": mem_gib, "kernel": kernel,
         "loadavg_before": load_before, "loadavg_after": load_after,
@@ -352,6 +396,12 @@ fn run(mut args: Args) -> Result<()> {
         "error": res.as_ref().err().map(|e| e.to_string()),
         "rows": ctx.rows,
     });
+    let md = render_md(&js)?;
+    println!("{md}");
+    std::fs::create_dir_all(&args.out)
+        .map_err(io_err("creating the output directory", &args.out))?;
+    let mdp = args.out.join("latest.md");
+    std::fs::write(&mdp, &md).map_err(io_err("writing", &mdp))?;
     let jp = args.out.join("latest.json");
     let text = serde_json::to_string_pretty(&js)
         .map_err(|e| BenchError::Invalid(format!("serialising the results: {e}")))?;

@@ -1,10 +1,10 @@
 //! Rows of results, medians with min–max, and the Markdown / JSON output.
 
 use crate::load::LoadResult;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Median and range of repeated measurements.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stat {
     /// Median.
     pub median: f64,
@@ -40,7 +40,7 @@ impl Stat {
 }
 
 /// Medians of the details of repeated load runs.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Detail {
     /// MB/s.
     pub mbps: f64,
@@ -84,7 +84,7 @@ impl Detail {
 }
 
 /// One line of the results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     /// Scenario number or name.
     pub scenario: String,
@@ -211,6 +211,13 @@ fn lat_cell(d: &Option<Detail>) -> String {
     }
 }
 
+fn mbps_cell(d: &Option<Detail>) -> String {
+    match d {
+        Some(d) => num(d.mbps),
+        None => "—".into(),
+    }
+}
+
 fn cpu_cell(d: &Option<Detail>) -> String {
     match d.as_ref().and_then(|d| d.cpu_us_per_io) {
         Some(c) => num(c),
@@ -225,11 +232,11 @@ fn esc(s: &str) -> String {
 /// The Markdown table.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| # | case | metric | snapmv median (min–max) | peer median (min–max) | peer | snapmv/peer | snapmv lat µs mean/p50/p99/p99.9 | peer lat µs mean/p50/p99/p99.9 | CPU µs/IO snapmv | CPU µs/IO peer | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| # | case | metric | snapmv median (min–max) | peer median (min–max) | peer | snapmv/peer | MB/s snapmv / peer | snapmv lat µs mean/p50/p99/p99.9 | peer lat µs mean/p50/p99/p99.9 | CPU µs/IO snapmv | CPU µs/IO peer | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n",
             esc(&r.scenario),
             esc(&r.case),
             esc(&r.metric),
@@ -239,6 +246,8 @@ pub fn markdown(rows: &[Row]) -> String {
             r.ratio
                 .map(|x| format!("{x:.2}×"))
                 .unwrap_or_else(|| "—".into()),
+            mbps_cell(&r.snapmv_detail),
+            mbps_cell(&r.peer_detail),
             lat_cell(&r.snapmv_detail),
             lat_cell(&r.peer_detail),
             cpu_cell(&r.snapmv_detail),
