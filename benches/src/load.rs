@@ -508,3 +508,32 @@ fn queue_thread(
     }
     Ok((lats, last.duration_since(t0).as_secs_f64()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_hands_out_every_chunk_once() {
+        for n in [1u64, 2, 3, 7, 64, 1000, 4096, 12345] {
+            let d = Distinct::new(1 << 20, n * 4096, 4096, None);
+            let mut seen = std::collections::HashSet::new();
+            while let Some(off) = d.next() {
+                assert_eq!(off % 4096, 0);
+                assert!(
+                    off >= 1 << 20 && off < (1 << 20) + n * 4096,
+                    "{off} out of range"
+                );
+                assert!(seen.insert(off), "chunk {off} handed out twice (n={n})");
+            }
+            assert_eq!(seen.len() as u64, n);
+        }
+    }
+
+    #[test]
+    fn distinct_respects_its_limit() {
+        let d = Distinct::new(0, 100 * 65536, 65536, Some(10));
+        assert_eq!(std::iter::from_fn(|| d.next()).count(), 10);
+        assert!(d.next().is_none());
+    }
+}

@@ -257,3 +257,34 @@ pub fn markdown(rows: &[Row]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_median_and_range() {
+        let s = Stat::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        let s = Stat::of(&[4.0, 1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(s.median, 2.5);
+        assert!(Stat::of(&[]).is_none());
+    }
+
+    #[test]
+    fn ratio_is_snapmv_over_peer_and_absent_without_peer() {
+        let r = Row::new(
+            "1",
+            "c",
+            "IOPS",
+            &[10.0, 20.0, 30.0],
+            &[5.0, 10.0, 15.0],
+            "p",
+        );
+        assert_eq!(r.ratio, Some(2.0));
+        let r = Row::new("1", "c", "IOPS", &[10.0], &[], "p");
+        assert_eq!(r.ratio, None);
+        let md = markdown(&[r.note("a | b")]);
+        assert!(md.contains("a \\| b"), "{md}");
+    }
+}

@@ -414,3 +414,23 @@ pub fn run_cmd(program: &str, args: &[&str]) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_seconds_of_this_process_grows() {
+        let a = super::cpu_seconds(std::process::id()).expect("own /proc stat");
+        // Spin until the counter moves (10 ms ticks); a broken parser never sees it move.
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        let mut b = a;
+        while b <= a && t.elapsed() < std::time::Duration::from_secs(20) {
+            for _ in 0..1_000_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+            }
+            b = super::cpu_seconds(std::process::id()).expect("own /proc stat");
+        }
+        assert!(b > a, "CPU time did not grow: {a} -> {b}");
+        assert!(super::cpu_seconds(0).is_none());
+    }
+}
