@@ -318,18 +318,33 @@ impl BlkBackend {
     /// vring lock for the batch, so GET_VRING_BASE (which takes it to stop the ring) waits
     /// until the requests in flight are done.
     fn process_batch(&self, vring: &VringRwLock, queue: usize) -> Result<usize, String> {
-        let mem = self.mem.memory().into_inner();
         let writeback = self.state.writeback.load(Ordering::Relaxed);
         let mut guard = vring.get_mut();
         let q = guard.get_queue_mut();
-        let chains: Vec<(u16, ParsedChain)> = match q.iter(&*mem) {
-            Ok(it) => it
-                .map(|chain| (chain.head_index(), ParsedChain::parse(chain)))
-                .collect(),
-            // Not ready (stopped or reset): nothing to do.
-            Err(virtio_queue::Error::QueueNotReady) => return Ok(0),
-            Err(e) => return Err(format!("cannot read the available ring: {e}")),
-        };
+        let mut mem = self.mem.memory().into_inner();
+        let mut chains: Vec<(u16, ParsedChain)> = Vec::new();
+        // The frontend may add memory (ADD_MEM_REG) between our load of the map and its
+        // posting of a request that uses it; a request read from the ring must be translated
+        // with a map at least as new as the ring entry. So: read the chains, then check that
+        // the map did not change meanwhile; if it did, step back and read them again.
+        for attempt in 0..4 {
+            chains = match q.iter(&*mem) {
+                Ok(it) => it
+                    .map(|chain| (chain.head_index(), ParsedChain::parse(chain)))
+                    .collect(),
+                // Not ready (stopped or reset): nothing to do.
+                Err(virtio_queue::Error::QueueNotReady) => return Ok(0),
+                Err(e) => return Err(format!("cannot read the available ring: {e}")),
+            };
+            let now = self.mem.memory().into_inner();
+            if std::sync::Arc::ptr_eq(&now, &mem) || attempt == 3 {
+                break;
+            }
+            for _ in 0..chains.len() {
+                q.go_to_previous_position();
+            }
+            mem = now;
+        }
         let count = chains.len();
         if count == 0 {
             return Ok(0);
