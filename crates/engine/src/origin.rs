@@ -1495,8 +1495,11 @@ impl OriginCore {
         Ok(())
     }
 
-    /// The live readers now: live leaves and the rollback source, with their paths.
+    /// The live readers now: live leaves and the rollback source, with their paths. Taken
+    /// under the metadata lock, which every change of the tree holds: a census taken between a
+    /// leaf's freeze and the creation of its new leaves would miss a reader.
     fn readers(&self) -> Readers {
+        let _m = self.store.lock_meta();
         let n = self.nodes.count();
         let nchain = self.chain.count();
         let mut r = Readers {
