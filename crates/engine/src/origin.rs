@@ -816,21 +816,20 @@ impl OriginCore {
                     Err(_) => continue,
                 }
             };
-            let ov = {
-                let mut ovs = lock(&self.overlays);
-                match ovs.get(&c) {
-                    Some(o) if o.epoch <= durable => ovs.remove(&c),
-                    _ => None,
-                }
+            // The overlay stays in the map until it is on the origin: another drainer (a flush)
+            // that finds it there waits on this chunk's lock for the write to finish.
+            let data = match lock(&self.overlays).get(&c) {
+                Some(o) if o.epoch <= durable => o.data.clone(),
+                _ => continue,
             };
-            let Some(ov) = ov else { continue };
-            if let Err(e) = self.origin.write_at(&ov.data, c * self.cs) {
+            if let Err(e) = self.origin.write_at(&data, c * self.cs) {
                 let msg = format!("writing origin {} chunk {c}: {e}", self.origin.name());
                 log::error!("{msg}");
                 *lock(&self.overlay_error) = Some(msg);
             }
+            lock(&self.overlays).remove(&c);
             self.overlay_flag[c as usize].store(false, SeqCst);
-            self.overlay_bytes.fetch_sub(ov.data.len(), SeqCst);
+            self.overlay_bytes.fetch_sub(data.len(), SeqCst);
             self.overlay_count.fetch_sub(1, SeqCst);
         }
     }
