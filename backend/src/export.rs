@@ -202,9 +202,10 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ExportError> {
             })
         }
     }
-    UnixListener::bind(path).map_err(|source| ExportError::Socket {
+    // Mode 0600 whatever the umask, and never visible with another mode (docs/security.md).
+    crate::rpc_server::bind_private_socket(path).map_err(|e| ExportError::Socket {
         path: path.to_owned(),
-        source,
+        source: io::Error::other(e.to_string()),
     })
 }
 

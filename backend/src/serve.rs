@@ -274,6 +274,19 @@ impl Daemon {
         }
     }
 
+    /// The path under which the daemon already knows the file `fid` as a store, if it does
+    /// under another name (a hard link or another path to the same file): stores are keyed by
+    /// path, so one file must always go by one path.
+    fn known_store_path(inner: &Inner, cow: String, fid: FileId) -> String {
+        inner
+            .stores
+            .keys()
+            .chain(inner.state.stores.iter().map(|s| &s.path))
+            .find(|known| **known != cow && file_id(Path::new(known.as_str())) == Some(fid))
+            .cloned()
+            .unwrap_or(cow)
+    }
+
     /// Opens (or finds open) store `cow`.
     fn store_for(&self, inner: &mut Inner, cow: &str, direct: bool) -> MResult<Store> {
         if let Some(s) = inner.stores.get(cow) {
@@ -674,6 +687,7 @@ impl Daemon {
         self.check_new_name(inner, &p.name)?;
         let (origin, origin_fid) = self.check_path("origin", &p.origin)?;
         let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
+        let cow = Self::known_store_path(inner, cow, cow_fid);
         self.check_roles(inner, (&origin, origin_fid), (&cow, cow_fid))?;
         let (num_queues, queue_size) = Self::queues(&p.name, p.num_queues, p.queue_size)?;
         let format = p.format || p.force_format;
@@ -842,6 +856,7 @@ impl Daemon {
         let inner = &mut *guard;
         self.check_new_name(inner, &p.name)?;
         let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
+        let cow = Self::known_store_path(inner, cow, cow_fid);
         let (num_queues, queue_size) = Self::queues(&p.name, p.num_queues, p.queue_size)?;
         let origin_id = match (&p.origin_id, &p.origin) {
             (None, None) => {
