@@ -20,6 +20,7 @@
 //! connection that fails with EIO (the serving bug of `fresh_export_serves_its_first_request`,
 //! fixed since; kept to run against older builds).
 
+use snapmv_tests::env_u64;
 use std::collections::{BTreeMap, BTreeSet};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -480,13 +481,6 @@ fn log_tail(d: &Daemon, n: usize) -> String {
     let log = d.log();
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[test]

@@ -1,3 +1,11 @@
 pub mod blkio_client;
 pub mod daemon;
 pub mod qemu;
+
+/// An integer from the environment (test knobs such as `SNAPMV_CRASH_ROUNDS`), or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

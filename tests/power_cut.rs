@@ -1,7 +1,7 @@
 //! Power cut under concurrent load (issue 7, item 2), the multi-threaded counterpart of the
 //! engine's single-threaded crates/engine/tests/crash.rs.
 //!
-//! The store and the origin sit on a recording storage (tests/support/recording.rs) that keeps
+//! The store and the origin sit on a recording storage (`snapmv_engine::testing`, feature `test-support`) that keeps
 //! what was synced apart from what was only written. Each round: an origin writer and two
 //! snapshot writers (4 KiB blocks stamped with writer, block and sequence number; flushes now
 //! and then) run on their own threads while another thread creates snapshots (of the origin
@@ -15,17 +15,15 @@
 //! `SNAPMV_POWER_ROUNDS` (default 40) rounds, `SNAPMV_POWER_IMAGES` (default 3) images per cut,
 //! `SNAPMV_POWER_SEED` to replay.
 
-#[path = "support/recording.rs"]
-mod recording;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use recording::{env_u64, MemStorage, RecordingStorage};
+use snapmv_engine::testing::{MemStorage, RecordingStorage};
 use snapmv_engine::{check_storage, Error, FormatOptions, Origin, Store};
+use snapmv_tests::env_u64;
 
 const BLOCK: usize = 4096;
 const BLOCKS: usize = 64;

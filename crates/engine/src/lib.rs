@@ -13,6 +13,8 @@ mod meta;
 mod origin;
 mod storage;
 mod store;
+#[cfg(feature = "test-support")]
+pub mod testing;
 mod volume;
 
 pub use check::{check, check_storage, CheckReport};

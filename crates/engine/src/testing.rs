@@ -1,8 +1,7 @@
-//! Copy of crates/engine/tests/common/mod.rs (the engine's test storages), so that the
-//! whole-system tests can simulate power cuts below the page cache. Keep in step with it.
-#![allow(dead_code)]
+//! Storages for tests (feature `test-support`): in memory, and a recording one that captures
+//! every write and sync so that a test can build the images a power cut or a kill would leave.
 
-use snapmv_engine::Storage;
+use crate::Storage;
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -155,11 +154,4 @@ impl Storage for RecordingStorage {
     fn name(&self) -> &str {
         &self.name
     }
-}
-
-pub fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
