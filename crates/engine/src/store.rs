@@ -905,6 +905,15 @@ impl StoreCore {
             return;
         }
         let _ = self.commit_sync();
+        // Acknowledged origin writes still held in overlays go to their origins, and every
+        // origin is synced: a clean close loses nothing.
+        let origins: Vec<Arc<OriginCore>> = self.lock_meta().origins.values().cloned().collect();
+        for o in origins {
+            o.drain_overlays(true);
+            if let Err(e) = o.sync_origin() {
+                log::error!("origin {}: sync at close: {e}", o.id);
+            }
+        }
         self.shutdown.store(true, SeqCst);
         self.commit_wake.notify_all();
         self.wake_worker();
