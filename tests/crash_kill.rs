@@ -20,6 +20,7 @@
 //! connection that fails with EIO (the serving bug of `fresh_export_serves_its_first_request`,
 //! fixed since; kept to run against older builds).
 
+use snapmv_tests::crash_model::{Content, VolModel};
 use snapmv_tests::env_u64;
 use std::collections::{BTreeMap, BTreeSet};
 use std::mem::MaybeUninit;
@@ -42,13 +43,6 @@ const STORE_SIZE: u64 = 64 << 20;
 const MAGIC: u64 = 0x534e_4150_4b49_4c4c; // "SNAPKILL"
 /// At most this many snapshots (besides the exported one) are kept alive.
 const MAX_SNAPS: usize = 4;
-
-/// What a block holds: zeroes, or the write `seq` of writer `vol` to this block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Content {
-    Zero,
-    W { vol: u64, seq: u64 },
-}
 
 fn fill_block(buf: &mut [u8], vol: u64, block: u64, seq: u64) {
     let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (block << 32) ^ vol;
@@ -97,50 +91,16 @@ fn decode_block(buf: &[u8], block: u64) -> Result<Content, String> {
     Ok(Content::W { vol, seq })
 }
 
-/// What a writable volume may hold after a crash, per block: the contents it was given in
-/// order (`hist`), and the first index that must survive (`floor`).
-#[derive(Debug, Clone)]
-struct VolModel {
-    hist: Vec<Vec<Content>>,
-    floor: Vec<usize>,
-    last_acked: Vec<usize>,
-}
-
-impl VolModel {
-    fn new(initial: &[Content]) -> Self {
-        VolModel {
-            hist: initial.iter().map(|c| vec![*c]).collect(),
-            floor: vec![0; initial.len()],
-            last_acked: vec![0; initial.len()],
-        }
-    }
-
-    /// The content each block has once every issued write completed.
-    fn latest(&self) -> Vec<Content> {
-        self.hist.iter().map(|h| *h.last().unwrap()).collect()
-    }
-
-    fn check(&self, what: &str, got: &[Content]) -> Vec<String> {
-        let mut bad = Vec::new();
-        for (b, c) in got.iter().enumerate() {
-            let h = &self.hist[b];
-            if !h[self.floor[b]..].contains(c) {
-                let older = h[..self.floor[b]].contains(c);
-                bad.push(format!(
-                    "{what} block {b}: holds {c:?}, {} ; must be one of {:?} (floor {} of {})",
-                    if older {
-                        "an older content than a completed flush/rollback allows"
-                    } else {
-                        "never written there"
-                    },
-                    &h[self.floor[b]..],
-                    self.floor[b],
-                    h.len()
-                ));
-            }
-        }
-        bad
-    }
+/// The problems of volume `what` read back as `got`, against its model.
+fn check_volume(model: &VolModel, what: &str, got: &[Content]) -> Vec<String> {
+    got.iter()
+        .enumerate()
+        .filter_map(|(b, c)| {
+            model
+                .violation(b, c)
+                .map(|why| format!("{what} block {b}: {why}"))
+        })
+        .collect()
 }
 
 struct Shared {
@@ -584,13 +544,16 @@ fn kill9_under_load() {
                 log_tail(&d, 200)
             ),
         };
-        bad.extend(sh.origin.lock().unwrap().check("origin", &got_origin));
-        bad.extend(
-            sh.snap
-                .lock()
-                .unwrap()
-                .check("exported snapshot", &got_snap),
-        );
+        bad.extend(check_volume(
+            &sh.origin.lock().unwrap(),
+            "origin",
+            &got_origin,
+        ));
+        bad.extend(check_volume(
+            &sh.snap.lock().unwrap(),
+            "exported snapshot",
+            &got_snap,
+        ));
         let lost: u64 = [(&sh.origin, &got_origin), (&sh.snap, &got_snap)]
             .iter()
             .map(|(m, got)| {

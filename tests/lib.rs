@@ -1,4 +1,5 @@
 pub mod blkio_client;
+pub mod crash_model;
 pub mod daemon;
 pub mod qemu;
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use snapmv_engine::testing::{MemStorage, RecordingStorage};
 use snapmv_engine::{check_storage, Error, FormatOptions, Origin, Store};
+use snapmv_tests::crash_model::{Content, VolModel};
 use snapmv_tests::env_u64;
 
 const BLOCK: usize = 4096;
@@ -31,12 +32,6 @@ const STORE_SIZE: usize = 8 << 20;
 const MAGIC: u64 = 0x504f_5745_5243_5554; // "POWERCUT"
 const MAX_SNAPS: usize = 4;
 const ORIGIN_ID: &str = "origin";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Content {
-    Zero,
-    W { vol: u64, seq: u64 },
-}
 
 const SECTOR: usize = 512;
 const SECTORS: usize = BLOCK / SECTOR;
@@ -93,47 +88,17 @@ fn decode_block(buf: &[u8], block: u64) -> Result<Vec<Content>, String> {
         .collect()
 }
 
-/// Per block: contents in the order they were given, the first index that must survive, and
-/// the last acknowledged one.
-#[derive(Debug, Clone)]
-struct VolModel {
-    hist: Vec<Vec<Content>>,
-    floor: Vec<usize>,
-    last_acked: Vec<usize>,
-}
-
-impl VolModel {
-    fn new(initial: &[Content]) -> Self {
-        VolModel {
-            hist: initial.iter().map(|c| vec![*c]).collect(),
-            floor: vec![0; initial.len()],
-            last_acked: vec![0; initial.len()],
-        }
-    }
-    fn latest(&self) -> Vec<Content> {
-        self.hist.iter().map(|h| *h.last().unwrap()).collect()
-    }
-    fn check(&self, what: &str, got: &[Vec<Content>], bad: &mut Vec<String>) {
-        for (b, secs) in got.iter().enumerate() {
-            let h = &self.hist[b];
-            for (s, c) in secs.iter().enumerate() {
-                if !h[self.floor[b]..].contains(c) {
-                    bad.push(format!(
-                        "{what} block {b} sector {s}: holds {c:?}, {}; allowed {:?}",
-                        if h[..self.floor[b]].contains(c) {
-                            "older than a completed flush/rollback allows"
-                        } else {
-                            "never written there"
-                        },
-                        &h[self.floor[b]..]
-                    ));
-                }
+/// Adds to `bad` the problems of volume `what` read back as `got` (sectors per block).
+fn check_volume(model: &VolModel, what: &str, got: &[Vec<Content>], bad: &mut Vec<String>) {
+    for (b, secs) in got.iter().enumerate() {
+        for (s, c) in secs.iter().enumerate() {
+            if let Some(why) = model.violation(b, c) {
+                bad.push(format!("{what} block {b} sector {s}: {why}"));
             }
         }
     }
 }
 
-/// Writable volumes: 0 = the origin, 1 and 2 = snapshots of it.
 struct Shared {
     vols: [Mutex<VolModel>; 3],
     gates: [Mutex<()>; 3],
@@ -334,12 +299,17 @@ fn verify(
     };
     // Reads right away (a rollback in progress already reads as its snapshot).
     let got0 = read_all(&o.volume(), "origin", &mut bad);
-    vols[0].check("origin", &got0, &mut bad);
+    check_volume(&vols[0], "origin", &got0, &mut bad);
     for vol in 1..3 {
         match o.snapshot_volume(tags[vol]) {
             Ok(v) => {
                 let got = read_all(&v, &format!("snapshot {}", tags[vol]), &mut bad);
-                vols[vol].check(&format!("snapshot {} (written)", tags[vol]), &got, &mut bad);
+                check_volume(
+                    &vols[vol],
+                    &format!("snapshot {} (written)", tags[vol]),
+                    &got,
+                    &mut bad,
+                );
             }
             Err(e) => bad.push(format!("written snapshot {}: {e}", tags[vol])),
         }
