@@ -279,7 +279,8 @@ fn verify(
     pending_delete: &BTreeSet<u32>,
 ) -> Vec<String> {
     let mut bad = Vec::new();
-    let st = MemStorage::from_bytes("store", img.store);
+    // A power cut: the machine reboots, so unsynced writes are not trusted.
+    let st = MemStorage::from_bytes_rebooted("store", img.store);
     match check_storage(&*st, false) {
         Ok(r) if r.is_clean() => {}
         Ok(r) => bad.push(format!("check after the cut: {:?}", r.problems)),
@@ -292,8 +293,10 @@ fn verify(
         Ok(s) => s,
         Err(e) => return vec![format!("open after the cut: {e}")],
     };
-    let o = match store.open_origin_storage(ORIGIN_ID, MemStorage::from_bytes("origin", img.origin))
-    {
+    let o = match store.open_origin_storage(
+        ORIGIN_ID,
+        MemStorage::from_bytes_rebooted("origin", img.origin),
+    ) {
         Ok(o) => o,
         Err(e) => return vec![format!("open origin after the cut: {e}")],
     };

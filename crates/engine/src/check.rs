@@ -67,7 +67,7 @@ pub fn check_storage(storage: &dyn Storage, repair: bool) -> Result<CheckReport>
         }
     };
     let mut meta = match load_meta(storage, &sb) {
-        Ok((m, _, _)) => m,
+        Ok(r) => r.meta,
         Err(e) => {
             report.problems.push(e.to_string());
             return Ok(report);

@@ -13,7 +13,10 @@ pub const CKPT_MAGIC: &[u8; 8] = b"SNAPMVCK";
 /// Magic of a journal batch.
 pub const BATCH_MAGIC: u32 = 0x4a4d_5653; // "SVMJ"
 /// Format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build still reads (version 1 has no boot id in the
+/// superblock; its journal batches are all sealed).
+pub const OLDEST_VERSION: u32 = 1;
 /// Size of one superblock slot; two slots sit at offsets 0 and `SB_SLOT`.
 pub const SB_SLOT: u64 = 4096;
 /// Journal batches start on this alignment.
@@ -121,6 +124,10 @@ pub struct Superblock {
     pub journal_gen: u64,
     /// Sequence number the first batch of this pass carries.
     pub journal_seq: u64,
+    /// The boot of the machine that wrote this superblock (and every journal batch of its
+    /// pass): `/proc/sys/kernel/random/boot_id`, all zeros when unknown. A journal batch
+    /// written in the boot that replays it is in the page cache even if never synced.
+    pub boot: [u8; 16],
 }
 
 /// A little-endian writer.
@@ -228,6 +235,7 @@ impl Superblock {
         e.u32(self.ckpt_crc);
         e.u64(self.journal_gen);
         e.u64(self.journal_seq);
+        e.0.extend_from_slice(&self.boot);
         let crc = crc32c::crc32c(&e.0);
         e.u32(crc);
         e.0.resize(SB_SLOT as usize, 0);
@@ -242,9 +250,9 @@ impl Superblock {
         let mut d = Dec::new(buf, "superblock");
         d.take(8)?;
         let version = d.u32()?;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(format!(
-                "format version {version} is not supported (this build reads {FORMAT_VERSION})"
+                "format version {version} is not supported (this build reads {OLDEST_VERSION} to {FORMAT_VERSION})"
             ));
         }
         let generation = d.u64()?;
@@ -262,6 +270,10 @@ impl Superblock {
         let ckpt_crc = d.u32()?;
         let journal_gen = d.u64()?;
         let journal_seq = d.u64()?;
+        let mut boot = [0u8; 16];
+        if version >= 2 {
+            boot.copy_from_slice(d.take(16)?);
+        }
         let end = d.pos;
         let crc = d.u32()?;
         if crc32c::crc32c(&buf[..end]) != crc {
@@ -291,6 +303,7 @@ impl Superblock {
             ckpt_crc,
             journal_gen,
             journal_seq,
+            boot,
         })
     }
 }
@@ -328,6 +341,11 @@ pub enum Record {
     Restored { slot: u32, chunk: u64 },
     /// The rollback finished.
     RollbackDone { slot: u32 },
+    /// Origin chunk `chunk`'s newest content, acknowledged but not yet on the origin, is in
+    /// store chunk `store` (allocated).
+    OverlayAt { slot: u32, chunk: u64, store: u64 },
+    /// The pending content of origin chunk `chunk` is on the origin; its store chunk is free.
+    OverlayDone { slot: u32, chunk: u64 },
 }
 
 fn encode_node(e: &mut Enc, n: &NodeMeta) {
@@ -418,6 +436,17 @@ impl Record {
                 e.u8(11);
                 e.u32(*slot);
             }
+            Record::OverlayAt { slot, chunk, store } => {
+                e.u8(12);
+                e.u32(*slot);
+                e.u64(*chunk);
+                e.u64(*store);
+            }
+            Record::OverlayDone { slot, chunk } => {
+                e.u8(13);
+                e.u32(*slot);
+                e.u64(*chunk);
+            }
         }
     }
 
@@ -465,14 +494,39 @@ impl Record {
                 chunk: d.u64()?,
             },
             11 => Record::RollbackDone { slot: d.u32()? },
+            12 => Record::OverlayAt {
+                slot: d.u32()?,
+                chunk: d.u64()?,
+                store: d.u64()?,
+            },
+            13 => Record::OverlayDone {
+                slot: d.u32()?,
+                chunk: d.u64()?,
+            },
             other => return Err(format!("unknown record type {other}")),
         })
     }
 }
 
-/// Encodes a journal batch: header (magic, generation, sequence, payload length, CRC) then the
-/// records, padded to [`JOURNAL_ALIGN`].
-pub fn encode_batch(gen: u64, seq: u64, records: &[Record]) -> Vec<u8> {
+/// The bytes a batch's CRC covers: header bytes 0..24, the payload, and the `unvouched` field
+/// when it is not zero (so a version-1 batch, whose field is always zero, checks the same).
+fn batch_crc(header: &[u8], payload: &[u8], unvouched: u32) -> u32 {
+    let c = crc32c::crc32c_append(crc32c::crc32c(&header[..24]), payload);
+    if unvouched == 0 {
+        c
+    } else {
+        crc32c::crc32c_append(c, &unvouched.to_le_bytes())
+    }
+}
+
+/// Encodes a journal batch: header (magic, generation, sequence, payload length, CRC,
+/// unvouched count) then the records, padded to [`JOURNAL_ALIGN`].
+///
+/// `unvouched` says how many batches, counting back from this one, this batch does *not*
+/// vouch for: 0 means this batch and every earlier one had their data durable before it was
+/// written (a sealed batch); `n` means batches up to `seq - n` did. After a power cut only
+/// vouched-for batches are replayed (see docs/format.md, "Journal").
+pub fn encode_batch(gen: u64, seq: u64, unvouched: u32, records: &[Record]) -> Vec<u8> {
     let mut payload = Enc::default();
     payload.u32(records.len() as u32);
     for r in records {
@@ -483,11 +537,9 @@ pub fn encode_batch(gen: u64, seq: u64, records: &[Record]) -> Vec<u8> {
     e.u64(gen);
     e.u64(seq);
     e.u32(payload.0.len() as u32);
-    let mut crc_input = e.0.clone();
-    crc_input.extend_from_slice(&payload.0);
-    let crc = crc32c::crc32c(&crc_input);
+    let crc = batch_crc(&e.0, &payload.0, unvouched);
     e.u32(crc);
-    e.u32(0);
+    e.u32(unvouched);
     debug_assert_eq!(e.0.len(), BATCH_HEADER);
     e.0.extend_from_slice(&payload.0);
     let padded = round_up(e.0.len() as u64, JOURNAL_ALIGN) as usize;
@@ -501,6 +553,15 @@ pub struct BatchHeader {
     pub seq: u64,
     pub payload_len: u32,
     pub crc: u32,
+    /// See [`encode_batch`].
+    pub unvouched: u32,
+}
+
+impl BatchHeader {
+    /// The highest sequence number this batch vouches for (-1: none).
+    pub fn vouched_upto(&self) -> i128 {
+        self.seq as i128 - self.unvouched as i128
+    }
 }
 
 /// Parses a batch header; `None` if it is not one.
@@ -517,6 +578,7 @@ pub fn decode_batch_header(buf: &[u8]) -> Option<BatchHeader> {
         seq: d.u64().ok()?,
         payload_len: d.u32().ok()?,
         crc: d.u32().ok()?,
+        unvouched: d.u32().ok()?,
     })
 }
 
@@ -526,9 +588,7 @@ pub fn decode_batch_payload(
     payload: &[u8],
     h: &BatchHeader,
 ) -> Option<Vec<Record>> {
-    let mut crc_input = header_bytes[..24].to_vec();
-    crc_input.extend_from_slice(payload);
-    if crc32c::crc32c(&crc_input) != h.crc {
+    if header_bytes.len() < 24 || batch_crc(header_bytes, payload, h.unvouched) != h.crc {
         return None;
     }
     let mut d = Dec::new(payload, "journal batch");
@@ -588,6 +648,21 @@ pub fn encode_checkpoint(m: &MetaState) -> Vec<u8> {
         }
     }
     e.u32(m.next_slot);
+    // Pending origin writes, only when there are any (so a checkpoint without them is
+    // byte-for-byte a version-1 checkpoint).
+    let pending: Vec<(u32, u64, u64)> = m
+        .origins
+        .iter()
+        .flat_map(|(slot, o)| o.overlays.iter().map(move |(c, s)| (*slot, *c, *s)))
+        .collect();
+    if !pending.is_empty() {
+        e.u64(pending.len() as u64);
+        for (slot, c, s) in pending {
+            e.u32(slot);
+            e.u64(c);
+            e.u64(s);
+        }
+    }
     e.0
 }
 
@@ -675,10 +750,35 @@ pub fn decode_checkpoint(buf: &[u8], chunk_size: u32) -> Result<MetaState, Strin
                 tags,
                 exceptions,
                 rollback,
+                overlays: BTreeMap::new(),
             },
         );
     }
     let next_slot = d.u32()?;
+    if d.remaining() > 0 {
+        let n = d.u64()?;
+        if n > (d.remaining() / 20) as u64 {
+            return Err(format!(
+                "checkpoint claims {n} pending origin writes, more than fit"
+            ));
+        }
+        for _ in 0..n {
+            let slot = d.u32()?;
+            let chunk = d.u64()?;
+            let store = d.u64()?;
+            let o = origins.get_mut(&slot).ok_or_else(|| {
+                format!("checkpoint: pending write for unknown origin slot {slot}")
+            })?;
+            if o.overlays.insert(chunk, store).is_some() {
+                return Err(format!(
+                    "checkpoint: origin slot {slot} chunk {chunk} has two pending writes"
+                ));
+            }
+        }
+        if d.remaining() > 0 {
+            return Err("checkpoint has trailing bytes".into());
+        }
+    }
     Ok(MetaState {
         chunk_size,
         data_chunks,
@@ -713,9 +813,23 @@ mod tests {
             ckpt_crc: 5,
             journal_gen: 3,
             journal_seq: 9,
+            boot: [7; 16],
         };
         let mut b = sb.encode();
         assert_eq!(Superblock::decode(&b).unwrap(), sb);
+        // A version-1 slot (no boot id, CRC right after journal_seq) still reads.
+        let mut v1 = b[..104].to_vec();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        v1.resize(SB_SLOT as usize, 0);
+        assert_eq!(
+            Superblock::decode(&v1).unwrap(),
+            Superblock {
+                boot: [0; 16],
+                ..sb
+            }
+        );
         b[20] ^= 1;
         assert!(Superblock::decode(&b).unwrap_err().contains("checksum"));
         b[0] = b'X';
@@ -737,17 +851,64 @@ mod tests {
                 store: 9,
             },
             Record::Restored { slot: 0, chunk: 5 },
+            Record::OverlayAt {
+                slot: 0,
+                chunk: 6,
+                store: 10,
+            },
+            Record::OverlayDone { slot: 0, chunk: 6 },
         ];
-        let b = encode_batch(4, 11, &recs);
+        let b = encode_batch(4, 11, 0, &recs);
         assert_eq!(b.len() % JOURNAL_ALIGN as usize, 0);
         let h = decode_batch_header(&b).unwrap();
-        assert_eq!((h.gen, h.seq), (4, 11));
+        assert_eq!((h.gen, h.seq, h.unvouched), (4, 11, 0));
+        assert_eq!(h.vouched_upto(), 11);
+        // The unvouched count is covered by the checksum.
+        let u = encode_batch(4, 11, 3, &recs);
+        let hu = decode_batch_header(&u).unwrap();
+        assert_eq!(hu.vouched_upto(), 8);
+        let payload = &u[BATCH_HEADER..BATCH_HEADER + hu.payload_len as usize];
+        assert!(decode_batch_payload(&u, payload, &hu).is_some());
+        let mut flipped = u.clone();
+        flipped[28] ^= 1;
+        let hf = decode_batch_header(&flipped).unwrap();
+        assert!(decode_batch_payload(&flipped, payload, &hf).is_none());
         let payload = &b[BATCH_HEADER..BATCH_HEADER + h.payload_len as usize];
         assert_eq!(decode_batch_payload(&b, payload, &h).unwrap(), recs);
         let mut torn = b.clone();
         torn[BATCH_HEADER + 3] ^= 0x40;
         let payload = &torn[BATCH_HEADER..BATCH_HEADER + h.payload_len as usize];
         assert!(decode_batch_payload(&torn, payload, &h).is_none());
+    }
+
+    #[test]
+    fn checkpoint_keeps_pending_overlays_and_reads_without_them() {
+        let mut m = MetaState::new(4096, 64);
+        m.apply(&Record::BindOrigin {
+            slot: 0,
+            id: "/o".into(),
+            size: 16 * 4096,
+        })
+        .unwrap();
+        let plain = encode_checkpoint(&m);
+        m.apply(&Record::OverlayAt {
+            slot: 0,
+            chunk: 3,
+            store: 7,
+        })
+        .unwrap();
+        let with = encode_checkpoint(&m);
+        // Without pending writes the encoding is the version-1 one; with them, a section
+        // follows and decodes back.
+        assert_eq!(with.len(), plain.len() + 8 + 20);
+        assert_eq!(decode_checkpoint(&with, 4096).unwrap(), m);
+        assert!(m.validate().is_empty());
+        let mut extra = with.clone();
+        extra.push(0);
+        assert!(decode_checkpoint(&extra, 4096).is_err());
+        m.apply(&Record::OverlayDone { slot: 0, chunk: 3 }).unwrap();
+        assert_eq!(encode_checkpoint(&m), plain);
+        assert!(m.apply(&Record::OverlayDone { slot: 0, chunk: 3 }).is_err());
     }
 
     #[test]

@@ -89,6 +89,10 @@ pub struct OriginMeta {
     pub exceptions: BTreeMap<u64, Vec<(u32, u64)>>,
     /// Rollback in progress.
     pub rollback: Option<RollbackMeta>,
+    /// Origin chunk → store chunk holding its newest content, acknowledged to the guest but
+    /// not yet written to the origin (a first write after a snapshot; see docs/design.md,
+    /// "Overlays"). Opening the origin writes each onto the origin and frees the store chunk.
+    pub overlays: BTreeMap<u64, u64>,
 }
 
 /// The whole metadata of a store.
@@ -149,6 +153,7 @@ impl OriginMeta {
             tags: BTreeMap::new(),
             exceptions: BTreeMap::new(),
             rollback: None,
+            overlays: BTreeMap::new(),
         }
     }
 
@@ -193,6 +198,11 @@ impl MetaState {
                 let o = self.origin(*slot)?;
                 if !o.exceptions.is_empty() || !o.tags.is_empty() {
                     return Err(format!("origin slot {slot} unbound while it has snapshots"));
+                }
+                if !o.overlays.is_empty() {
+                    return Err(format!(
+                        "origin slot {slot} unbound while writes are pending in the store"
+                    ));
                 }
                 self.origins.remove(slot);
             }
@@ -324,6 +334,32 @@ impl MetaState {
                     ));
                 }
             }
+            Record::OverlayAt { slot, chunk, store } => {
+                if *store >= data_chunks || bit_get(&self.alloc, *store) {
+                    return Err(format!(
+                        "pending write of origin slot {slot} chunk {chunk} uses store chunk {store}, which is out of range or taken"
+                    ));
+                }
+                let o = self.origin(*slot)?;
+                if *chunk >= o.nchunks(cs) {
+                    return Err(format!(
+                        "pending write of origin slot {slot} chunk {chunk} past the origin's end"
+                    ));
+                }
+                if o.overlays.insert(*chunk, *store).is_some() {
+                    return Err(format!(
+                        "origin slot {slot} chunk {chunk} has two pending writes"
+                    ));
+                }
+                bit_set(&mut self.alloc, *store, true);
+            }
+            Record::OverlayDone { slot, chunk } => {
+                let o = self.origin(*slot)?;
+                let store = o.overlays.remove(chunk).ok_or_else(|| {
+                    format!("origin slot {slot} chunk {chunk}: no pending write to finish")
+                })?;
+                bit_set(&mut self.alloc, store, false);
+            }
         }
         Ok(())
     }
@@ -445,6 +481,22 @@ impl MetaState {
                     }
                 }
             }
+            for (chunk, store) in &o.overlays {
+                if *chunk >= nchunks {
+                    p.push(format!(
+                        "{who}: pending write of chunk {chunk} past the origin's {nchunks} chunks"
+                    ));
+                }
+                if *store >= self.data_chunks {
+                    p.push(format!(
+                        "{who}: pending write of chunk {chunk} in store chunk {store}, past the end"
+                    ));
+                } else if bit_get(&referenced, *store) {
+                    p.push(format!("store chunk {store} is referenced twice (again by {who}'s pending write of chunk {chunk})"));
+                } else {
+                    bit_set(&mut referenced, *store, true);
+                }
+            }
             if let Some(r) = &o.rollback {
                 match o.nodes.get(r.source as usize) {
                     Some(n) if n.kind == NodeKind::Frozen => {}
@@ -486,6 +538,9 @@ impl MetaState {
                 for (_, s) in list {
                     bit_set(&mut alloc, *s, true);
                 }
+            }
+            for s in o.overlays.values() {
+                bit_set(&mut alloc, *s, true);
             }
         }
         let changed = (0..self.data_chunks)

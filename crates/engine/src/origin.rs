@@ -184,6 +184,10 @@ pub(crate) struct OriginCore {
     overlay_bytes: AtomicUsize,
     /// An overlay that could not be written to the origin: reported by the next flush.
     overlay_error: Mutex<Option<String>>,
+    /// The newest commit batch holding a record that an acknowledged write of this origin or
+    /// its snapshots depends on (an exception, an overlay, a restored chunk): a write waits
+    /// until that batch is in the journal before it is acknowledged.
+    record_epoch: AtomicU64,
     /// Written since the background sync last ran (that sync keeps the dirty data a snapshot
     /// must sync small).
     dirty: AtomicBool,
@@ -191,13 +195,16 @@ pub(crate) struct OriginCore {
 }
 
 /// The new content of an origin chunk whose old content was just copied out but whose
-/// copy-out record is not durable yet. The write is acknowledged at once (a volatile write
-/// cache: nothing is promised before a flush); reads of the chunk are served from here; the
-/// content goes to the origin once batch `epoch` is durable, so the copy always reaches the
-/// store's media before the overwrite can reach the origin's.
+/// copy-out record is not durable yet. Reads of the chunk are served from here; the content
+/// goes to the origin once batch `epoch` is durable, so the copy always reaches the store's
+/// media before the overwrite can reach the origin's. So that an acknowledged write survives
+/// the death of the process, the same content is kept in store chunk `store`, named by an
+/// OverlayAt record (batch `rec_epoch`) that is in the journal before the write is
+/// acknowledged; opening the origin again writes any such chunk onto the origin.
 struct Overlay {
     epoch: u64,
     data: Vec<u8>,
+    store: u64,
 }
 
 /// Most memory held by overlays per origin; past it, first writes wait for their commit.
@@ -313,6 +320,7 @@ impl OriginCore {
             overlay_count: AtomicUsize::new(0),
             overlay_bytes: AtomicUsize::new(0),
             overlay_error: Mutex::new(None),
+            record_epoch: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             last_sync: Mutex::new(std::time::Instant::now()),
         }))
@@ -340,6 +348,12 @@ impl OriginCore {
             source: r.source,
             restored: r.restored.iter().map(|w| w.load(SeqCst)).collect(),
         });
+        // Overlays enter and leave this map in the metadata lock's critical section that
+        // records it, so the map matches the records.
+        let overlays = lock(&self.overlays)
+            .iter()
+            .map(|(c, o)| (*c, o.store))
+            .collect();
         OriginMeta {
             id: self.id.clone(),
             size: self.size,
@@ -349,7 +363,50 @@ impl OriginCore {
             tags,
             exceptions,
             rollback,
+            overlays,
         }
+    }
+
+    /// Notes that an acknowledged write depends on a record queued now (metadata lock held).
+    fn note_record(&self, m: &MetaCore) {
+        self.record_epoch.fetch_max(m.epoch, SeqCst);
+    }
+
+    /// Waits until every record an acknowledged write may depend on is in the journal.
+    fn records_written(&self) -> Result<()> {
+        self.store.wait_written(self.record_epoch.load(SeqCst))
+    }
+
+    /// Writes the pending writes a previous process acknowledged (origin chunk → store chunk
+    /// holding its content) onto the origin, and syncs it; before the origin is served.
+    pub fn write_recovered(&self, pending: &BTreeMap<u64, u64>) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; self.cs as usize];
+        for (&c, &s) in pending {
+            let len = self.chunk_len(c) as usize;
+            self.io(
+                || format!("reading COW store {} chunk {s}", self.store.name),
+                self.store
+                    .storage
+                    .read_at(&mut buf[..len], self.store_off(s)),
+            )?;
+            self.io(
+                || format!("writing origin {} chunk {c}", self.origin.name()),
+                self.origin.write_at(&buf[..len], c * self.cs),
+            )?;
+        }
+        self.io(
+            || format!("syncing origin {}", self.origin.name()),
+            self.origin.sync(),
+        )?;
+        log::info!(
+            "origin {}: {} acknowledged write(s) of chunks still pending at the last stop written",
+            self.id,
+            pending.len()
+        );
+        Ok(())
     }
 
     fn node(&self, i: u32) -> Option<&NodeRt> {
@@ -467,6 +524,7 @@ impl OriginCore {
             n.exceptions.fetch_add(1, SeqCst);
         }
         StoreCore::note_alloc(m, ex.store);
+        self.note_record(m);
         m.pending.push(Record::AddException {
             slot: self.slot,
             chunk: c,
@@ -632,6 +690,7 @@ impl OriginCore {
         }
         rb.set_restored(c);
         let mut m = self.store.lock_meta();
+        self.note_record(&m);
         m.pending.push(Record::Restored {
             slot: self.slot,
             chunk: c,
@@ -724,7 +783,10 @@ impl OriginCore {
                 wait = wait.max(self.ensure_copied(c, newest)?);
             }
             self.store.wait_durable(wait)?;
-            return write_all(bufs, offset);
+            write_all(bufs, offset)?;
+            // The restored marks: without them a restart would copy the snapshot's chunk
+            // back over this write.
+            return self.records_written();
         }
         if self.live_snaps.load(SeqCst) == 0 {
             // No snapshot left (a new one would wait at the gate): nobody needs a copy.
@@ -738,12 +800,15 @@ impl OriginCore {
         };
         let durable = self.store.durable_epoch.load(SeqCst);
         if self.chunks(offset, len).all(|c| in_place(c, durable)) {
-            return write_all(bufs, offset);
+            write_all(bufs, offset)?;
+            drop(_pass);
+            return self.after_direct_write(offset, len, bufs);
         }
         // Copy out first, every chunk: a full store fails the write before any of it lands.
         for c in self.chunks(offset, len) {
             self.ensure_copied(c, newest)?;
         }
+        let mut wait_records = false;
         let mut done = 0u64;
         for c in self.chunks(offset, len) {
             let start = (c * self.cs).max(offset);
@@ -752,6 +817,7 @@ impl OriginCore {
             done += end - start;
             if in_place(c, self.store.durable_epoch.load(SeqCst)) {
                 write_all(&piece, start)?;
+                wait_records |= self.fix_up_direct(c, start, end - start, &piece)?;
                 continue;
             }
             let _g = self.stripe(c);
@@ -764,9 +830,19 @@ impl OriginCore {
             };
             let within = (start - c * self.cs) as usize;
             let plen = (end - start) as usize;
-            if let Some(ov) = lock(&self.overlays).get_mut(&c) {
+            let overlay_store = lock(&self.overlays).get_mut(&c).map(|ov| {
                 crate::volume::gather(&piece, &mut ov.data[within..within + plen]);
                 ov.epoch = ov.epoch.max(e);
+                ov.store
+            });
+            if let Some(s) = overlay_store {
+                // The store's copy of the overlay too (the stripe lock orders these writes).
+                let off = self.store_off(s) + within as u64;
+                self.io(
+                    || format!("writing COW store {} at {off}", self.store.name),
+                    self.store.storage.write_vectored_at(&piece, off),
+                )?;
+                wait_records = true;
                 continue;
             }
             if e <= self.store.durable_epoch.load(SeqCst) {
@@ -774,29 +850,142 @@ impl OriginCore {
                 continue;
             }
             let clen = self.chunk_len(c) as usize;
-            if self.overlay_bytes.load(SeqCst) + clen > MAX_OVERLAY_BYTES {
+            let store_chunk = if self.overlay_bytes.load(SeqCst) + clen > MAX_OVERLAY_BYTES {
+                None
+            } else {
+                // No room for the overlay's store copy: wait for the commit instead.
+                self.store
+                    .alloc_chunk(|| format!("overlay of origin {} chunk {c}", self.id))
+                    .ok()
+            };
+            let Some(s) = store_chunk else {
                 self.store.wait_durable(e)?;
                 write_all(&piece, start)?;
                 continue;
-            }
+            };
+            // Raised before the origin is read: a writer that wrote the origin directly
+            // meanwhile sees it afterwards and patches the overlay (`fix_up_direct`).
+            self.overlay_flag[c as usize].store(true, SeqCst);
             // The origin chunk still holds the data just copied out: start from it.
             let mut data = vec![0u8; clen];
-            self.io(
-                || format!("reading origin {} chunk {c}", self.origin.name()),
-                self.origin.read_at(&mut data, c * self.cs),
-            )?;
-            crate::volume::gather(&piece, &mut data[within..within + plen]);
-            lock(&self.overlays).insert(c, Overlay { epoch: e, data });
+            let r = self
+                .io(
+                    || format!("reading origin {} chunk {c}", self.origin.name()),
+                    self.origin.read_at(&mut data, c * self.cs),
+                )
+                .and_then(|_| {
+                    crate::volume::gather(&piece, &mut data[within..within + plen]);
+                    self.io(
+                        || format!("writing COW store {} chunk {s}", self.store.name),
+                        self.store.storage.write_at(&data, self.store_off(s)),
+                    )
+                });
+            if let Err(err) = r {
+                self.overlay_flag[c as usize].store(false, SeqCst);
+                self.store.unalloc_chunk(s);
+                return Err(err);
+            }
+            {
+                let mut m = self.store.lock_meta();
+                StoreCore::note_alloc(&mut m, s);
+                self.note_record(&m);
+                m.pending.push(Record::OverlayAt {
+                    slot: self.slot,
+                    chunk: c,
+                    store: s,
+                });
+                lock(&self.overlays).insert(
+                    c,
+                    Overlay {
+                        epoch: e,
+                        data,
+                        store: s,
+                    },
+                );
+            }
             self.overlay_bytes.fetch_add(clen, SeqCst);
             self.overlay_count.fetch_add(1, SeqCst);
-            self.overlay_flag[c as usize].store(true, SeqCst);
             self.store.commit_wake.notify_one();
+            wait_records = true;
+        }
+        if wait_records {
+            drop(_pass);
+            self.records_written()?;
         }
         Ok(())
     }
 
+    /// After a write that went straight to the origin (no chunk lock): a writer may have
+    /// started an overlay of one of its chunks meanwhile, from origin data read before this
+    /// write landed. Patch such overlays (see `fix_up_direct`).
+    fn after_direct_write(
+        &self,
+        offset: u64,
+        len: u64,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Result<()> {
+        let mut wait_records = false;
+        let mut done = 0u64;
+        for c in self.chunks(offset, len) {
+            let start = (c * self.cs).max(offset);
+            let end = ((c + 1) * self.cs).min(offset + len);
+            if self.overlay_flag[c as usize].load(SeqCst) {
+                let piece = crate::volume::piece(bufs, done as usize, (end - start) as usize);
+                wait_records |= self.fix_up_direct(c, start, end - start, &piece)?;
+            }
+            done += end - start;
+        }
+        if wait_records {
+            self.records_written()?;
+        }
+        Ok(())
+    }
+
+    /// `piece` (bytes `start..start + len` of chunk `c`) was just written straight to the
+    /// origin. If an overlay of `c` was started meanwhile, it may lack the piece: put the piece
+    /// into the overlay (and its store copy), or, if the overlay was already written out over
+    /// it, onto the origin again. Returns whether an overlay record must be waited for.
+    fn fix_up_direct(
+        &self,
+        c: u64,
+        start: u64,
+        len: u64,
+        piece: &[std::io::IoSlice<'_>],
+    ) -> Result<bool> {
+        if !self.overlay_flag[c as usize].load(SeqCst) {
+            return Ok(false);
+        }
+        let _g = self.stripe(c);
+        let within = (start - c * self.cs) as usize;
+        let store = lock(&self.overlays).get_mut(&c).map(|ov| {
+            crate::volume::gather(piece, &mut ov.data[within..within + len as usize]);
+            ov.store
+        });
+        match store {
+            Some(s) => {
+                let off = self.store_off(s) + within as u64;
+                self.io(
+                    || format!("writing COW store {} at {off}", self.store.name),
+                    self.store.storage.write_vectored_at(piece, off),
+                )?;
+                Ok(true)
+            }
+            None => {
+                self.io(
+                    || format!("writing origin {} at {start}", self.origin.name()),
+                    self.origin.write_vectored_at(piece, start),
+                )?;
+                Ok(false)
+            }
+        }
+    }
+
     /// Writes overlays whose copy-out is durable to the origin. `wait`: take every chunk lock
     /// (callers that hold none); otherwise skip chunks that are busy.
+    ///
+    /// A chunk keeps its stripe lock and its overlay flag (so no write goes straight to the
+    /// origin) until the OverlayDone record is in the journal: a restart must never write the
+    /// overlay's store copy over a newer write.
     pub fn drain_overlays(&self, wait: bool) {
         if self.overlay_count.load(SeqCst) == 0 {
             return;
@@ -807,30 +996,68 @@ impl OriginCore {
             .filter(|(_, o)| o.epoch <= durable)
             .map(|(c, _)| *c)
             .collect();
+        // Stripes are taken in ascending order, a batch at a time (one journal write each).
+        let mut by_stripe: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
         for c in ready {
-            let _g = if wait {
-                self.stripe(c)
-            } else {
-                match self.stripes[(c as usize) % STRIPES].try_lock() {
-                    Ok(g) => g,
-                    Err(_) => continue,
+            by_stripe.entry((c as usize) % STRIPES).or_default().push(c);
+        }
+        let stripes: Vec<(usize, Vec<u64>)> = by_stripe.into_iter().collect();
+        for group in stripes.chunks(64) {
+            let mut guards = Vec::with_capacity(group.len());
+            let mut done = Vec::new();
+            for (stripe, chunks) in group {
+                let g = if wait {
+                    lock(&self.stripes[*stripe])
+                } else {
+                    match self.stripes[*stripe].try_lock() {
+                        Ok(g) => g,
+                        Err(_) => continue,
+                    }
+                };
+                guards.push(g);
+                for &c in chunks {
+                    let data = match lock(&self.overlays).get(&c) {
+                        Some(o) if o.epoch <= durable => o.data.clone(),
+                        _ => continue,
+                    };
+                    if let Err(e) = self.origin.write_at(&data, c * self.cs) {
+                        let msg = format!("writing origin {} chunk {c}: {e}", self.origin.name());
+                        log::error!("{msg}");
+                        *lock(&self.overlay_error) = Some(msg);
+                        continue;
+                    }
+                    done.push((c, data.len()));
                 }
-            };
-            // The overlay stays in the map until it is on the origin: another drainer (a flush)
-            // that finds it there waits on this chunk's lock for the write to finish.
-            let data = match lock(&self.overlays).get(&c) {
-                Some(o) if o.epoch <= durable => o.data.clone(),
-                _ => continue,
-            };
-            if let Err(e) = self.origin.write_at(&data, c * self.cs) {
-                let msg = format!("writing origin {} chunk {c}: {e}", self.origin.name());
-                log::error!("{msg}");
-                *lock(&self.overlay_error) = Some(msg);
             }
-            lock(&self.overlays).remove(&c);
-            self.overlay_flag[c as usize].store(false, SeqCst);
-            self.overlay_bytes.fetch_sub(data.len(), SeqCst);
-            self.overlay_count.fetch_sub(1, SeqCst);
+            if done.is_empty() {
+                continue;
+            }
+            let epoch = {
+                let mut m = self.store.lock_meta();
+                let mut ov = lock(&self.overlays);
+                for (c, _) in &done {
+                    if let Some(o) = ov.remove(c) {
+                        StoreCore::note_free(&mut m, o.store);
+                        m.pending.push(Record::OverlayDone {
+                            slot: self.slot,
+                            chunk: *c,
+                        });
+                    }
+                }
+                m.epoch
+            };
+            if let Err(e) = self.store.wait_written(epoch) {
+                // The store has failed: it refuses every write from now on, so the flags can
+                // stay (reads come from the origin, which holds the data).
+                log::error!("origin {}: recording overlays written: {e}", self.id);
+                *lock(&self.overlay_error) = Some(e.to_string());
+            }
+            for (c, len) in &done {
+                self.overlay_flag[*c as usize].store(false, SeqCst);
+                self.overlay_bytes.fetch_sub(*len, SeqCst);
+                self.overlay_count.fetch_sub(1, SeqCst);
+            }
+            drop(guards);
         }
     }
 
@@ -854,9 +1081,9 @@ impl OriginCore {
             || format!("syncing origin {}", self.origin.name()),
             self.origin.sync(),
         )?;
-        // Restored-chunk records must be durable with the data they describe.
-        let pending = !self.store.lock_meta().pending.is_empty();
-        if pending || self.rollback.load().is_some() {
+        // Records an acknowledged write depends on (restored chunks, overlays written) must
+        // be durable too, and restored-chunk records with the data they describe.
+        if self.store.needs_commit() || self.rollback.load().is_some() {
             self.store.commit_sync()?;
         }
         Ok(())
@@ -932,7 +1159,11 @@ impl OriginCore {
         for s in spare {
             self.store.unalloc_chunk(s);
         }
-        r
+        r?;
+        // The exceptions this write (or a concurrent first write to a chunk it wrote in
+        // place) created must be in the journal before the write is acknowledged.
+        drop(_pass);
+        self.records_written()
     }
 
     fn own(list: Option<&ExList>, leaf: u32) -> Option<u64> {
@@ -1589,6 +1820,9 @@ impl OriginCore {
                 continue;
             }
             let _g = self.stripe(c);
+            if self.overlay_flag[c as usize].load(SeqCst) {
+                continue;
+            }
             let mut m = self.store.lock_meta();
             let cur = self.map[c as usize].load_full();
             let Some(cur) = cur else { continue };

@@ -43,6 +43,45 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
     /// A name for messages (the path).
     fn name(&self) -> &str;
+    /// The boot this storage's unsynced writes belong to: writes made in the boot that reads
+    /// them back are there even if never synced (the page cache outlives a killed process);
+    /// after a reboot only synced writes are. Real files: the machine's boot id.
+    fn boot_id(&self) -> BootId {
+        current_boot_id()
+    }
+}
+
+/// Identifies one boot of the machine (`/proc/sys/kernel/random/boot_id`); all zeros when
+/// unknown, which never matches, so only synced writes are trusted then.
+pub type BootId = [u8; 16];
+
+/// This machine's current boot id, read once.
+pub fn current_boot_id() -> BootId {
+    static BOOT: std::sync::OnceLock<BootId> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        parse_boot_id(&text).unwrap_or_else(|| {
+            log::warn!(
+                "cannot read /proc/sys/kernel/random/boot_id: acknowledged writes that were not \
+                 flushed will not be recovered after the daemon dies"
+            );
+            [0; 16]
+        })
+    })
+}
+
+/// Parses a UUID as the kernel prints it.
+fn parse_boot_id(text: &str) -> Option<BootId> {
+    let hex: Vec<u8> = text.trim().bytes().filter(|b| *b != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        id[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    (id != [0; 16]).then_some(id)
 }
 
 /// A regular file or block device.

@@ -68,6 +68,8 @@ pub(crate) struct MetaCore {
     pub sb: Superblock,
     pub journal_pos: u64,
     pub journal_seq: u64,
+    /// Highest batch of this journal pass known durable with the data it names (-1: none).
+    pub vouched: i64,
     pub next_slot: u32,
     /// Bound origins nobody has opened yet, with their metadata.
     pub dormant: BTreeMap<u32, OriginMeta>,
@@ -87,6 +89,12 @@ pub(crate) struct StoreCore {
     pub durable: Mutex<u64>,
     pub durable_cv: Condvar,
     pub durable_epoch: AtomicU64,
+    /// Highest batch whose records are in the journal (written, perhaps not yet synced): what
+    /// a killed process's successor replays, since the page cache outlives the process.
+    pub written_epoch: AtomicU64,
+    /// Held while records are taken from `pending` and appended to the journal, so that the
+    /// journal keeps mutation order with several writers (lock order: journal, then meta).
+    pub journal: Mutex<()>,
     /// Set when a commit failed: the store refuses further writes.
     pub failed: Mutex<Option<String>>,
     pub shutdown: AtomicBool,
@@ -165,8 +173,21 @@ pub(crate) fn read_superblock(storage: &dyn Storage) -> Result<Superblock> {
     Ok(sb)
 }
 
-/// Loads the metadata: checkpoint plus journal replay. Returns it with where the journal ends.
-pub(crate) fn load_meta(storage: &dyn Storage, sb: &Superblock) -> Result<(MetaState, u64, u64)> {
+/// What replaying a journal found.
+pub(crate) struct Replay {
+    pub meta: MetaState,
+    /// Where the next batch goes, and its sequence number.
+    pub pos: u64,
+    pub seq: u64,
+}
+
+/// Loads the metadata: checkpoint plus journal replay.
+///
+/// Every valid batch of the pass is replayed when the store is read in the boot that wrote
+/// the pass (a killed process leaves its writes in the page cache). After a reboot only the
+/// batches some batch vouches for are (see [`format::encode_batch`]): the rest may name
+/// data that never reached the media.
+pub(crate) fn load_meta(storage: &dyn Storage, sb: &Superblock) -> Result<Replay> {
     let name = storage.name().to_string();
     let l = &sb.layout;
     let mut ck = vec![0u8; sb.ckpt_len as usize];
@@ -195,10 +216,13 @@ pub(crate) fn load_meta(storage: &dyn Storage, sb: &Superblock) -> Result<(MetaS
             "checkpoint and superblock disagree on the number of chunks",
         ));
     }
-    // Replay the journal: batches of this pass, in sequence, until the first that is not.
+    let same_boot = sb.boot != [0; 16] && sb.boot == storage.boot_id();
+    // Read the batches of this pass, in sequence, until the first that is not one.
+    let mut batches = Vec::new();
     let mut pos = 0u64;
     let mut seq = sb.journal_seq;
     let mut head = vec![0u8; BATCH_HEADER];
+    let mut vouched: i128 = sb.journal_seq as i128 - 1;
     while pos + BATCH_HEADER as u64 <= l.journal_size {
         storage
             .read_at(&mut head, l.journal_off + pos)
@@ -221,34 +245,65 @@ pub(crate) fn load_meta(storage: &dyn Storage, sb: &Superblock) -> Result<(MetaS
         let Some(records) = format::decode_batch_payload(&head, &payload, &h) else {
             break;
         };
-        for r in &records {
-            meta.apply(r).map_err(|e| {
-                corrupt(
-                    &name,
-                    format!("journal batch {seq} at byte {}: {e}", l.journal_off + pos),
-                )
-            })?;
-        }
+        vouched = vouched.max(h.vouched_upto());
+        batches.push((pos, seq, records));
         pos += total;
         seq += 1;
     }
-    // Only the last batch can be torn (each is written after the previous one is durable): a
-    // valid batch of this pass after the stop means a damaged batch in the middle.
-    if let Some(at) = later_batch(storage, sb, pos, seq)? {
-        return Err(corrupt(
-            &name,
-            format!(
-                "journal batch {seq} at byte {} is damaged but a later batch follows at byte {}",
-                l.journal_off + pos,
-                l.journal_off + at
-            ),
-        ));
+    // A batch is trusted if it was written in this boot, or if a later one vouches for it.
+    let trusted = if same_boot {
+        batches.len()
+    } else {
+        batches
+            .iter()
+            .take_while(|(_, s, _)| (*s as i128) <= vouched)
+            .count()
+    };
+    let dropped = (batches.len() - trusted) as u64;
+    for (at, s, records) in &batches[..trusted] {
+        for r in records {
+            meta.apply(r).map_err(|e| {
+                corrupt(
+                    &name,
+                    format!("journal batch {s} at byte {}: {e}", l.journal_off + at),
+                )
+            })?;
+        }
     }
-    Ok((meta, pos, seq))
+    // A valid batch of this pass after the stop that vouches for the stopped one means a
+    // damaged batch in the middle (an unvouched one may follow a lost one after a power cut).
+    if let Some((at, later)) = later_batch(storage, sb, pos, seq)? {
+        if same_boot || later.vouched_upto() >= seq as i128 {
+            return Err(corrupt(
+                &name,
+                format!(
+                    "journal batch {seq} at byte {} is damaged but a later batch follows at byte {}",
+                    l.journal_off + pos,
+                    l.journal_off + at
+                ),
+            ));
+        }
+    }
+    if dropped > 0 {
+        log::warn!(
+            "COW store {name}: {dropped} journal batch(es) written before a reboot were never \
+             synced and are not replayed (writes that were not flushed)"
+        );
+    }
+    let (pos, seq) = match batches.get(trusted) {
+        Some((at, s, _)) => (*at, *s),
+        None => (pos, seq),
+    };
+    Ok(Replay { meta, pos, seq })
 }
 
 /// Looks for a valid batch of the current pass with a sequence number above `seq`, after `pos`.
-fn later_batch(storage: &dyn Storage, sb: &Superblock, pos: u64, seq: u64) -> Result<Option<u64>> {
+fn later_batch(
+    storage: &dyn Storage,
+    sb: &Superblock,
+    pos: u64,
+    seq: u64,
+) -> Result<Option<(u64, format::BatchHeader)>> {
     let l = &sb.layout;
     let name = storage.name().to_string();
     const WINDOW: u64 = 1 << 20;
@@ -275,7 +330,7 @@ fn later_batch(storage: &dyn Storage, sb: &Superblock, pos: u64, seq: u64) -> Re
                 .read_at(&mut payload, l.journal_off + p + BATCH_HEADER as u64)
                 .map_err(|e| io_err(&name, "reading the journal", e))?;
             if format::decode_batch_payload(&buf[off..], &payload, &h).is_some() {
-                return Ok(Some(p));
+                return Ok(Some((p, h)));
             }
         }
         at += len as u64;
@@ -326,6 +381,7 @@ impl Store {
             ckpt_crc: crc32c::crc32c(&ck),
             journal_gen,
             journal_seq: 0,
+            boot: storage.boot_id(),
         };
         storage
             .write_at(&vec![0u8; JOURNAL_ALIGN as usize], layout.journal_off)
@@ -352,7 +408,12 @@ impl Store {
     pub fn open_storage(storage: Arc<dyn Storage>) -> Result<Store> {
         let name = storage.name().to_string();
         let sb = read_superblock(storage.as_ref())?;
-        let (meta, journal_pos, journal_seq) = load_meta(storage.as_ref(), &sb)?;
+        let Replay {
+            meta,
+            pos: journal_pos,
+            seq: journal_seq,
+            ..
+        } = load_meta(storage.as_ref(), &sb)?;
         let problems = meta.validate();
         if !problems.is_empty() {
             return Err(corrupt(
@@ -389,6 +450,7 @@ impl Store {
                 sb,
                 journal_pos,
                 journal_seq,
+                vouched: -1,
                 next_slot: meta.next_slot,
                 dormant: meta.origins,
                 origins: BTreeMap::new(),
@@ -398,12 +460,26 @@ impl Store {
             durable: Mutex::new(0),
             durable_cv: Condvar::new(),
             durable_epoch: AtomicU64::new(0),
+            written_epoch: AtomicU64::new(0),
+            journal: Mutex::new(()),
             failed: Mutex::new(None),
             shutdown: AtomicBool::new(false),
             worker_wake: Condvar::new(),
             worker_lock: Mutex::new(false),
             threads: Mutex::new(Vec::new()),
         });
+        // Start a new journal pass in this boot at once: what was replayed becomes durable
+        // (batches a killed process left unsynced included), batches not replayed can never
+        // be read again, and the superblock names the boot the new pass is written in.
+        {
+            let _j = core.journal.lock().unwrap_or_else(|e| e.into_inner());
+            core.checkpoint().map_err(|e| {
+                Error::io(
+                    format!("COW store {}: writing a checkpoint at open", core.name),
+                    std::io::Error::other(e),
+                )
+            })?;
+        }
         let weak = Arc::downgrade(&core);
         let c2 = core.clone();
         let committer = std::thread::Builder::new()
@@ -520,9 +596,32 @@ impl Store {
             )));
         }
         let oc = OriginCore::build(core.clone(), slot, &om, origin)?;
-        m.dormant.remove(&slot);
-        m.origins.insert(slot, oc.clone());
-        drop(m);
+        if om.overlays.is_empty() {
+            m.dormant.remove(&slot);
+            m.origins.insert(slot, oc.clone());
+            drop(m);
+        } else {
+            // Writes a previous process acknowledged but had not yet put on the origin: their
+            // copy-outs are durable (opening the store wrote a checkpoint), so they go onto the
+            // origin now, before it is served.
+            drop(m);
+            oc.write_recovered(&om.overlays)?;
+            let mut m = core.lock_meta();
+            if m.origins.values().any(|o| o.id == origin_id) {
+                return Err(Error::Busy(format!(
+                    "origin {origin_id} in COW store {} was opened twice at once",
+                    core.name
+                )));
+            }
+            for (&chunk, &s) in &om.overlays {
+                StoreCore::note_free(&mut m, s);
+                m.pending.push(Record::OverlayDone { slot, chunk });
+            }
+            m.dormant.remove(&slot);
+            m.origins.insert(slot, oc.clone());
+            drop(m);
+            core.commit_sync()?;
+        }
         core.wake_worker();
         Ok(Origin::new(oc, self.guard.clone()))
     }
@@ -555,6 +654,12 @@ impl Store {
             let slot = if let Some((s, o)) = m.dormant.iter().find(|(_, o)| o.id == origin_id) {
                 if !o.tags.is_empty() || !o.exceptions.is_empty() {
                     return Err(Error::HasSnapshots(origin_id.to_string()));
+                }
+                if !o.overlays.is_empty() {
+                    return Err(Error::Busy(format!(
+                        "origin {origin_id} has {} acknowledged chunk write(s) not yet on it; open (export) it once so that they are written, then unbind it",
+                        o.overlays.len()
+                    )));
                 }
                 *s
             } else if let Some((s, o)) = m.origins.iter().find(|(_, o)| o.id == origin_id) {
@@ -642,6 +747,9 @@ impl StoreCore {
         if self.durable_epoch.load(SeqCst) >= epoch {
             return Ok(());
         }
+        // The records may be in the journal already, written early: the committer's next
+        // round makes them durable.
+        self.commit_wake.notify_one();
         let mut d = self.durable.lock().unwrap_or_else(|e| e.into_inner());
         while *d < epoch {
             self.check_failed()?;
@@ -658,6 +766,75 @@ impl StoreCore {
                 .0;
         }
         Ok(())
+    }
+
+    /// Waits until the records of batch `epoch` are in the journal (written, not necessarily
+    /// synced), writing them itself if nobody else is: what an acknowledged write needs to
+    /// survive the death of the process. Followers of a writer already at it share its write.
+    pub(crate) fn wait_written(&self, epoch: u64) -> Result<()> {
+        if self.written_epoch.load(SeqCst) >= epoch {
+            return Ok(());
+        }
+        let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        if self.written_epoch.load(SeqCst) >= epoch {
+            return Ok(());
+        }
+        self.check_failed()?;
+        if let Err(e) = self.write_pending(&j) {
+            self.fail(e);
+            self.check_failed()?;
+        }
+        Ok(())
+    }
+
+    /// Whether a commit has anything to make durable: records not yet in the journal, or
+    /// journal batches not yet vouched for by a sealed one.
+    pub(crate) fn needs_commit(&self) -> bool {
+        let m = self.lock_meta();
+        !m.pending.is_empty() || (m.journal_seq as i64 - 1) > m.vouched
+    }
+
+    /// Appends every pending record to the journal as one batch, without a sync (the journal
+    /// lock held). A batch that does not fit is replaced by a checkpoint.
+    fn write_pending(&self, _journal: &MutexGuard<'_, ()>) -> std::result::Result<(), String> {
+        let (batch, epoch, seq, pos) = {
+            let mut m = self.lock_meta();
+            let epoch = m.epoch;
+            m.epoch += 1;
+            if m.pending.is_empty() {
+                // Every record of an earlier batch was taken under this lock and written.
+                drop(m);
+                self.set_written(epoch);
+                return Ok(());
+            }
+            let records = std::mem::take(&mut m.pending);
+            let seq = m.journal_seq;
+            let unvouched = (seq as i64 - m.vouched).clamp(0, u32::MAX as i64) as u32;
+            let batch = format::encode_batch(m.sb.journal_gen, seq, unvouched, &records);
+            (batch, epoch, seq, m.journal_pos)
+        };
+        if pos + batch.len() as u64 > self.layout.journal_size {
+            // The journal is full: a checkpoint of the whole state (which includes these
+            // records, already applied in memory) takes their place.
+            return self.checkpoint();
+        }
+        self.storage
+            .write_at(&batch, self.layout.journal_off + pos)
+            .map_err(|e| format!("writing journal batch {seq}: {e}"))?;
+        {
+            let mut m = self.lock_meta();
+            m.journal_pos = pos + batch.len() as u64;
+            m.journal_seq = seq + 1;
+        }
+        self.set_written(epoch);
+        Ok(())
+    }
+
+    fn set_written(&self, epoch: u64) {
+        if self.written_epoch.fetch_max(epoch, SeqCst) < epoch {
+            let _d = self.durable.lock().unwrap_or_else(|e| e.into_inner());
+            self.durable_cv.notify_all();
+        }
     }
 
     /// Commits everything pending, including a sync of data written in place, and waits.
@@ -708,6 +885,7 @@ impl StoreCore {
     }
 
     fn set_durable(&self, epoch: u64) {
+        self.written_epoch.fetch_max(epoch, SeqCst);
         let mut d = self.durable.lock().unwrap_or_else(|e| e.into_inner());
         *d = (*d).max(epoch);
         self.durable_epoch.store(*d, SeqCst);
@@ -721,36 +899,41 @@ impl StoreCore {
         self.durable_cv.notify_all();
     }
 
-    /// The group-commit loop: one data sync and one journal write for everything queued.
+    /// The group-commit loop. A round hands every pending record to the journal (writers that
+    /// could not wait may have written some already), syncs the origins whose restored chunks
+    /// those records describe and the store, then appends a *seal*, an empty batch vouching
+    /// for every batch written before the sync, and syncs again. Only then are the round's
+    /// batches durable: after a power cut, replay trusts exactly the vouched-for batches.
     fn committer(self: Arc<Self>) {
         loop {
-            let (records, origin_sync, epoch, need_ckpt) = {
+            let need_ckpt = {
                 let mut m = self.lock_meta();
-                while m.pending.is_empty() && !m.sync_requested && !self.shutdown.load(SeqCst) {
+                // Batches written early (by writers that could not wait) are made durable too.
+                let idle = |m: &MetaCore| {
+                    m.pending.is_empty()
+                        && !m.sync_requested
+                        && (m.journal_seq as i64 - 1) <= m.vouched
+                };
+                while idle(&m) && !self.shutdown.load(SeqCst) {
                     m = self
                         .commit_wake
                         .wait_timeout(m, Duration::from_millis(500))
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
-                if self.shutdown.load(SeqCst) && m.pending.is_empty() && !m.sync_requested {
+                if self.shutdown.load(SeqCst) && idle(&m) {
                     return;
                 }
                 m.sync_requested = false;
-                let epoch = m.epoch;
-                m.epoch += 1;
-                let records = std::mem::take(&mut m.pending);
-                let origin_sync: Vec<Arc<OriginCore>> = std::mem::take(&mut m.pending_origin_sync)
-                    .iter()
-                    .filter_map(|s| m.origins.get(s).cloned())
-                    .collect();
-                let need_ckpt = m.journal_pos > self.layout.journal_size / 2;
-                (records, origin_sync, epoch, need_ckpt)
+                m.journal_pos > self.layout.journal_size / 2
             };
-            if let Err(e) = self.commit_batch(&records, &origin_sync, epoch) {
-                self.fail(e);
-                return;
-            }
+            let epoch = match self.commit_round() {
+                Ok(e) => e,
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            };
             self.release_freed(epoch);
             self.set_durable(epoch);
             // Origin writes held back for this batch's copy-outs can go to the origins now.
@@ -760,6 +943,7 @@ impl StoreCore {
                 o.drain_overlays(false);
             }
             if need_ckpt {
+                let _j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
                 if let Err(e) = self.checkpoint() {
                     self.fail(e);
                     return;
@@ -768,43 +952,67 @@ impl StoreCore {
         }
     }
 
-    fn commit_batch(
-        &self,
-        records: &[Record],
-        origin_sync: &[Arc<OriginCore>],
-        _epoch: u64,
-    ) -> std::result::Result<(), String> {
-        for o in origin_sync {
+    /// One durable round (see `committer`); returns the epoch it made durable.
+    fn commit_round(&self) -> std::result::Result<u64, String> {
+        let (epoch, gen, upto, origin_sync) = {
+            let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+            self.write_pending(&j)?;
+            let mut m = self.lock_meta();
+            let origin_sync: Vec<Arc<OriginCore>> = std::mem::take(&mut m.pending_origin_sync)
+                .iter()
+                .filter_map(|s| m.origins.get(s).cloned())
+                .collect();
+            (
+                m.epoch - 1,
+                m.sb.journal_gen,
+                m.journal_seq as i64 - 1,
+                origin_sync,
+            )
+        };
+        for o in &origin_sync {
             o.sync_origin()
                 .map_err(|e| format!("syncing origin {}: {e}", o.id))?;
         }
-        // Data first: the copies a record points at must be durable before the record.
+        // Data first: the copies a record points at must be durable before a batch vouches
+        // for the record.
         self.storage
             .sync()
             .map_err(|e| format!("syncing data: {e}"))?;
-        if records.is_empty() {
-            return Ok(());
-        }
-        let (gen, seq, pos) = {
+        let seal = {
+            let _j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
             let m = self.lock_meta();
-            (m.sb.journal_gen, m.journal_seq, m.journal_pos)
+            if m.sb.journal_gen != gen || m.vouched >= upto {
+                // Nothing new to vouch for, or a checkpoint made it all durable meanwhile.
+                None
+            } else {
+                let seq = m.journal_seq;
+                let batch = format::encode_batch(gen, seq, (seq as i64 - upto) as u32, &[]);
+                let pos = m.journal_pos;
+                drop(m);
+                if pos + batch.len() as u64 > self.layout.journal_size {
+                    self.checkpoint()?;
+                    None
+                } else {
+                    self.storage
+                        .write_at(&batch, self.layout.journal_off + pos)
+                        .map_err(|e| format!("writing journal seal {seq}: {e}"))?;
+                    let mut m = self.lock_meta();
+                    m.journal_pos = pos + batch.len() as u64;
+                    m.journal_seq = seq + 1;
+                    Some(seq)
+                }
+            }
         };
-        let batch = format::encode_batch(gen, seq, records);
-        if pos + batch.len() as u64 > self.layout.journal_size {
-            // The journal is full: the checkpoint of the whole state (which includes these
-            // records, already applied in memory) takes their place.
-            return self.checkpoint();
+        if let Some(seq) = seal {
+            self.storage
+                .sync()
+                .map_err(|e| format!("syncing journal seal {seq}: {e}"))?;
+            let mut m = self.lock_meta();
+            if m.sb.journal_gen == gen {
+                m.vouched = m.vouched.max(upto);
+            }
         }
-        self.storage
-            .write_at(&batch, self.layout.journal_off + pos)
-            .map_err(|e| format!("writing journal batch {seq}: {e}"))?;
-        self.storage
-            .sync()
-            .map_err(|e| format!("syncing journal batch {seq}: {e}"))?;
-        let mut m = self.lock_meta();
-        m.journal_pos = pos + batch.len() as u64;
-        m.journal_seq = seq + 1;
-        Ok(())
+        Ok(epoch)
     }
 
     fn release_freed(&self, epoch: u64) {
@@ -820,7 +1028,8 @@ impl StoreCore {
         }
     }
 
-    /// Writes the whole metadata to the inactive checkpoint area and starts a new journal pass.
+    /// Writes the whole metadata to the inactive checkpoint area and starts a new journal pass
+    /// (the caller holds the journal lock).
     fn checkpoint(&self) -> std::result::Result<(), String> {
         // Snapshot the state. Records still pending are part of it, so they are dropped from
         // the queue and their batch is made durable by this checkpoint.
@@ -876,6 +1085,7 @@ impl StoreCore {
             ckpt_crc: crc32c::crc32c(&ck),
             journal_gen: sb.journal_gen.wrapping_add(1),
             journal_seq: 0,
+            boot: self.storage.boot_id(),
         };
         self.storage
             .write_at(&new_sb.encode(), (new_sb.generation % 2) * SB_SLOT)
@@ -888,6 +1098,7 @@ impl StoreCore {
             m.sb = new_sb;
             m.journal_pos = 0;
             m.journal_seq = 0;
+            m.vouched = -1;
         }
         self.release_freed(epoch);
         self.set_durable(epoch);
@@ -914,6 +1125,8 @@ impl StoreCore {
                 log::error!("origin {}: sync at close: {e}", o.id);
             }
         }
+        // The records saying the overlays are on their origins.
+        let _ = self.commit_sync();
         self.shutdown.store(true, SeqCst);
         self.commit_wake.notify_all();
         self.wake_worker();

@@ -1,7 +1,7 @@
 //! Storages for tests (feature `test-support`): in memory, and a recording one that captures
 //! every write and sync so that a test can build the images a power cut or a kill would leave.
 
-use crate::Storage;
+use crate::{BootId, Storage};
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 pub struct MemStorage {
     pub name: String,
     pub data: Mutex<Vec<u8>>,
+    /// The boot it reports: the machine's, or another one for an image a power cut left.
+    pub boot: BootId,
 }
 
 impl MemStorage {
@@ -17,12 +19,27 @@ impl MemStorage {
         Arc::new(MemStorage {
             name: name.into(),
             data: Mutex::new(vec![0; size]),
+            boot: crate::current_boot_id(),
         })
     }
+    /// An image read back in the boot that wrote it (e.g. after a process kill).
     pub fn from_bytes(name: &str, data: Vec<u8>) -> Arc<Self> {
         Arc::new(MemStorage {
             name: name.into(),
             data: Mutex::new(data),
+            boot: crate::current_boot_id(),
+        })
+    }
+    /// An image read back after a reboot (e.g. what a power cut left): its unsynced writes
+    /// may not be trusted.
+    pub fn from_bytes_rebooted(name: &str, data: Vec<u8>) -> Arc<Self> {
+        let mut boot = crate::current_boot_id();
+        boot[0] ^= 0xff;
+        boot[15] ^= 0x5a;
+        Arc::new(MemStorage {
+            name: name.into(),
+            data: Mutex::new(data),
+            boot,
         })
     }
 }
@@ -54,6 +71,9 @@ impl Storage for MemStorage {
     }
     fn name(&self) -> &str {
         &self.name
+    }
+    fn boot_id(&self) -> BootId {
+        self.boot
     }
 }
 
