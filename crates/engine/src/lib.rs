@@ -20,7 +20,7 @@ mod volume;
 pub use check::{check, check_storage, CheckReport};
 pub use error::{Error, Result};
 pub use origin::{OriginStatus, RollbackProgress, SnapshotInfo};
-pub use storage::{FileStorage, Storage};
+pub use storage::{in_use, FileStorage, InUse, OpenMode, Storage};
 pub use store::{FormatOptions, Store, StoreStatus};
 pub use volume::Volume;
 
