@@ -25,6 +25,9 @@ use crate::state::{ExportRecord, OriginRecord, State, StateDir, StateError, Stor
 pub use crate::export::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
 /// Largest number of virtqueues accepted.
 pub const MAX_NUM_QUEUES: u16 = crate::vhost_blk::config::MAX_QUEUES;
+/// How long `export_remove` waits for a departing client before refusing: polls × interval.
+const CLIENT_LEAVE_POLLS: u32 = 20;
+const CLIENT_LEAVE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// Page size `chunk_size` counts in.
 pub const PAGE_SIZE: u32 = 4096;
 
@@ -1154,6 +1157,17 @@ impl Daemon {
     }
 
     fn export_remove(&self, p: m::ExportRemoveParams) -> MResult<m::Done> {
+        // A guest that has just gone (its process exited, its socket closed) is noticed by
+        // the export's serving thread within moments: give it that moment, outside the lock,
+        // before refusing the removal because of it.
+        if !p.force {
+            for _ in 0..CLIENT_LEAVE_POLLS {
+                if !self.exports.get(&p.name).is_some_and(|e| e.connected) {
+                    break;
+                }
+                std::thread::sleep(CLIENT_LEAVE_POLL);
+            }
+        }
         let mut guard = self.lock();
         let inner = &mut *guard;
         let rec = self.find_export(inner, &p.name)?;
