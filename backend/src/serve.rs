@@ -357,14 +357,10 @@ impl Daemon {
         direct: bool,
     ) -> MResult<Origin> {
         let key = (cow.to_string(), origin_id.to_string());
-        let rec = inner.state.origin(cow, origin_id).cloned();
         if let Some(o) = inner.origins.get(&key) {
-            if let Some(rec) = &rec {
-                check_origin_size(o, &rec.path)?;
-            }
             return Ok(o.clone());
         }
-        let rec = rec.ok_or_else(|| {
+        let rec = inner.state.origin(cow, origin_id).cloned().ok_or_else(|| {
             MethodError::NotFound(format!(
                 "origin id {origin_id} of COW store {cow} is not known to this daemon; give the origin's path"
             ))
@@ -1068,6 +1064,13 @@ impl Daemon {
             )));
         }
         let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
+        // An origin already open must still have the size it was bound with.
+        if let (Some(o), Some(r)) = (
+            inner.origins.get(&(cow.clone(), origin_id.clone())),
+            inner.state.origin(&cow, &origin_id),
+        ) {
+            check_origin_size(o, &r.path)?;
+        }
         let result = self.volume_for(inner, &cow, &origin_id, Some(p.tag), p.direct);
         let volume = match result {
             Ok(v) => v,
