@@ -805,3 +805,99 @@ fn demo_scripts_do_not_reopen_their_output() {
         }
     }
 }
+
+/// A loop device, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(
+            out.status.success(),
+            "losetup -f --show {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Item 1 for block devices: a store on a block device served by one daemon cannot be
+/// formatted or opened through a second device node of the same device (another inode, so
+/// only O_EXCL catches it), nor checked; the first daemon's snapshot is intact. Needs root
+/// (loop devices, mknod); skipped otherwise.
+#[test]
+fn a_second_node_of_a_served_block_device_is_refused() {
+    if !is_root() {
+        eprintln!("SKIPPED: a_second_node_of_a_served_block_device_is_refused needs root");
+        return;
+    }
+    let dir = scratch("bdev");
+    let p = |n: &str| dir.path().join(n);
+    sparse_file(&p("store.img"), 32 * MIB);
+    sparse_file(&p("disk.img"), 4 * MIB);
+    sparse_file(&p("disk2.img"), 4 * MIB);
+    let lo = Loop::attach(&p("store.img"));
+    let rdev = std::fs::metadata(&lo.0).unwrap().rdev();
+    let node = p("second-node");
+    let st = Command::new("mknod")
+        .arg(&node)
+        .arg("b")
+        .arg(libc::major(rdev).to_string())
+        .arg(libc::minor(rdev).to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "mknod");
+    assert_ne!(
+        std::fs::metadata(&node).unwrap().ino(),
+        std::fs::metadata(&lo.0).unwrap().ino(),
+        "the second node must be another inode"
+    );
+    std::fs::create_dir(p("a")).unwrap();
+    std::fs::create_dir(p("b")).unwrap();
+    let a = Daemon::start(&p("a"));
+    let b = Daemon::start(&p("b"));
+    let (disk, disk2, node) = (s(&p("disk.img")), s(&p("disk2.img")), s(&node));
+    a.cli(&["create", "vol", &disk, &lo.0, "-b", "-f"]);
+    let mut c = Client::connect(&a.export_socket("vol")).unwrap();
+    write_block(&mut c, 0, 0x61);
+    a.cli(&["snapshot", "vol", "-m", "on a device"]);
+    write_block(&mut c, 0, 0x62);
+    drop(c);
+    wait_disconnected(&a, "vol");
+
+    let err = fails(&b, &["create", "x", &disk2, &node, "-b", "-F"], 5);
+    assert!(
+        err.contains(&format!(
+            "COW store {node} is in use by another exclusive opener"
+        )),
+        "{err}"
+    );
+    let err = fails(&b, &["create", "y", &disk2, &node], 5);
+    assert!(
+        err.contains("is in use by another exclusive opener"),
+        "{err}"
+    );
+    let out = check_cmd(&["check", "--repair", &node]);
+    let err = check_status(&out, &["check"], 5);
+    assert!(
+        err.contains("is in use by another exclusive opener"),
+        "{err}"
+    );
+
+    a.cli(&["create", "s1", &disk, &lo.0, "1"]);
+    same_block(read_export(&a, "s1", 0), 0x61);
+    same_block(read_export(&a, "vol", 0), 0x62);
+    let v = json_ok(&a, &["list", "vol"]);
+    assert_eq!(v["origins"][0]["snapshots"][0]["memo"], "on a device");
+}
