@@ -539,7 +539,7 @@ fn a_read_only_origin_is_served_read_only() {
     let p = |n: &str| dir.path().join(n);
     std::fs::write(p("ro.img"), vec![0x5a; 4 * MIB as usize]).unwrap();
     sparse_file(&p("store.cow"), 16 * MIB);
-    let _ro = Unwritable::new(&p("ro.img"));
+    let ro_guard = Unwritable::new(&p("ro.img"));
     let mut d = Daemon::start(dir.path());
     let (ro, store) = (s(&p("ro.img")), s(&p("store.cow")));
     let out = d.cli(&["create", "r", &ro, &store, "-b", "-f", "-r"]);
@@ -567,6 +567,18 @@ fn a_read_only_origin_is_served_read_only() {
         .unwrap()
         .iter()
         .all(|&x| x == 0x5a));
+    // Made writable again and closed (no export left), it is opened read-write next time:
+    // nothing read-only about it is remembered, and a rollback to the snapshot (which its
+    // export changed) works.
+    d.cli(&["remove", "r"]);
+    d.cli(&["remove", "rs"]);
+    assert_eq!(d.cli(&["status"]), "no stores open\n");
+    drop(ro_guard);
+    d.cli(&["create", "rs", &ro, &store, "1"]);
+    d.cli(&["create", "w", &ro, &store]);
+    d.cli(&["rollback", "w", "1"]);
+    same_block(read_export(&d, "w", 0), 0x33);
+    same_block(read_export(&d, "w", 4096), 0x5a);
 }
 
 /// Item 9: export sockets take the group and mode given per daemon (serve --socket-group,

@@ -390,6 +390,8 @@ impl Daemon {
             )))?;
         if readonly {
             inner.readonly_origins.insert(key.clone());
+        } else {
+            inner.readonly_origins.remove(&key);
         }
         inner.origins.insert(key, origin.clone());
         Ok(origin)
@@ -746,6 +748,7 @@ impl Daemon {
             .collect();
         for cow in unused {
             inner.origins.retain(|(c, _), _| *c != cow);
+            inner.readonly_origins.retain(|(c, _)| *c != cow);
             drop(inner.stores.remove(&cow));
             info!("closed COW store {cow}: no export uses it");
         }
@@ -1297,6 +1300,9 @@ impl Daemon {
             })?;
         inner
             .origins
+            .remove(&(rec.cow.clone(), rec.origin_id.clone()));
+        inner
+            .readonly_origins
             .remove(&(rec.cow.clone(), rec.origin_id.clone()));
         drop(origin);
         if let Err(source) = store.unbind_origin(&rec.origin_id) {
