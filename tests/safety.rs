@@ -750,6 +750,22 @@ fn help_shows_defaults_and_the_cli_validates_like_the_daemon() {
             .unwrap();
         check_status(&out, args, 2);
     }
+    // With --json, a usage error is the same JSON error object as any other error.
+    let out = Command::new(&bin)
+        .args(["--json", "create", "v", "/o", "/c", "--queue-size", "65535"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], -32602);
+    assert_eq!(v["error"]["exit_status"], 2);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--queue-size"),
+        "{v}"
+    );
 }
 
 /// Item 14: a FAILED reason is the last column, so it does not widen the other rows.

@@ -233,7 +233,34 @@ fn parse_mode_str(s: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let wants_json = std::env::args_os().any(|a| a == "--json");
+            if wants_json && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+            {
+                // A usage error, as the JSON error object scripts get for every other error.
+                let message = e
+                    .render()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ")
+                    .to_string();
+                let v = serde_json::json!({"error": {
+                    "code": snapmv_rpc::codes::INVALID_PARAMS,
+                    "name": snapmv_rpc::codes::name(snapmv_rpc::codes::INVALID_PARAMS),
+                    "message": message,
+                    "exit_status": 2,
+                }});
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     let rpc_socket = cli
         .rpc_socket
         .clone()
