@@ -528,6 +528,46 @@ fn remove_refuses_a_connected_guest_unless_forced() {
     assert!(!d.export_socket("vol").exists());
     drop(c);
     assert_eq!(std::fs::read(p("disk.img")).unwrap()[..4096], [9; 4096]);
+
+    // delete NAME (dms do: unbind and remove the export) refuses a connected guest too.
+    sparse_file(&p("disk2.img"), 4 * MIB);
+    d.cli(&[
+        "create",
+        "v2",
+        &s(&p("disk2.img")),
+        &s(&p("store.cow")),
+        "-b",
+    ]);
+    let mut c2 = Client::connect(&d.export_socket("v2")).unwrap();
+    write_block(&mut c2, 0, 0x42);
+    let err = fails(&d, &["delete", "v2"], 5);
+    assert!(
+        err.contains("export v2 has a connected client: pid ")
+            && err.contains("delete it with --force"),
+        "{err}"
+    );
+    let v = json_ok(&d, &["list"]);
+    assert!(
+        v["origins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["origin_id"] == "disk2.img"),
+        "the refused delete unbound the origin: {v}"
+    );
+    same_block(read_block(&mut c2, 0), 0x42);
+    d.cli(&["delete", "v2", "--force"]);
+    let v = json_ok(&d, &["list"]);
+    assert!(
+        !v["origins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["origin_id"] == "disk2.img"),
+        "{v}"
+    );
+    drop(c2);
+    assert_eq!(std::fs::read(p("disk2.img")).unwrap()[..4096], [0x42; 4096]);
 }
 
 /// Item 8: an origin that cannot be written (0444, immutable for root) is served read-only

@@ -313,11 +313,15 @@ pub fn snapshot(ctx: &Ctx, name: &str, memo: Option<&str>) -> Result<(), CliErro
     Ok(())
 }
 
-/// `snapmv delete NAME [TAG]`: `snapshot_delete`, or `origin_delete` without a tag.
-pub fn delete(ctx: &Ctx, name: &str, tag: Option<u32>) -> Result<(), CliError> {
+/// `snapmv delete NAME [TAG]`: `snapshot_delete`, or `origin_delete` without a tag (`force`:
+/// even while a guest is connected to the export).
+pub fn delete(ctx: &Ctx, name: &str, tag: Option<u32>, force: bool) -> Result<(), CliError> {
     let v = match tag {
         Some(tag) => ctx.call(names::SNAPSHOT_DELETE, json!({ "name": name, "tag": tag }))?,
-        None => ctx.call(names::ORIGIN_DELETE, json!({ "name": name }))?,
+        None => ctx.call(
+            names::ORIGIN_DELETE,
+            json!({ "name": name, "force": force }),
+        )?,
     };
     if ctx.json {
         ctx.print_json(&v);

@@ -76,6 +76,9 @@ enum Command {
         /// Snapshot tag (1 or more).
         #[arg(value_parser = clap::value_parser!(u32).range(1..))]
         tag: Option<u32>,
+        /// Without TAG: remove the export even while a guest is connected.
+        #[arg(long, conflicts_with = "tag")]
+        force: bool,
         #[command(flatten)]
         out: Out,
     },
@@ -337,9 +340,14 @@ fn main() -> ExitCode {
             let ctx = ctx(out);
             (ctx.json, cli::snapshot(&ctx, &name, memo.as_deref()))
         }
-        Command::Delete { name, tag, out } => {
+        Command::Delete {
+            name,
+            tag,
+            force,
+            out,
+        } => {
             let ctx = ctx(out);
-            (ctx.json, cli::delete(&ctx, &name, tag))
+            (ctx.json, cli::delete(&ctx, &name, tag, force))
         }
         Command::Rollback {
             name,

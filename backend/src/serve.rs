@@ -1162,44 +1162,52 @@ impl Daemon {
         }
     }
 
-    fn export_remove(&self, p: m::ExportRemoveParams) -> MResult<m::Done> {
-        // A guest that has just gone (its process exited, its socket closed) is noticed by
-        // the export's serving thread within moments: give it that moment, outside the lock,
-        // before refusing the removal because of it.
-        if !p.force {
-            for _ in 0..CLIENT_LEAVE_POLLS {
-                if !self.exports.get(&p.name).is_some_and(|e| e.connected) {
-                    break;
-                }
-                std::thread::sleep(CLIENT_LEAVE_POLL);
+    /// A guest that has just gone (its process exited, its socket closed) is noticed by the
+    /// export's serving thread within moments: gives it that moment, outside the lock, before
+    /// a removal is refused because of it.
+    fn wait_client_leaving(&self, name: &str) {
+        for _ in 0..CLIENT_LEAVE_POLLS {
+            if !self.exports.get(name).is_some_and(|e| e.connected) {
+                break;
             }
+            std::thread::sleep(CLIENT_LEAVE_POLL);
+        }
+    }
+
+    /// Refuses to stop export `name` while a client is connected, unless `force` (then logs
+    /// it). `what` is the operation, for the message.
+    fn refuse_if_connected(&self, name: &str, force: bool, what: &str) -> MResult<()> {
+        if !self.exports.get(name).is_some_and(|e| e.connected) {
+            return Ok(());
+        }
+        let peers = self.exports.peers(name);
+        let who = if peers.is_empty() {
+            "a client".to_string()
+        } else {
+            peers
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !force {
+            return Err(MethodError::Busy(format!(
+                "export {name} has a connected client: {who}; stop that guest first, or {what} with --force (force) and the guest loses its disk"
+            )));
+        }
+        warn!("export {name}: {what} with --force while {who} is connected");
+        Ok(())
+    }
+
+    fn export_remove(&self, p: m::ExportRemoveParams) -> MResult<m::Done> {
+        if !p.force {
+            self.wait_client_leaving(&p.name);
         }
         let mut guard = self.lock();
         let inner = &mut *guard;
         let rec = self.find_export(inner, &p.name)?;
-        if let Some(live) = self.exports.get(&rec.name) {
-            if live.connected {
-                let peers = self.exports.peers(&rec.name);
-                let who = if peers.is_empty() {
-                    "a client".to_string()
-                } else {
-                    peers
-                        .iter()
-                        .map(|p| p.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                if !p.force {
-                    return Err(MethodError::Busy(format!(
-                        "export {} has a connected client: {who}; stop that guest first, or remove it with --force (force) and the guest loses its disk",
-                        rec.name
-                    )));
-                }
-                warn!(
-                    "export {} removed with --force while {who} is connected",
-                    rec.name
-                );
-            }
+        if self.exports.get(&rec.name).is_some() {
+            self.refuse_if_connected(&rec.name, p.force, "remove it")?;
             self.exports
                 .remove(&rec.name)
                 .map_err(|source| MethodError::Export {
@@ -1256,7 +1264,10 @@ impl Daemon {
         Ok(m::Done { name: rec.name })
     }
 
-    fn origin_delete(&self, p: m::NameParams) -> MResult<m::Done> {
+    fn origin_delete(&self, p: m::ExportRemoveParams) -> MResult<m::Done> {
+        if !p.force {
+            self.wait_client_leaving(&p.name);
+        }
         let mut guard = self.lock();
         let inner = &mut *guard;
         let (rec, origin) = self.origin_export(inner, &p.name, names::ORIGIN_DELETE)?;
@@ -1291,6 +1302,7 @@ impl Daemon {
                 others.join(", ")
             )));
         }
+        self.refuse_if_connected(&rec.name, p.force, "delete it")?;
         let store = self.store_for(inner, &rec.cow, false)?;
         self.exports
             .remove(&rec.name)

@@ -143,13 +143,13 @@ pub struct NameParams {
     pub name: String,
 }
 
-/// `export_remove` parameters.
+/// `export_remove` and `origin_delete` parameters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportRemoveParams {
     /// Export name.
     pub name: String,
-    /// Remove it even while a client (a guest) is connected: the guest loses its disk.
+    /// Stop the export even while a client (a guest) is connected: the guest loses its disk.
     #[serde(default)]
     pub force: bool,
 }
