@@ -121,7 +121,10 @@ tail -f "$S/guest1.log" --pid=$guest1 | show &
 wait_for "$S/guest1.log" "waiting for the host" $guest1
 
 say "7. Guest 1 is running: taking a live snapshot of its disk with the CLI"
-tag="$(snapmv snapshot demo -m "demo: before" | tee /dev/stderr | sed -n 's/^snapshot \([0-9][0-9]*\) .*/\1/p')"
+# Captured, then printed: `tee /dev/stderr` would reopen a redirected log and truncate it.
+out="$(snapmv snapshot demo -m "demo: before")"
+printf '%s\n' "$out"
+tag="$(printf '%s\n' "$out" | sed -n 's/^snapshot \([0-9][0-9]*\) .*/\1/p')"
 [ -n "$tag" ] || die "could not read the new snapshot's tag from snapmv snapshot"
 
 say "8. Telling guest 1 to go on: it overwrites the message on the origin, then powers off"

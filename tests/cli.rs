@@ -183,7 +183,10 @@ fn every_verb_against_a_daemon() {
 
     // delete without TAG (dms do): refused while snapshots exist, then done.
     let err = d.cli_fail(&["delete", "vol"]);
-    assert!(err.contains("still has snapshots"), "{err}");
+    assert!(
+        err.contains("it still has 1 snapshot; delete it first"),
+        "{err}"
+    );
     d.cli(&["create", "vol2", &o2, &c, "-b"]);
     let out = d.cli(&["delete", "vol2"]);
     assert_eq!(
@@ -193,10 +196,13 @@ fn every_verb_against_a_daemon() {
     let v = json(&d, &["exports"]);
     assert_eq!(v["exports"].as_array().unwrap().len(), 1);
 
-    // check: refused while the daemon has the store open; clean once no export uses it (the
-    // daemon then closes it).
+    // check: refused while the daemon has the store open (its lock); clean once no export uses
+    // it (the daemon then closes it).
     let err = d.cli_fail(&["check", &c]);
-    assert!(err.contains("open in the snapmv daemon"), "{err}");
+    assert!(
+        err.contains(&format!("COW store {c} is in use by process ")),
+        "{err}"
+    );
     drop(client);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     while json(&d, &["status", "vol"])["stores"][0]["origins"][0]
@@ -205,6 +211,14 @@ fn every_verb_against_a_daemon() {
     {
         assert!(std::time::Instant::now() < deadline, "rollback never ends");
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The guest is gone once the daemon has seen it leave (remove refuses a connected one).
+    while json(&d, &["exports"])["exports"][0]["connected"] == true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client never leaves"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     d.cli(&["remove", "vol"]);
     assert_eq!(d.cli(&["status"]), "no stores open\n");
@@ -266,7 +280,11 @@ fn usage_errors_and_unreachable_daemon() {
         .arg("status")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exit status 3: daemon not reachable"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("cannot connect to the snapmv daemon at") && err.contains("none.sock"),

@@ -161,7 +161,8 @@ fn fixture() -> Fixture {
     // superblock slots, the documented way: `check --repair` of a store with a bad slot 1.
     {
         let mut img = std::fs::read(&cow).unwrap();
-        img[SB_SLOT as usize..SB_SLOT as usize + 8].copy_from_slice(b"SNAPMVSB");
+        // Slot 1 holds the format's older copy (generation 1): damage it.
+        img[SB_SLOT as usize + 20] ^= 0xff;
         std::fs::write(&cow, &img).unwrap();
         let r = snapmv_engine::check(&cow, true).unwrap();
         assert!(r.is_clean() && !r.repaired.is_empty(), "{r:?}");
@@ -324,7 +325,7 @@ fn superblock_damage() {
     let mut img = f.clean.clone();
     img[0] = b'X';
     img[SB_SLOT as usize] = b'X';
-    f.expect_refused(&img, "bad magic");
+    f.expect_refused(&img, "not a snapmv");
 
     // A future format version, correctly sealed.
     let mut img = f.clean.clone();

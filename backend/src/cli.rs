@@ -37,16 +37,38 @@ pub enum CliError {
         #[source]
         source: serde_json::Error,
     },
-    /// `check` refused or failed.
-    #[error("{0}")]
-    Check(String),
+    /// `check` could not run on the store.
+    #[error("cannot check COW store {cow}: {source}")]
+    Check {
+        /// The store.
+        cow: String,
+        /// The engine's error.
+        #[source]
+        source: snapmv_engine::Error,
+    },
+    /// `check` refused a store another process has open.
+    #[error("COW store {cow} is in use by {holder}; stop it before checking the store (check and repair need it to themselves)")]
+    InUse {
+        /// The store.
+        cow: String,
+        /// Who holds it.
+        holder: String,
+    },
+    /// `check` was given a file that holds no store.
+    #[error("{cow} is not a snapmv COW store (no snapmv superblock in either slot)")]
+    NotAStore {
+        /// The file.
+        cow: String,
+    },
     /// `check` ran and found problems it did not repair.
-    #[error("COW store {cow} has {n} problem(s) left")]
+    #[error("COW store {cow} has {n} problem(s) left{hint}")]
     Unclean {
         /// The store.
         cow: String,
         /// Number of problems.
         n: usize,
+        /// What to do next.
+        hint: &'static str,
     },
     /// The rollback waiter thread could not be run.
     #[error("rollback of export {name}: {what}")]
@@ -56,6 +78,75 @@ pub enum CliError {
         /// What went wrong.
         what: String,
     },
+}
+
+impl CliError {
+    /// The JSON-RPC error code of this error: the daemon's, or the closest one for errors
+    /// found by the CLI itself.
+    pub fn code(&self) -> i64 {
+        use snapmv_rpc::codes;
+        match self {
+            CliError::Rpc(RpcError::Remote(e)) => e.code,
+            CliError::Rpc(RpcError::Connect { .. } | RpcError::Io { .. }) => codes::IO_ERROR,
+            CliError::Rpc(_) | CliError::Decode { .. } | CliError::Wait { .. } => {
+                codes::INTERNAL_ERROR
+            }
+            CliError::Path { .. } => codes::NOT_FOUND,
+            CliError::Check { source, .. } => match source {
+                snapmv_engine::Error::Corrupt { .. } => codes::CORRUPT,
+                snapmv_engine::Error::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    codes::NOT_FOUND
+                }
+                _ => codes::IO_ERROR,
+            },
+            CliError::InUse { .. } => codes::BUSY,
+            CliError::NotAStore { .. } | CliError::Unclean { .. } => codes::CORRUPT,
+        }
+    }
+
+    /// The process exit status (docs/cli.md): 1 internal, 2 usage or invalid parameter,
+    /// 3 daemon not reachable, 4 not found, 5 conflict, 6 damaged or not a store, 7 no space
+    /// or limit, 8 I/O error, 9 permission denied.
+    pub fn exit_status(&self) -> u8 {
+        use snapmv_rpc::codes;
+        if let CliError::Rpc(RpcError::Connect { .. } | RpcError::Io { .. }) = self {
+            return 3;
+        }
+        match self.code() {
+            codes::PARSE_ERROR
+            | codes::INVALID_REQUEST
+            | codes::METHOD_NOT_FOUND
+            | codes::INVALID_PARAMS => 2,
+            codes::NOT_FOUND => 4,
+            codes::ALREADY_EXISTS
+            | codes::BUSY
+            | codes::HAS_SNAPSHOTS
+            | codes::READ_ONLY
+            | codes::INVALID_STATE => 5,
+            codes::CORRUPT => 6,
+            codes::NO_SPACE | codes::LIMIT => 7,
+            codes::IO_ERROR => 8,
+            codes::PERMISSION_DENIED => 9,
+            _ => 1,
+        }
+    }
+
+    /// `{"error": {"code", "name", "message", "exit_status"}}`, printed with `--json`. The
+    /// message is the daemon's message alone (no code appended).
+    pub fn to_json(&self) -> Value {
+        let message = match self {
+            CliError::Rpc(RpcError::Remote(e)) => e.message.clone(),
+            e => e.to_string(),
+        };
+        json!({"error": {
+            "code": self.code(),
+            "name": snapmv_rpc::codes::name(self.code()),
+            "message": message,
+            "exit_status": self.exit_status(),
+        }})
+    }
 }
 
 /// Output settings shared by the verbs.
@@ -129,6 +220,10 @@ pub struct CreateArgs {
     pub direct: bool,
     /// Socket path.
     pub socket: Option<PathBuf>,
+    /// Socket group (name or gid).
+    pub socket_group: Option<String>,
+    /// Socket mode (octal).
+    pub socket_mode: Option<String>,
 }
 
 /// `snapmv create`: `origin_create`, or `snapshot_export` when a tag is given.
@@ -156,6 +251,8 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
                 readonly: a.readonly,
                 direct: a.direct,
                 socket,
+                socket_group: a.socket_group,
+                socket_mode: a.socket_mode,
             }),
         ),
         Some(tag) => (
@@ -171,6 +268,8 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
                 readonly: a.readonly,
                 direct: a.direct,
                 socket,
+                socket_group: a.socket_group,
+                socket_mode: a.socket_mode,
             }),
         ),
     };
@@ -185,9 +284,12 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `snapmv remove NAME`: `export_remove`.
-pub fn remove(ctx: &Ctx, name: &str) -> Result<(), CliError> {
-    let v = ctx.call(names::EXPORT_REMOVE, json!({ "name": name }))?;
+/// `snapmv remove NAME [--force]`: `export_remove`.
+pub fn remove(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
+    let v = ctx.call(
+        names::EXPORT_REMOVE,
+        json!({ "name": name, "force": force }),
+    )?;
     if ctx.json {
         ctx.print_json(&v);
     } else {
@@ -211,11 +313,15 @@ pub fn snapshot(ctx: &Ctx, name: &str, memo: Option<&str>) -> Result<(), CliErro
     Ok(())
 }
 
-/// `snapmv delete NAME [TAG]`: `snapshot_delete`, or `origin_delete` without a tag.
-pub fn delete(ctx: &Ctx, name: &str, tag: Option<u32>) -> Result<(), CliError> {
+/// `snapmv delete NAME [TAG]`: `snapshot_delete`, or `origin_delete` without a tag (`force`:
+/// even while a guest is connected to the export).
+pub fn delete(ctx: &Ctx, name: &str, tag: Option<u32>, force: bool) -> Result<(), CliError> {
     let v = match tag {
         Some(tag) => ctx.call(names::SNAPSHOT_DELETE, json!({ "name": name, "tag": tag }))?,
-        None => ctx.call(names::ORIGIN_DELETE, json!({ "name": name }))?,
+        None => ctx.call(
+            names::ORIGIN_DELETE,
+            json!({ "name": name, "force": force }),
+        )?,
     };
     if ctx.json {
         ctx.print_json(&v);
@@ -399,6 +505,18 @@ fn dash_if_empty(v: &[String]) -> String {
 pub fn render_list(l: &m::SnapshotList) -> String {
     let mut out = String::new();
     for o in &l.origins {
+        if !o.open {
+            let path = if o.origin.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", o.origin)
+            };
+            out.push_str(&format!(
+                "origin {}{path} in {}, bound but not open: export it to list its snapshots\n",
+                o.origin_id, o.cow
+            ));
+            continue;
+        }
         out.push_str(&format!(
             "origin {} ({}) in {}, exported as {}\n",
             o.origin_id,
@@ -502,18 +620,18 @@ pub fn render_exports(l: &m::ExportList) -> String {
                 },
                 e.num_queues.to_string(),
                 if e.readonly { "ro" } else { "rw" }.into(),
+                e.socket.clone(),
                 match &e.error {
-                    Some(err) => format!("FAILED: {err}"),
+                    Some(err) => format!("FAILED: {}", one_line(err)),
                     None if e.connected => "connected".into(),
                     None => "waiting".into(),
                 },
-                e.socket.clone(),
             ]
         })
         .collect();
     table(
         &[
-            "NAME", "VOLUME", "SIZE", "QUEUES", "MODE", "STATE", "SOCKET",
+            "NAME", "VOLUME", "SIZE", "QUEUES", "MODE", "SOCKET", "STATE",
         ],
         &rows,
     )
@@ -550,6 +668,21 @@ pub fn render_status(s: &m::Status) -> String {
             .origins
             .iter()
             .map(|o| {
+                if !o.open {
+                    return vec![
+                        o.origin_id.clone(),
+                        "?".into(),
+                        "?".into(),
+                        "-".into(),
+                        "?".into(),
+                        "(not open)".into(),
+                        if o.origin.is_empty() {
+                            "?".into()
+                        } else {
+                            o.origin.clone()
+                        },
+                    ];
+                }
                 vec![
                     o.origin_id.clone(),
                     format_size(o.size),
@@ -616,7 +749,9 @@ pub fn status(ctx: &Ctx, name: Option<&str>) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `snapmv check COW [--repair]`: the engine's checker, on a store no daemon has open.
+/// `snapmv check COW [--repair]`: the engine's checker, on a store no process has open. The
+/// engine opens the store exclusively (an exclusive lock on the file, `O_EXCL` for a block
+/// device), so a store any daemon — or another check — has open is refused, naming its holder.
 pub fn check(ctx: &Ctx, cow: &Path, repair: bool) -> Result<(), CliError> {
     let canon = std::fs::canonicalize(cow).map_err(|source| CliError::Path {
         what: "COW store",
@@ -624,21 +759,23 @@ pub fn check(ctx: &Ctx, cow: &Path, repair: bool) -> Result<(), CliError> {
         source,
     })?;
     let canon_s = canon.to_string_lossy().into_owned();
-    // Refuse a store the daemon has open (best effort: only the daemon on --rpc-socket).
-    if let Ok(mut c) = RpcClient::connect(&ctx.rpc_socket) {
-        if let Ok(v) = c.call(names::STATUS, Value::Null) {
-            if let Ok(st) = serde_json::from_value::<m::Status>(v) {
-                if st.stores.iter().any(|s| s.cow == canon_s) {
-                    return Err(CliError::Check(format!(
-                        "COW store {canon_s} is open in the snapmv daemon on {}; stop the daemon before checking it",
-                        ctx.rpc_socket.display()
-                    )));
-                }
+    let report = snapmv_engine::check(&canon, repair).map_err(|e| {
+        if let snapmv_engine::Error::Io { source, .. } = &e {
+            if let Some(u) = snapmv_engine::in_use(source) {
+                return CliError::InUse {
+                    cow: canon_s.clone(),
+                    holder: u.holder.clone(),
+                };
             }
         }
+        CliError::Check {
+            cow: canon_s.clone(),
+            source: e,
+        }
+    })?;
+    if report.not_a_store {
+        return Err(CliError::NotAStore { cow: canon_s });
     }
-    let report = snapmv_engine::check(&canon, repair)
-        .map_err(|e| CliError::Check(format!("cannot check COW store {canon_s}: {e}")))?;
     if ctx.json {
         ctx.print_json(&json!({
             "cow": canon_s,
@@ -670,6 +807,11 @@ pub fn check(ctx: &Ctx, cow: &Path, repair: bool) -> Result<(), CliError> {
         Err(CliError::Unclean {
             cow: canon_s,
             n: report.problems.len(),
+            hint: if repair {
+                ""
+            } else {
+                "; `snapmv check --repair` repairs what can be rebuilt"
+            },
         })
     }
 }
@@ -721,6 +863,7 @@ mod tests {
                 origin: "/o".into(),
                 cow: "/c".into(),
                 exported_as: vec!["vol".into()],
+                open: true,
                 snapshots: vec![s(1, None), s(2, Some(1)), s(3, None)],
             }],
         };

@@ -20,6 +20,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::rpc_server::SocketAccess;
 use crate::vhost_blk::config::MAX_QUEUES;
 use crate::vhost_blk::{BlkBackend, BlockDisk, DeviceOptions};
 
@@ -41,6 +42,8 @@ pub struct ExportConfig {
     pub queue_size: u16,
     /// Refuse writes (VIRTIO_BLK_F_RO).
     pub readonly: bool,
+    /// Group and mode of the socket (default: the daemon's group, 0600).
+    pub socket_access: SocketAccess,
 }
 
 impl ExportConfig {
@@ -52,6 +55,7 @@ impl ExportConfig {
             num_queues: DEFAULT_NUM_QUEUES,
             queue_size: DEFAULT_QUEUE_SIZE,
             readonly: false,
+            socket_access: SocketAccess::default(),
         }
     }
 }
@@ -179,7 +183,7 @@ fn validate(cfg: &ExportConfig) -> Result<(), ExportError> {
 
 /// Binds `path`: refuses if a live process listens there or if it is not a socket, replaces a
 /// stale socket file.
-fn bind_socket(path: &Path) -> Result<UnixListener, ExportError> {
+fn bind_socket(path: &Path, access: SocketAccess) -> Result<UnixListener, ExportError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             if !meta.file_type().is_socket() {
@@ -202,8 +206,9 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ExportError> {
             })
         }
     }
-    // Mode 0600 whatever the umask, and never visible with another mode (docs/security.md).
-    crate::rpc_server::bind_private_socket(path).map_err(|e| ExportError::Socket {
+    // Mode 0600 (or the one configured) whatever the umask, and never visible with another
+    // mode or group (docs/security.md).
+    crate::rpc_server::bind_socket_as(path, access).map_err(|e| ExportError::Socket {
         path: path.to_owned(),
         source: io::Error::other(e.to_string()),
     })
@@ -304,7 +309,7 @@ impl ExportManager {
                 export: other.cfg.name.clone(),
             });
         }
-        let listener = bind_socket(&cfg.socket)?;
+        let listener = bind_socket(&cfg.socket, cfg.socket_access)?;
         let cleanup = |e: ExportError| {
             let _ = std::fs::remove_file(&cfg.socket);
             e
@@ -391,6 +396,116 @@ impl ExportManager {
             .get(name)
             .map(info)
     }
+}
+
+/// A process connected to an export's socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Its pid.
+    pub pid: u32,
+    /// Its uid.
+    pub uid: u32,
+    /// Its command name (`/proc/PID/comm`), if readable.
+    pub comm: String,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.comm.is_empty() {
+            write!(f, "pid {} (uid {})", self.pid, self.uid)
+        } else {
+            write!(f, "pid {} ({}, uid {})", self.pid, self.comm, self.uid)
+        }
+    }
+}
+
+impl ExportManager {
+    /// The processes connected to export `name` (empty if none, or if they cannot be found).
+    pub fn peers(&self, name: &str) -> Vec<Peer> {
+        let exports = self.exports.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(e) = exports.get(name) else {
+            return Vec::new();
+        };
+        // The address the socket was bound to (a temporary name, before its rename into
+        // place): accepted connections report it as their own.
+        let Some(bound) = e
+            .wake
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        else {
+            return Vec::new();
+        };
+        drop(exports);
+        peers_of(&bound)
+    }
+}
+
+/// The peers of the accepted (not listening) Unix sockets of this process whose local address
+/// is `socket`: an accepted socket reports its listener's bound address as its own. Found by
+/// walking `/proc/self/fd`, because the vhost-user library owns the accepted connection.
+fn peers_of(socket: &Path) -> Vec<Peer> {
+    use rustix::net::{sockopt, SocketAddrUnix};
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let mut peers = Vec::new();
+    for entry in dir.flatten() {
+        let is_socket = std::fs::read_link(entry.path())
+            .map(|t| t.to_string_lossy().starts_with("socket:"))
+            .unwrap_or(false);
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<std::os::fd::RawFd>().ok())
+        else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // Duplicate it first: the number may be closed (and reused) by another thread at any
+        // moment; our duplicate stays valid whatever happens to the original.
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on any number is memory-safe; a closed or reused
+        // number yields an error or an unrelated descriptor, which the checks below reject.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            continue;
+        }
+        // SAFETY: `dup` was just returned by fcntl and is owned by nothing else.
+        let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        if sockopt::socket_acceptconn(&owned).unwrap_or(true) {
+            continue;
+        }
+        let Ok(addr) = rustix::net::getsockname(&owned) else {
+            continue;
+        };
+        let Ok(unix) = SocketAddrUnix::try_from(addr) else {
+            continue;
+        };
+        if unix
+            .path()
+            .map(|p| p.to_bytes() == socket.as_os_str().as_encoded_bytes())
+            != Some(true)
+        {
+            continue;
+        }
+        if let Ok(cred) = sockopt::socket_peercred(&owned) {
+            let pid = cred.pid.as_raw_nonzero().get() as u32;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_default();
+            let peer = Peer {
+                pid,
+                uid: cred.uid.as_raw(),
+                comm,
+            };
+            if !peers.contains(&peer) {
+                peers.push(peer);
+            }
+        }
+    }
+    peers
 }
 
 fn info(e: &Export) -> ExportInfo {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use snapmv::cli::{self, CliError, CreateArgs, Ctx};
+use snapmv::rpc_server::SocketAccess;
 use snapmv::serve::{serve, ServeConfig};
 
 /// Default management socket.
@@ -17,11 +18,15 @@ const DEFAULT_RPC_SOCKET: &str = "/run/snapmv/rpc.sock";
     about = "Origins and live, writable snapshots served to VMs over vhost-user-blk",
     long_about = "Origins and live, writable snapshots served to VMs over vhost-user-blk.\n\n\
         `snapmv serve` runs the daemon; the other verbs talk to it over its JSON-RPC socket and \
-        mirror dm-snap-mv's `dms` (see docs/cli.md)."
+        mirror dm-snap-mv's `dms` (see docs/cli.md).\n\n\
+        Exit status: 0 success, 1 internal error, 2 usage or invalid parameter, 3 daemon not \
+        reachable, 4 not found, 5 conflict (exists, in use, busy, has snapshots, wrong state), \
+        6 store damaged or not a store, 7 no space or format limit, 8 I/O error, 9 permission \
+        denied."
 )]
 struct Cli {
-    /// Print the daemon's JSON answer instead of a table.
-    #[arg(long, global = true)]
+    /// Print JSON (the daemon's result; errors as {"error":{...}}) instead of text.
+    #[arg(long)]
     json: bool,
     /// The daemon's management socket [env: SNAPMV_RPC_SOCKET] [default: /run/snapmv/rpc.sock]
     #[arg(long, global = true, value_name = "PATH")]
@@ -30,16 +35,29 @@ struct Cli {
     command: Command,
 }
 
+/// Output options of the client verbs.
+#[derive(Args, Debug, Clone, Copy)]
+struct Out {
+    /// Print JSON (the daemon's result; errors as {"error":{...}}) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the daemon: serve the management socket and every recorded export.
     Serve(ServeArgs),
     /// Export an origin (dms co), or with TAG a snapshot of it (dms cs).
     Create(CreateCmd),
-    /// Stop serving an export; data untouched (dms remove).
+    /// Stop serving an export; data untouched (dms remove). Refused while a guest is connected.
     Remove {
         /// Export name.
         name: String,
+        /// Remove it even while a guest is connected (the guest loses its disk).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        out: Out,
     },
     /// Snapshot what an export serves: the origin (dms so) or a snapshot (dms ss).
     Snapshot {
@@ -48,43 +66,65 @@ enum Command {
         /// A note stored with the snapshot.
         #[arg(short, long)]
         memo: Option<String>,
+        #[command(flatten)]
+        out: Out,
     },
     /// Delete snapshot TAG (dms ds); without TAG unbind the origin and remove its export (dms do).
     Delete {
         /// Export of the origin.
         name: String,
-        /// Snapshot tag.
+        /// Snapshot tag (1 or more).
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
         tag: Option<u32>,
+        /// Without TAG: remove the export even while a guest is connected.
+        #[arg(long, conflicts_with = "tag")]
+        force: bool,
+        #[command(flatten)]
+        out: Out,
     },
     /// Roll the origin back to snapshot TAG while it stays live (dms rs).
     Rollback {
         /// Export of the origin.
         name: String,
-        /// Snapshot tag.
+        /// Snapshot tag (1 or more).
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
         tag: u32,
         /// Return at once; the copy-back goes on in the background (dms rs -b).
         #[arg(short = 'b', long)]
         background: bool,
+        #[command(flatten)]
+        out: Out,
     },
-    /// Snapshot trees: tag, parent, birth, exclusive chunks, exports, memo (dms list).
+    /// Snapshot trees of every origin of every open store: tag, parent, birth, exclusive
+    /// chunks, exports, memo (dms list).
     List {
         /// Only the origin this export serves (or whose snapshot it serves).
         name: Option<String>,
+        #[command(flatten)]
+        out: Out,
     },
     /// Exports: name, volume, queues, client connected, socket.
-    Exports,
-    /// Stores (chunks used/free) and origins (snapshots, rollback, reclaim).
+    Exports {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Stores (chunks used/free) and every origin bound in them (snapshots, rollback, reclaim).
     Status {
         /// Only the origin this export serves (or whose snapshot it serves).
         name: Option<String>,
+        #[command(flatten)]
+        out: Out,
     },
-    /// Check a COW store no daemon has open; optionally repair what can be derived.
+    /// Check a COW store no process has open (refused, naming the holder, if one has);
+    /// optionally repair what can be derived.
     Check {
         /// COW store path.
         cow: PathBuf,
         /// Repair what can be rebuilt from the rest of the metadata.
         #[arg(long)]
         repair: bool,
+        #[command(flatten)]
+        out: Out,
     },
 }
 
@@ -99,6 +139,41 @@ struct ServeArgs {
     /// Also allow this uid on the management socket (besides the daemon's own and root).
     #[arg(long = "allow-uid", value_name = "UID", action = ArgAction::Append)]
     allow_uid: Vec<u32>,
+    /// Group of every export socket that does not set its own (name or gid) [default: the
+    /// daemon's group].
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    socket_group: Option<u32>,
+    /// Mode of every export socket that does not set its own, octal.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+}
+
+fn parse_group(s: &str) -> Result<u32, String> {
+    snapmv::serve::resolve_group(s)
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    snapmv::serve::parse_socket_mode(s)
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number from 1 to 32768"))?;
+    if !n.is_power_of_two() || n > 32768 {
+        return Err(format!("{n} is not a power of two from 1 to 32768"));
+    }
+    Ok(n)
+}
+
+fn parse_chunk(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of 4 KiB pages"))?;
+    if !n.is_power_of_two() || n > 256 {
+        return Err(format!("{n} is not a power of two from 1 to 256"));
+    }
+    Ok(n)
 }
 
 #[derive(Args, Debug)]
@@ -110,53 +185,95 @@ struct CreateCmd {
     origin: PathBuf,
     /// COW store file or block device.
     cow: PathBuf,
-    /// Export snapshot TAG instead of the origin (dms cs).
-    #[arg(conflicts_with_all = ["bind", "format", "force_format", "chunk_size"])]
+    /// Export snapshot TAG instead of the origin (dms cs); 1 or more.
+    #[arg(
+        conflicts_with_all = ["bind", "format", "force_format", "chunk_size"],
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
     tag: Option<u32>,
     /// Bind the origin to the store (a new binding).
     #[arg(short = 'b', long)]
     bind: bool,
-    /// Format the store first (refused if it already holds one).
+    /// Format the store first (refused if it already holds one); done last, after every check.
     #[arg(short = 'f', long, requires = "bind")]
     format: bool,
     /// Format the store even if it already holds one (destroys its snapshots).
     #[arg(short = 'F', long, requires = "bind")]
     force_format: bool,
-    /// Chunk size in 4 KiB pages (power of two, 1..=256) when formatting.
-    #[arg(short = 'c', long, value_name = "PAGES", requires = "fmt")]
+    /// Chunk size in 4 KiB pages (power of two, 1..=256) when formatting [default: 1]
+    #[arg(short = 'c', long, value_name = "PAGES", requires = "fmt", value_parser = parse_chunk)]
     chunk_size: Option<u32>,
-    /// Origin id inside the store (default: the origin's file name).
+    /// Origin id inside the store [default: the origin's file name]
     #[arg(long, value_name = "ID")]
     origin_id: Option<String>,
-    /// Number of virtqueues.
-    #[arg(short = 'q', long, value_name = "N")]
+    /// Number of virtqueues, 1..=64 [default: 4]
+    #[arg(short = 'q', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     num_queues: Option<u16>,
-    /// Virtqueue size (power of two).
-    #[arg(long, value_name = "N")]
+    /// Largest virtqueue size, a power of two up to 32768 [default: 1024]
+    #[arg(long, value_name = "N", value_parser = parse_queue_size)]
     queue_size: Option<u16>,
-    /// Serve read-only.
+    /// Serve read-only (an origin is then opened read-only: a 0444 file or read-only mount works).
     #[arg(short = 'r', long)]
     readonly: bool,
     /// Open the files with O_DIRECT.
     #[arg(long)]
     direct: bool,
-    /// vhost-user socket path (default: the daemon's socket directory/NAME.sock).
+    /// vhost-user socket path [default: the daemon's socket directory/NAME.sock]
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Group of the socket, name or gid [default: the daemon's --socket-group]
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Mode of the socket, octal, e.g. 0660 [default: the daemon's --socket-mode]
+    #[arg(long, value_name = "MODE", value_parser = parse_mode_str)]
+    socket_mode: Option<String>,
+    #[command(flatten)]
+    out: Out,
+}
+
+fn parse_mode_str(s: &str) -> Result<String, String> {
+    snapmv::serve::parse_socket_mode(s).map(|_| s.to_string())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let wants_json = std::env::args_os().any(|a| a == "--json");
+            if wants_json && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+            {
+                // A usage error, as the JSON error object scripts get for every other error.
+                let message = e
+                    .render()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ")
+                    .to_string();
+                let v = serde_json::json!({"error": {
+                    "code": snapmv_rpc::codes::INVALID_PARAMS,
+                    "name": snapmv_rpc::codes::name(snapmv_rpc::codes::INVALID_PARAMS),
+                    "message": message,
+                    "exit_status": 2,
+                }});
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     let rpc_socket = cli
         .rpc_socket
         .clone()
         .or_else(|| std::env::var_os("SNAPMV_RPC_SOCKET").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_RPC_SOCKET));
-    let ctx = Ctx {
+    let ctx = |out: Out| Ctx {
         rpc_socket: rpc_socket.clone(),
-        json: cli.json,
+        json: cli.json || out.json,
     };
-    let result: Result<(), String> = match cli.command {
+    let (json, result): (bool, Result<(), CliError>) = match cli.command {
         Command::Serve(a) => {
             env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
                 .init();
@@ -167,60 +284,111 @@ fn main() -> ExitCode {
                     .map(PathBuf::from)
                     .unwrap_or_else(|| PathBuf::from("."))
             });
-            serve(ServeConfig {
+            if cli.json {
+                eprintln!("snapmv: serve prints no JSON; --json is for the client verbs");
+                return ExitCode::from(2);
+            }
+            return match serve(ServeConfig {
                 rpc_socket,
                 state_dir: a.state_dir,
                 socket_dir,
                 allowed_uids: a.allow_uid,
-            })
-            .map_err(|e| e.to_string())
+                socket_access: SocketAccess {
+                    group: a.socket_group,
+                    mode: a.socket_mode,
+                },
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("snapmv: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
-        Command::Create(c) => cli::create(
-            &ctx,
-            CreateArgs {
-                name: c.name,
-                origin: c.origin,
-                cow: c.cow,
-                tag: c.tag,
-                bind: c.bind,
-                format: c.format,
-                force_format: c.force_format,
-                chunk_size: c.chunk_size,
-                origin_id: c.origin_id,
-                num_queues: c.num_queues,
-                queue_size: c.queue_size,
-                readonly: c.readonly,
-                direct: c.direct,
-                socket: c.socket,
-            },
-        )
-        .map_err(message),
-        Command::Remove { name } => cli::remove(&ctx, &name).map_err(message),
-        Command::Snapshot { name, memo } => {
-            cli::snapshot(&ctx, &name, memo.as_deref()).map_err(message)
+        Command::Create(c) => {
+            let ctx = ctx(c.out);
+            (
+                ctx.json,
+                cli::create(
+                    &ctx,
+                    CreateArgs {
+                        name: c.name,
+                        origin: c.origin,
+                        cow: c.cow,
+                        tag: c.tag,
+                        bind: c.bind,
+                        format: c.format,
+                        force_format: c.force_format,
+                        chunk_size: c.chunk_size,
+                        origin_id: c.origin_id,
+                        num_queues: c.num_queues,
+                        queue_size: c.queue_size,
+                        readonly: c.readonly,
+                        direct: c.direct,
+                        socket: c.socket,
+                        socket_group: c.socket_group,
+                        socket_mode: c.socket_mode,
+                    },
+                ),
+            )
         }
-        Command::Delete { name, tag } => cli::delete(&ctx, &name, tag).map_err(message),
+        Command::Remove { name, force, out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::remove(&ctx, &name, force))
+        }
+        Command::Snapshot { name, memo, out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::snapshot(&ctx, &name, memo.as_deref()))
+        }
+        Command::Delete {
+            name,
+            tag,
+            force,
+            out,
+        } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::delete(&ctx, &name, tag, force))
+        }
         Command::Rollback {
             name,
             tag,
             background,
-        } => cli::rollback(&ctx, &name, tag, background).map_err(message),
-        Command::List { name } => cli::list(&ctx, name.as_deref()).map_err(message),
-        Command::Exports => cli::exports(&ctx).map_err(message),
-        Command::Status { name } => cli::status(&ctx, name.as_deref()).map_err(message),
-        Command::Check { cow, repair } => cli::check(&ctx, &cow, repair).map_err(message),
+            out,
+        } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::rollback(&ctx, &name, tag, background))
+        }
+        Command::List { name, out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::list(&ctx, name.as_deref()))
+        }
+        Command::Exports { out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::exports(&ctx))
+        }
+        Command::Status { name, out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::status(&ctx, name.as_deref()))
+        }
+        Command::Check { cow, repair, out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::check(&ctx, &cow, repair))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("snapmv: {msg}");
-            ExitCode::FAILURE
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&e.to_json()).unwrap_or_default()
+                );
+            } else {
+                eprintln!("snapmv: {e}");
+            }
+            ExitCode::from(e.exit_status())
         }
     }
-}
-
-fn message(e: CliError) -> String {
-    e.to_string()
 }
 
 #[cfg(test)]

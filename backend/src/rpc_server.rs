@@ -124,6 +124,30 @@ pub fn check_socket_free(path: &Path) -> Result<bool, ServerError> {
 /// Binds a Unix socket at `path` with mode 0600, atomically: the path either does not change
 /// or holds the new, already private, socket. Replaces a stale socket at `path`.
 pub fn bind_private_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    bind_socket_as(path, SocketAccess::default())
+}
+
+/// Who may connect to a socket besides its owner: a group and a mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Group (gid) to give the socket; `None` keeps the daemon's group.
+    pub group: Option<u32>,
+    /// Permission bits (at most 0o777).
+    pub mode: u32,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        SocketAccess {
+            group: None,
+            mode: 0o600,
+        }
+    }
+}
+
+/// [`bind_private_socket`] with a chosen group and mode, set while the socket is still inside
+/// the private directory: the final path never holds it with any other owner or mode.
+pub fn bind_socket_as(path: &Path, access: SocketAccess) -> Result<UnixListener, ServerError> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -155,6 +179,19 @@ pub fn bind_private_socket(path: &Path) -> Result<UnixListener, ServerError> {
         let listener = UnixListener::bind(&tmp_sock).map_err(io_err(path, "binding the socket"))?;
         fs::set_permissions(&tmp_sock, fs::Permissions::from_mode(0o600))
             .map_err(io_err(path, "setting the socket's mode to 0600"))?;
+        if let Some(gid) = access.group {
+            rustix::fs::chown(&tmp_sock, None, Some(rustix::fs::Gid::from_raw(gid)))
+                .map_err(io::Error::from)
+                .map_err(io_err(path, format!("giving the socket to group {gid}")))?;
+        }
+        if access.mode != 0o600 {
+            fs::set_permissions(&tmp_sock, fs::Permissions::from_mode(access.mode)).map_err(
+                io_err(
+                    path,
+                    format!("setting the socket's mode to {:04o}", access.mode),
+                ),
+            )?;
+        }
         fs::rename(&tmp_sock, path).map_err(io_err(path, "moving the socket into place"))?;
         Ok(listener)
     })();

@@ -5,7 +5,7 @@
 //! it before waiting, and nothing else blocks for long while holding it, so queries stay
 //! responsive while a rollback runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,17 +14,20 @@ use log::{error, info, warn};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use snapmv_engine::{FormatOptions, Origin, Store, Volume};
+use snapmv_engine::{FileStorage, FormatOptions, OpenMode, Origin, Storage, Store, Volume};
 use snapmv_rpc::methods::{self as m, names};
 use snapmv_rpc::{codes, ErrorObject};
 
 use crate::export::{ExportConfig, ExportError, ExportManager};
-use crate::rpc_server::{Handler, RpcLock, RpcServerConfig, ServerError};
+use crate::rpc_server::{Handler, RpcLock, RpcServerConfig, ServerError, SocketAccess};
 use crate::state::{ExportRecord, OriginRecord, State, StateDir, StateError, StoreRecord};
 
 pub use crate::export::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
 /// Largest number of virtqueues accepted.
 pub const MAX_NUM_QUEUES: u16 = crate::vhost_blk::config::MAX_QUEUES;
+/// How long `export_remove` waits for a departing client before refusing: polls × interval.
+const CLIENT_LEAVE_POLLS: u32 = 20;
+const CLIENT_LEAVE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// Page size `chunk_size` counts in.
 pub const PAGE_SIZE: u32 = 4096;
 
@@ -39,6 +42,8 @@ pub struct ServeConfig {
     pub socket_dir: PathBuf,
     /// Uids allowed on the management socket besides the daemon's and root.
     pub allowed_uids: Vec<u32>,
+    /// Group and mode of export sockets that do not set their own.
+    pub socket_access: SocketAccess,
 }
 
 /// Why the daemon could not start.
@@ -112,6 +117,34 @@ pub enum MethodError {
     /// The operation does not apply to the object.
     #[error("{0}")]
     InvalidState(String),
+    /// The origin still has snapshots.
+    #[error("{0}")]
+    HasSnapshots(String),
+    /// The file holds no snapmv store.
+    #[error("{0}")]
+    NotAStore(String),
+    /// A store or origin is held by another process (or already open in this one).
+    #[error("{what} {path} is in use by {holder}; snapmv opens every store and origin exclusively (docs/security.md)")]
+    InUse {
+        /// Its role: "COW store", "origin".
+        what: String,
+        /// The path.
+        path: String,
+        /// The holder: `process 1234 (snapmv)`.
+        holder: String,
+        /// The OS error, carrying a [`snapmv_engine::InUse`].
+        #[source]
+        source: std::io::Error,
+    },
+    /// A store or origin could not be opened (not permitted...).
+    #[error("{what}: {source}")]
+    Open {
+        /// Which file, in which role, and how.
+        what: String,
+        /// The OS error; for a file in use, it carries a [`snapmv_engine::InUse`].
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl MethodError {
@@ -155,6 +188,10 @@ impl MethodError {
             MethodError::AlreadyExists(_) => codes::ALREADY_EXISTS,
             MethodError::Busy(_) => codes::BUSY,
             MethodError::InvalidState(_) => codes::INVALID_STATE,
+            MethodError::HasSnapshots(_) => codes::HAS_SNAPSHOTS,
+            MethodError::NotAStore(_) => codes::CORRUPT,
+            MethodError::InUse { .. } => codes::BUSY,
+            MethodError::Open { .. } => codes::IO_ERROR,
         }
     }
 
@@ -209,6 +246,8 @@ struct Inner {
     origins: HashMap<(String, String), Origin>,
     /// Exports of the state that could not be re-created at start, with the reason.
     failed: HashMap<String, String>,
+    /// Open origins whose file was opened read-only (by store, origin id).
+    readonly_origins: HashSet<(String, String)>,
 }
 
 /// The daemon's method handler.
@@ -216,6 +255,7 @@ pub struct Daemon {
     socket_dir: PathBuf,
     rpc_socket: PathBuf,
     state_dir_canon: PathBuf,
+    socket_access: SocketAccess,
     exports: ExportManager,
     inner: Mutex<Inner>,
 }
@@ -232,6 +272,7 @@ impl Daemon {
             std::fs::canonicalize(&cfg.state_dir).unwrap_or_else(|_| cfg.state_dir.clone());
         let daemon = Daemon {
             socket_dir: cfg.socket_dir.clone(),
+            socket_access: cfg.socket_access,
             rpc_socket: canonical_socket_path(&cfg.rpc_socket),
             state_dir_canon,
             exports: ExportManager::new(),
@@ -242,6 +283,7 @@ impl Daemon {
                 origins: HashMap::new(),
                 waiters: HashMap::new(),
                 failed: HashMap::new(),
+                readonly_origins: HashSet::new(),
             }),
         };
         daemon.restore();
@@ -293,8 +335,15 @@ impl Daemon {
             return Ok(s.clone());
         }
         let direct = inner.state.store(cow).map(|s| s.direct).unwrap_or(direct);
-        let store = Store::open(Path::new(cow), direct)
-            .map_err(MethodError::engine(format!("cannot open COW store {cow}")))?;
+        let storage = open_file(
+            "COW store",
+            cow,
+            OpenMode {
+                direct,
+                readonly: false,
+            },
+        )?;
+        let store = open_store(cow, storage)?;
         inner.stores.insert(cow.to_string(), store.clone());
         Ok(store)
     }
@@ -317,12 +366,33 @@ impl Daemon {
             ))
         })?;
         let store = self.store_for(inner, cow, direct)?;
+        // Read-write when an export of the origin itself writes it; read-only when only
+        // read-only exports of the origin exist; else (snapshots only) read-write if the file
+        // allows it, read-only if not (snapshot writes go to the store).
+        let exports = inner
+            .state
+            .exports
+            .iter()
+            .filter(|e| e.cow == cow && e.origin_id == origin_id && e.tag.is_none());
+        let access = if exports.clone().any(|e| !e.readonly) {
+            Access::Write
+        } else if exports.clone().any(|e| e.readonly) {
+            Access::ReadOnly
+        } else {
+            Access::Any
+        };
+        let (storage, readonly) = open_origin_file(&rec.path, rec.direct, access)?;
         let origin = store
-            .open_origin(origin_id, Path::new(&rec.path), rec.direct)
+            .open_origin_storage(origin_id, storage)
             .map_err(MethodError::engine(format!(
                 "cannot open origin {origin_id} ({}) in COW store {cow}",
                 rec.path
             )))?;
+        if readonly {
+            inner.readonly_origins.insert(key.clone());
+        } else {
+            inner.readonly_origins.remove(&key);
+        }
         inner.origins.insert(key, origin.clone());
         Ok(origin)
     }
@@ -355,6 +425,10 @@ impl Daemon {
                     num_queues: rec.num_queues,
                     queue_size: rec.queue_size,
                     readonly: rec.readonly,
+                    socket_access: SocketAccess {
+                        group: rec.socket_group.or(self.socket_access.group),
+                        mode: rec.socket_mode.unwrap_or(self.socket_access.mode),
+                    },
                 },
                 volume,
             )
@@ -674,6 +748,7 @@ impl Daemon {
             .collect();
         for cow in unused {
             inner.origins.retain(|(c, _), _| *c != cow);
+            inner.readonly_origins.retain(|(c, _)| *c != cow);
             drop(inner.stores.remove(&cow));
             info!("closed COW store {cow}: no export uses it");
         }
@@ -684,12 +759,16 @@ impl Daemon {
     fn origin_create(&self, p: m::OriginCreateParams) -> MResult<m::ExportInfo> {
         let mut guard = self.lock();
         let inner = &mut *guard;
+        // Everything is checked, and the origin opened, before the store is formatted:
+        // formatting is the last step that can fail for a reason an operator can fix.
         self.check_new_name(inner, &p.name)?;
         let (origin, origin_fid) = self.check_path("origin", &p.origin)?;
         let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
         let cow = Self::known_store_path(inner, cow, cow_fid);
         self.check_roles(inner, (&origin, origin_fid), (&cow, cow_fid))?;
         let (num_queues, queue_size) = Self::queues(&p.name, p.num_queues, p.queue_size)?;
+        let (socket_group, socket_mode) =
+            socket_access_params(&p.name, p.socket_group.as_deref(), p.socket_mode.as_deref())?;
         let format = p.format || p.force_format;
         if format && !p.bind {
             return Err(MethodError::InvalidParams(format!(
@@ -750,19 +829,16 @@ impl Daemon {
             )));
         }
         let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
-
+        let key = (cow.clone(), origin_id.clone());
         if format {
-            if let Some(users) = Some(
-                inner
-                    .state
-                    .exports
-                    .iter()
-                    .filter(|e| e.cow == cow)
-                    .map(|e| e.name.clone())
-                    .collect::<Vec<_>>(),
-            )
-            .filter(|u| !u.is_empty())
-            {
+            let users: Vec<String> = inner
+                .state
+                .exports
+                .iter()
+                .filter(|e| e.cow == cow)
+                .map(|e| e.name.clone())
+                .collect();
+            if !users.is_empty() {
                 return Err(MethodError::Busy(format!(
                     "COW store {cow} is in use by exports {}; remove them before formatting it",
                     users.join(", ")
@@ -773,39 +849,116 @@ impl Daemon {
                     "COW store {cow} is still open (a rollback runs in it or a call waits on it); try again when it has finished"
                 )));
             }
-            Store::format(
-                Path::new(&cow),
+        }
+        // The origin: already open here (then it must not have changed size and must be
+        // writable if this export writes it), or opened now — before any format.
+        let opened = match inner.origins.get(&key) {
+            Some(o) => {
+                if p.bind {
+                    return Err(MethodError::AlreadyExists(format!(
+                        "origin {origin_id} is already bound to COW store {cow}; create the export without -b (bind)"
+                    )));
+                }
+                check_origin_size(o, &origin)?;
+                if !p.readonly && inner.readonly_origins.contains(&key) {
+                    return Err(MethodError::InvalidState(format!(
+                        "origin {origin} is open read-only (its other exports are read-only, or its file is not writable); export it read-only (-r), or remove those exports first"
+                    )));
+                }
+                None
+            }
+            None => {
+                let access = if p.readonly {
+                    Access::ReadOnly
+                } else {
+                    Access::Write
+                };
+                let (storage, readonly) = open_origin_file(&origin, p.direct, access)?;
+                if p.bind {
+                    let size = storage.len().map_err(|source| MethodError::Open {
+                        what: format!("cannot read the size of origin {origin}"),
+                        source,
+                    })?;
+                    if size == 0 || size % 512 != 0 {
+                        return Err(MethodError::InvalidParams(format!(
+                            "origin {origin} is {size} bytes; it must be a non-empty multiple of 512 bytes"
+                        )));
+                    }
+                }
+                Some((storage, readonly))
+            }
+        };
+        let store = if format {
+            let storage = open_file(
+                "COW store",
+                &cow,
+                OpenMode {
+                    direct: p.direct,
+                    readonly: false,
+                },
+            )?;
+            Store::format_storage(
+                storage.as_ref(),
                 &FormatOptions {
                     chunk_size: pages * PAGE_SIZE,
                     force: p.force_format,
                 },
             )
-            .map_err(MethodError::engine(format!(
-                "cannot format COW store {cow}"
-            )))?;
+            .map_err(|e| match e {
+                snapmv_engine::Error::AlreadyExists(_) => MethodError::AlreadyExists(format!(
+                    "COW store {cow} already holds a snapmv store; give -F (force_format) to format over it, destroying its snapshots"
+                )),
+                e => MethodError::Engine {
+                    what: format!("cannot format COW store {cow}"),
+                    source: e,
+                },
+            })?;
             info!("formatted COW store {cow} with {pages}-page chunks");
             // Whatever was bound before is gone.
             inner.state.origins.retain(|o| o.cow != cow);
-        }
-
-        let store = self.store_for(inner, &cow, p.direct)?;
-        let key = (cow.clone(), origin_id.clone());
-        let (origin_h, bound_now) = if p.bind {
-            let o = store
-                .bind_origin(&origin_id, Path::new(&origin), p.direct)
-                .map_err(MethodError::engine(format!(
-                    "cannot bind origin {origin} as id {origin_id} to COW store {cow}"
-                )))?;
-            (o, true)
-        } else if let Some(o) = inner.origins.get(&key) {
-            (o.clone(), false)
+            let store = open_store(&cow, storage)?;
+            inner.stores.insert(cow.clone(), store.clone());
+            store
         } else {
-            let o = store
-                .open_origin(&origin_id, Path::new(&origin), p.direct)
-                .map_err(MethodError::engine(format!(
-                    "cannot open origin {origin} (id {origin_id}) in COW store {cow}"
-                )))?;
-            (o, false)
+            self.store_for(inner, &cow, p.direct)?
+        };
+        let (origin_h, bound_now) = match opened {
+            None => (
+                inner.origins.get(&key).cloned().ok_or_else(|| {
+                    MethodError::InvalidState(format!(
+                        "origin {origin_id} of {cow} is no longer open"
+                    ))
+                })?,
+                false,
+            ),
+            Some((storage, readonly)) => {
+                let o = if p.bind {
+                    store.bind_origin_storage(&origin_id, storage)
+                } else {
+                    store.open_origin_storage(&origin_id, storage)
+                };
+                let o = o.map_err(|e| match e {
+                    snapmv_engine::Error::NotFound(_) => MethodError::NotFound(format!(
+                        "origin {origin_id} is not bound to COW store {cow}; give -b (bind) to bind it"
+                    )),
+                    e => MethodError::Engine {
+                        what: if p.bind {
+                            format!("cannot bind origin {origin} as id {origin_id} to COW store {cow}")
+                        } else {
+                            format!("cannot open origin {origin} (id {origin_id}) in COW store {cow}")
+                        },
+                        source: e,
+                    },
+                })?;
+                // Recorded at once: the engine keeps it open (and its file locked) from now on.
+                inner.origins.insert(key.clone(), o.clone());
+                if readonly {
+                    inner.readonly_origins.insert(key.clone());
+                } else {
+                    inner.readonly_origins.remove(&key);
+                }
+                (o, p.bind)
+            }
         };
         let rec = ExportRecord {
             name: p.name.clone(),
@@ -816,9 +969,13 @@ impl Daemon {
             num_queues,
             queue_size,
             readonly: p.readonly,
+            socket_group,
+            socket_mode,
         };
         if let Err(e) = self.add_export(&rec, origin_h.volume()) {
             if bound_now {
+                inner.origins.remove(&key);
+                inner.readonly_origins.remove(&key);
                 drop(origin_h);
                 if let Err(u) = store.unbind_origin(&origin_id) {
                     warn!("could not undo the binding of origin {origin_id} to {cow}: {u}");
@@ -826,7 +983,6 @@ impl Daemon {
             }
             return Err(e);
         }
-        inner.origins.insert(key, origin_h);
         if inner.state.origin(&cow, &origin_id).is_none() {
             inner.state.origins.push(OriginRecord {
                 cow: cow.clone(),
@@ -858,6 +1014,8 @@ impl Daemon {
         let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
         let cow = Self::known_store_path(inner, cow, cow_fid);
         let (num_queues, queue_size) = Self::queues(&p.name, p.num_queues, p.queue_size)?;
+        let (socket_group, socket_mode) =
+            socket_access_params(&p.name, p.socket_group.as_deref(), p.socket_mode.as_deref())?;
         let origin_id = match (&p.origin_id, &p.origin) {
             (None, None) => {
                 return Err(MethodError::InvalidParams(format!(
@@ -909,6 +1067,13 @@ impl Daemon {
             )));
         }
         let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
+        // An origin already open must still have the size it was bound with.
+        if let (Some(o), Some(r)) = (
+            inner.origins.get(&(cow.clone(), origin_id.clone())),
+            inner.state.origin(&cow, &origin_id),
+        ) {
+            check_origin_size(o, &r.path)?;
+        }
         let result = self.volume_for(inner, &cow, &origin_id, Some(p.tag), p.direct);
         let volume = match result {
             Ok(v) => v,
@@ -926,6 +1091,8 @@ impl Daemon {
             num_queues,
             queue_size,
             readonly: p.readonly,
+            socket_group,
+            socket_mode,
         };
         if let Err(e) = self.add_export(&rec, volume) {
             self.forget_unused_origin(inner, &cow, &origin_id);
@@ -995,11 +1162,52 @@ impl Daemon {
         }
     }
 
-    fn export_remove(&self, p: m::NameParams) -> MResult<m::Done> {
+    /// A guest that has just gone (its process exited, its socket closed) is noticed by the
+    /// export's serving thread within moments: gives it that moment, outside the lock, before
+    /// a removal is refused because of it.
+    fn wait_client_leaving(&self, name: &str) {
+        for _ in 0..CLIENT_LEAVE_POLLS {
+            if !self.exports.get(name).is_some_and(|e| e.connected) {
+                break;
+            }
+            std::thread::sleep(CLIENT_LEAVE_POLL);
+        }
+    }
+
+    /// Refuses to stop export `name` while a client is connected, unless `force` (then logs
+    /// it). `what` is the operation, for the message.
+    fn refuse_if_connected(&self, name: &str, force: bool, what: &str) -> MResult<()> {
+        if !self.exports.get(name).is_some_and(|e| e.connected) {
+            return Ok(());
+        }
+        let peers = self.exports.peers(name);
+        let who = if peers.is_empty() {
+            "a client".to_string()
+        } else {
+            peers
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !force {
+            return Err(MethodError::Busy(format!(
+                "export {name} has a connected client: {who}; stop that guest first, or {what} with --force (force) and the guest loses its disk"
+            )));
+        }
+        warn!("export {name}: {what} with --force while {who} is connected");
+        Ok(())
+    }
+
+    fn export_remove(&self, p: m::ExportRemoveParams) -> MResult<m::Done> {
+        if !p.force {
+            self.wait_client_leaving(&p.name);
+        }
         let mut guard = self.lock();
         let inner = &mut *guard;
         let rec = self.find_export(inner, &p.name)?;
         if self.exports.get(&rec.name).is_some() {
+            self.refuse_if_connected(&rec.name, p.force, "remove it")?;
             self.exports
                 .remove(&rec.name)
                 .map_err(|source| MethodError::Export {
@@ -1056,22 +1264,23 @@ impl Daemon {
         Ok(m::Done { name: rec.name })
     }
 
-    fn origin_delete(&self, p: m::NameParams) -> MResult<m::Done> {
+    fn origin_delete(&self, p: m::ExportRemoveParams) -> MResult<m::Done> {
+        if !p.force {
+            self.wait_client_leaving(&p.name);
+        }
         let mut guard = self.lock();
         let inner = &mut *guard;
         let (rec, origin) = self.origin_export(inner, &p.name, names::ORIGIN_DELETE)?;
         let n = origin.snapshots().len();
         if n > 0 {
-            return Err(MethodError::Engine {
-                what: format!(
-                    "cannot delete origin {} (export {})",
-                    rec.origin_id, rec.name
-                ),
-                source: snapmv_engine::Error::HasSnapshots(format!(
-                    "{} ({n} snapshots)",
-                    rec.origin_id
-                )),
-            });
+            return Err(MethodError::HasSnapshots(format!(
+                "cannot delete origin {} (export {}): it still has {n} snapshot{}; delete {} first (snapmv delete {} TAG)",
+                rec.origin_id,
+                rec.name,
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "it" } else { "them" },
+                rec.name
+            )));
         }
         if let Some(r) = origin.rollback_progress() {
             return Err(MethodError::Busy(format!(
@@ -1093,6 +1302,7 @@ impl Daemon {
                 others.join(", ")
             )));
         }
+        self.refuse_if_connected(&rec.name, p.force, "delete it")?;
         let store = self.store_for(inner, &rec.cow, false)?;
         self.exports
             .remove(&rec.name)
@@ -1102,6 +1312,9 @@ impl Daemon {
             })?;
         inner
             .origins
+            .remove(&(rec.cow.clone(), rec.origin_id.clone()));
+        inner
+            .readonly_origins
             .remove(&(rec.cow.clone(), rec.origin_id.clone()));
         drop(origin);
         if let Err(source) = store.unbind_origin(&rec.origin_id) {
@@ -1149,6 +1362,15 @@ impl Daemon {
             let mut guard = self.lock();
             let inner = &mut *guard;
             let (rec, origin) = self.origin_export(inner, &p.name, names::SNAPSHOT_ROLLBACK)?;
+            if inner
+                .readonly_origins
+                .contains(&(rec.cow.clone(), rec.origin_id.clone()))
+            {
+                return Err(MethodError::InvalidState(format!(
+                    "cannot roll origin {} (export {}) back: it is open read-only, and a rollback writes the origin",
+                    rec.origin_id, rec.name
+                )));
+            }
             origin.rollback(p.tag).map_err(MethodError::engine(format!(
                 "cannot roll origin {} (export {}) back to snapshot {}",
                 rec.origin_id, rec.name, p.tag
@@ -1197,14 +1419,33 @@ impl Daemon {
                 vec![(rec.cow, rec.origin_id)]
             }
             None => {
+                // Every origin of every open store: opened ones and those only bound.
                 let mut k: Vec<_> = inner.origins.keys().cloned().collect();
+                for (cow, store) in &inner.stores {
+                    for id in store.status().dormant_origins {
+                        k.push((cow.clone(), id));
+                    }
+                }
                 k.sort();
+                k.dedup();
                 k
             }
         };
         let mut origins = Vec::new();
         for (cow, id) in keys {
             let Some(o) = inner.origins.get(&(cow.clone(), id.clone())) else {
+                origins.push(m::OriginSnapshots {
+                    origin: inner
+                        .state
+                        .origin(&cow, &id)
+                        .map(|r| r.path.clone())
+                        .unwrap_or_default(),
+                    exported_as: Self::exported_as(inner, &cow, &id, None),
+                    origin_id: id,
+                    cow,
+                    open: false,
+                    snapshots: Vec::new(),
+                });
                 continue;
             };
             let mut snaps = o.snapshots();
@@ -1218,6 +1459,7 @@ impl Daemon {
                     .unwrap_or_default(),
                 cow: cow.clone(),
                 exported_as: Self::exported_as(inner, &cow, &id, None),
+                open: true,
                 snapshots: snaps
                     .into_iter()
                     .map(|s| m::SnapshotInfo {
@@ -1291,7 +1533,28 @@ impl Daemon {
                     }),
                     reclaim_pending_chunks: o.reclaim_pending_chunks,
                     exported_as,
+                    open: true,
                 });
+            }
+            if only_origin.is_none() {
+                let mut dormant = st.dormant_origins.clone();
+                dormant.sort();
+                for id in dormant {
+                    origins.push(m::OriginStatus {
+                        origin: inner
+                            .state
+                            .origin(&cow, &id)
+                            .map(|r| r.path.clone())
+                            .unwrap_or_default(),
+                        exported_as: Self::exported_as(inner, &cow, &id, None),
+                        origin_id: id,
+                        size: 0,
+                        snapshots: 0,
+                        rollback: None,
+                        reclaim_pending_chunks: 0,
+                        open: false,
+                    });
+                }
             }
             stores.push(m::StoreStatus {
                 cow: cow.clone(),
@@ -1343,6 +1606,179 @@ fn canonical_socket_path(path: &Path) -> PathBuf {
     }
 }
 
+/// How an origin is to be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Read-write: an export writes the origin.
+    Write,
+    /// Read-only: only read-only exports of the origin.
+    ReadOnly,
+    /// Read-write if the file allows it, else read-only (snapshot exports only).
+    Any,
+}
+
+/// Opens a store or origin file exclusively (`FileStorage::open_with`: an exclusive `flock`
+/// on the descriptor, `O_EXCL` for a block device); a file another process holds is refused
+/// with `busy`, naming the holder.
+fn open_file(what: &str, path: &str, mode: OpenMode) -> MResult<Arc<FileStorage>> {
+    FileStorage::open_with(Path::new(path), mode)
+        .map(Arc::new)
+        .map_err(|source| {
+            if let Some(u) = snapmv_engine::in_use(&source) {
+                return MethodError::InUse {
+                    what: what.to_string(),
+                    path: path.to_string(),
+                    holder: u.holder.clone(),
+                    source,
+                };
+            }
+            let what = if mode.readonly {
+                format!("{what} {path} cannot be opened for reading")
+            } else {
+                format!("{what} {path} cannot be opened for reading and writing")
+            };
+            MethodError::Open { what, source }
+        })
+}
+
+/// Opens an origin's file as `access` asks; returns it and whether it is read-only.
+fn open_origin_file(path: &str, direct: bool, access: Access) -> MResult<(Arc<FileStorage>, bool)> {
+    let ro = OpenMode {
+        direct,
+        readonly: true,
+    };
+    let rw = OpenMode {
+        direct,
+        readonly: false,
+    };
+    match access {
+        Access::ReadOnly => Ok((open_file("origin", path, ro)?, true)),
+        Access::Write => open_file("origin", path, rw)
+            .map(|s| (s, false))
+            .map_err(|e| match e {
+                MethodError::Open { what, source }
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::ReadOnlyFilesystem
+                    ) =>
+                {
+                    MethodError::Open {
+                        what: format!("{what} (to serve it read-only, give -r)"),
+                        source,
+                    }
+                }
+                e => e,
+            }),
+        Access::Any => match open_file("origin", path, rw) {
+            Ok(s) => Ok((s, false)),
+            Err(MethodError::Open { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                Ok((open_file("origin", path, ro)?, true))
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// Opens the store on an opened file; a file with no snapmv superblock at all is named as
+/// such rather than as damaged.
+fn open_store(cow: &str, storage: Arc<FileStorage>) -> MResult<Store> {
+    let mut magic = [[0u8; 8]; 2];
+    for (slot, m) in magic.iter_mut().enumerate() {
+        let _ = storage.read_at(m, slot as u64 * 4096);
+    }
+    if magic.iter().all(|m| m != b"SNAPMVSB") {
+        return Err(MethodError::NotAStore(format!(
+            "COW store {cow} is not a snapmv store (no snapmv superblock); format it with `snapmv create NAME ORIGIN COW -b -f`"
+        )));
+    }
+    Store::open_storage(storage)
+        .map_err(MethodError::engine(format!("cannot open COW store {cow}")))
+}
+
+/// The size of the file or block device at `path` now.
+fn current_size(path: &str) -> Option<u64> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.file_type().is_block_device() {
+        let rdev = meta.rdev();
+        let sectors = std::fs::read_to_string(format!(
+            "/sys/dev/block/{}:{}/size",
+            rustix::fs::major(rdev),
+            rustix::fs::minor(rdev)
+        ))
+        .ok()?;
+        return sectors.trim().parse::<u64>().ok().map(|s| s * 512);
+    }
+    Some(meta.len())
+}
+
+/// Refuses an origin whose file no longer has the size it was bound with (reads past a
+/// shrunk end would return zeros, writes would extend it).
+fn check_origin_size(o: &Origin, path: &str) -> MResult<()> {
+    match current_size(path) {
+        Some(now) if now != o.size() => {
+            warn!(
+                "origin {} ({path}) is now {now} bytes but was bound with {} bytes",
+                o.id(),
+                o.size()
+            );
+            Err(MethodError::InvalidState(format!(
+                "origin {} ({path}) is now {now} bytes but was bound with {} bytes; restore its size before exporting it",
+                o.id(),
+                o.size()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Parses an octal socket mode ("0660"): owner read-write required, no bits beyond 0o777.
+pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("socket mode {s:?} is not an octal number such as 0660"))?;
+    if mode > 0o777 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "socket mode {s} must be at most 0777 and give its owner read and write (e.g. 0600, 0660)"
+        ));
+    }
+    Ok(mode)
+}
+
+/// Resolves a group name (from /etc/group) or a numeric gid.
+pub fn resolve_group(g: &str) -> Result<u32, String> {
+    if let Ok(gid) = g.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("socket group {g}: cannot read /etc/group: {e}"))?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            (name == g).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("socket group {g} is not in /etc/group (give a numeric gid)"))
+}
+
+fn socket_access_params(
+    name: &str,
+    group: Option<&str>,
+    mode: Option<&str>,
+) -> MResult<(Option<u32>, Option<u32>)> {
+    let bad = |e: String| MethodError::InvalidParams(format!("export {name}: {e}"));
+    let group = group.map(resolve_group).transpose().map_err(bad)?;
+    let mode = mode.map(parse_socket_mode).transpose().map_err(bad)?;
+    Ok((group, mode))
+}
+
 fn describe(rec: &ExportRecord) -> String {
     match rec.tag {
         None => format!("origin {} of {}", rec.origin_id, rec.cow),
@@ -1355,8 +1791,18 @@ fn decode<P: DeserializeOwned + Default>(method: &str, params: Value) -> MResult
         Value::Null => serde_json::from_value(Value::Object(Default::default())).map_err(|e| {
             MethodError::InvalidParams(format!("method {method} needs parameters: {e}"))
         }),
-        p => serde_json::from_value(p).map_err(|e| {
-            MethodError::InvalidParams(format!("invalid parameters for method {method}: {e}"))
+        p => serde_path_to_error::deserialize(p).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                MethodError::InvalidParams(format!(
+                    "invalid parameters for method {method}: {inner}"
+                ))
+            } else {
+                MethodError::InvalidParams(format!(
+                    "invalid parameter {path} of method {method}: {inner}"
+                ))
+            }
         }),
     }
 }
@@ -1500,6 +1946,7 @@ mod tests {
             state_dir: dir.path().join("state"),
             socket_dir: dir.path().join("sockets"),
             allowed_uids: vec![],
+            socket_access: SocketAccess::default(),
         })
         .unwrap();
         let paths: Vec<Value> = [

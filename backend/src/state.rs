@@ -29,6 +29,12 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
+    /// The path exists and is not a directory.
+    #[error("state directory {dir} is not a directory")]
+    NotADirectory {
+        /// The path.
+        dir: PathBuf,
+    },
     /// Another daemon holds the lock.
     #[error("state directory {dir} is in use by another snapmv daemon (its lock file is held)")]
     Locked {
@@ -95,6 +101,12 @@ pub struct ExportRecord {
     pub queue_size: u16,
     /// Served read-only.
     pub readonly: bool,
+    /// Group (gid) of the socket, if set for this export (else the daemon's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<u32>,
+    /// Mode of the socket, if set for this export (else the daemon's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<u32>,
 }
 
 /// Everything in the state file.
@@ -157,6 +169,11 @@ impl StateDir {
             let what = what.to_string();
             move |source| StateError::Io { dir, what, source }
         };
+        if dir.exists() && !dir.is_dir() {
+            return Err(StateError::NotADirectory {
+                dir: dir.to_path_buf(),
+            });
+        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -278,6 +295,8 @@ mod tests {
                 num_queues: 2,
                 queue_size: 128,
                 readonly: true,
+                socket_group: Some(65534),
+                socket_mode: Some(0o660),
             }],
         }
     }

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::{self, Superblock, SB_SLOT};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, OpenMode, Storage};
 use crate::store::{load_meta, read_superblock};
 use std::path::Path;
 
@@ -21,6 +21,9 @@ pub struct CheckReport {
     pub origins: usize,
     /// Live snapshots over all origins.
     pub snapshots: usize,
+    /// Neither superblock slot starts with the snapmv magic: the file is not a store at all
+    /// (`problems` then holds that one sentence).
+    pub not_a_store: bool,
 }
 
 impl CheckReport {
@@ -30,10 +33,19 @@ impl CheckReport {
     }
 }
 
-/// Checks the store at `path`; with `repair`, rebuilds what can be derived.
+/// Checks the store at `path`; with `repair`, rebuilds what can be derived. The store is
+/// opened exclusively ([`FileStorage::open_with`]): a store another process has open is
+/// refused with an I/O error of kind `ResourceBusy` naming the holder
+/// ([`crate::storage::in_use`]). Without `repair` it is opened read-only.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
-    let st = FileStorage::open(path, false)
-        .map_err(|e| Error::io(format!("opening COW store {}", path.display()), e))?;
+    let st = FileStorage::open_with(
+        path,
+        OpenMode {
+            direct: false,
+            readonly: !repair,
+        },
+    )
+    .map_err(|e| Error::io(format!("opening COW store {}", path.display()), e))?;
     check_storage(&st, repair)
 }
 
@@ -43,13 +55,22 @@ pub fn check_storage(storage: &dyn Storage, repair: bool) -> Result<CheckReport>
     let name = storage.name().to_string();
     // Both superblock slots: a bad slot is worth reporting even when the other is good.
     let mut slot_bad = [false; 2];
+    let mut magic = [false; 2];
     for (slot, bad) in slot_bad.iter_mut().enumerate() {
         let mut buf = vec![0u8; SB_SLOT as usize];
         storage
             .read_at(&mut buf, slot as u64 * SB_SLOT)
             .map_err(|e| Error::io(format!("reading COW store {name}"), e))?;
+        magic[slot] = buf.starts_with(format::SB_MAGIC);
         if buf.iter().all(|&b| b == 0) {
-            continue; // never written (a fresh store writes slot 1 at its first checkpoint)
+            // A store formatted by snapmv before both slots were written at format time: one
+            // copy only until its second checkpoint. Repair writes both.
+            *bad = true;
+            report.problems.push(format!(
+                "superblock slot {slot} (byte {}) is blank: the store has a single copy of its superblock",
+                slot as u64 * SB_SLOT
+            ));
+            continue;
         }
         if let Err(e) = Superblock::decode(&buf) {
             *bad = true;
@@ -58,6 +79,13 @@ pub fn check_storage(storage: &dyn Storage, repair: bool) -> Result<CheckReport>
                 slot as u64 * SB_SLOT
             ));
         }
+    }
+    if !magic[0] && !magic[1] {
+        report.not_a_store = true;
+        report.problems = vec![format!(
+            "{name} is not a snapmv COW store (no snapmv superblock in either slot)"
+        )];
+        return Ok(report);
     }
     let sb = match read_superblock(storage) {
         Ok(sb) => sb,
@@ -123,4 +151,56 @@ pub fn check_storage(storage: &dyn Storage, repair: bool) -> Result<CheckReport>
         .filter(|&c| crate::meta::bit_get(&meta.alloc, c))
         .count() as u64;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FormatOptions, Store};
+
+    fn formatted(len: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("store.cow");
+        std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+        Store::format(&p, &FormatOptions::default()).unwrap();
+        (dir, p)
+    }
+
+    /// A fresh store has both superblock slots, so one damaged slot is survivable at once.
+    #[test]
+    fn fresh_store_survives_a_damaged_slot() {
+        let (_d, p) = formatted(16 << 20);
+        for slot in 0..2u64 {
+            let f = std::fs::read(&p).unwrap();
+            let sb = &f[(slot * SB_SLOT) as usize..((slot + 1) * SB_SLOT) as usize];
+            assert!(Superblock::decode(sb).is_ok(), "slot {slot} after format");
+        }
+        assert!(check(&p, false).unwrap().is_clean());
+        // One byte flipped in slot 0 (the newest: generation 2).
+        let mut f = std::fs::read(&p).unwrap();
+        f[20] ^= 0xff;
+        std::fs::write(&p, &f).unwrap();
+        let r = check(&p, false).unwrap();
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(r.problems[0].contains("slot 0"), "{:?}", r.problems);
+        let r = check(&p, true).unwrap();
+        assert!(r.is_clean(), "{:?}", r.problems);
+        assert!(r
+            .repaired
+            .iter()
+            .any(|x| x.contains("both superblock slots")));
+        assert!(check(&p, false).unwrap().is_clean());
+        drop(Store::open(&p, false).unwrap());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_store_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("plain");
+        std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+        let r = check(&p, false).unwrap();
+        assert!(r.not_a_store);
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(r.problems[0].contains("is not a snapmv COW store"));
+    }
 }

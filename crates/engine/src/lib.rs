@@ -20,7 +20,7 @@ mod volume;
 pub use check::{check, check_storage, CheckReport};
 pub use error::{Error, Result};
 pub use origin::{OriginStatus, RollbackProgress, SnapshotInfo};
-pub use storage::{current_boot_id, BootId, FileStorage, Storage};
+pub use storage::{current_boot_id, in_use, BootId, FileStorage, InUse, OpenMode, Storage};
 pub use store::{FormatOptions, Store, StoreStatus};
 pub use volume::Volume;
 

@@ -122,20 +122,145 @@ fn is_aligned(ptr: *const u8, len: usize, offset: u64) -> bool {
         && offset % DIRECT_ALIGN as u64 == 0
 }
 
-impl FileStorage {
-    /// Opens an existing file or block device read-write (`direct`: O_DIRECT).
-    pub fn open(path: &Path, direct: bool) -> io::Result<Self> {
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(true);
-        if direct {
-            opts.custom_flags(libc::O_DIRECT);
+/// How [`FileStorage::open_with`] opens a file or block device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenMode {
+    /// O_DIRECT.
+    pub direct: bool,
+    /// Open read-only (writes then fail with `EBADF`).
+    pub readonly: bool,
+}
+
+/// Another process (or another open of this one) holds the file: its exclusive lock, or, for
+/// a block device, its exclusive open. Carried as the source of an [`io::Error`] of kind
+/// [`io::ErrorKind::ResourceBusy`]; see [`in_use`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path} is in use by {holder}")]
+pub struct InUse {
+    /// The path it was opened by.
+    pub path: PathBuf,
+    /// Pid of the holder when it can be known (from `/proc/locks`).
+    pub pid: Option<u32>,
+    /// The holder, for messages: `process 1234 (snapmv)`, or a description when unknown.
+    pub holder: String,
+}
+
+/// The [`InUse`] inside an error returned by [`FileStorage::open_with`], if that is why it
+/// failed.
+pub fn in_use(e: &io::Error) -> Option<&InUse> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<InUse>())
+}
+
+/// The pid holding a `flock` lock on the file `(dev, ino)`, from `/proc/locks` (flock locks
+/// are listed with the pid of the process that took them; OFD locks are not, hence flock).
+fn flock_holder(dev: u64, ino: u64) -> Option<u32> {
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let want = format!(
+        "{:02x}:{:02x}:{ino}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->" after "1:".
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) != Some(&"FLOCK") || f.get(5) != Some(&want.as_str()) {
+            return None;
         }
-        let file = opts.open(path)?;
+        f.get(4)?.parse().ok()
+    })
+}
+
+fn describe_pid(pid: u32) -> String {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm = comm.trim();
+    let me = if pid == std::process::id() {
+        ", this process: it is already open here"
+    } else {
+        ""
+    };
+    if comm.is_empty() {
+        format!("process {pid}{me}")
+    } else {
+        format!("process {pid} ({comm}{me})")
+    }
+}
+
+impl FileStorage {
+    /// Opens an existing file or block device read-write (`direct`: O_DIRECT), exclusively
+    /// (see [`FileStorage::open_with`]).
+    pub fn open(path: &Path, direct: bool) -> io::Result<Self> {
+        Self::open_with(
+            path,
+            OpenMode {
+                direct,
+                readonly: false,
+            },
+        )
+    }
+
+    /// Opens an existing file or block device, exclusively: an exclusive `flock` is taken on
+    /// the opened descriptor (so every path to the same inode — symlinks, hard links, bind
+    /// mounts — meets the same lock), and a block device is opened with `O_EXCL` as well (so a
+    /// second device node of the same device, or a mounted device, is refused by the kernel).
+    /// The lock lives as long as the returned storage. If another open holds it, the error has
+    /// kind [`io::ErrorKind::ResourceBusy`] and carries an [`InUse`] naming the holder's pid
+    /// when `/proc/locks` shows it.
+    pub fn open_with(path: &Path, mode: OpenMode) -> io::Result<Self> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(!mode.readonly);
+        let is_bdev = std::fs::metadata(path)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        let mut flags = 0;
+        if mode.direct {
+            flags |= libc::O_DIRECT;
+        }
+        if is_bdev {
+            flags |= libc::O_EXCL;
+        }
+        opts.custom_flags(flags);
+        let file = match opts.open(path) {
+            Ok(f) => f,
+            Err(e) if is_bdev && e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    InUse {
+                        path: path.to_path_buf(),
+                        pid: None,
+                        holder:
+                            "another exclusive opener (a process, or a mount) of the block device"
+                                .into(),
+                    },
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let meta = file.metadata()?;
+                let pid = flock_holder(meta.dev(), meta.ino());
+                let holder = match pid {
+                    Some(p) => describe_pid(p),
+                    None => "another process, which holds its lock".into(),
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    InUse {
+                        path: path.to_path_buf(),
+                        pid,
+                        holder,
+                    },
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
             name: path.display().to_string(),
-            direct,
+            direct: mode.direct,
         })
     }
 
@@ -365,5 +490,61 @@ mod tests {
         assert!(x[..100].iter().all(|&v| v == 1) && x[100..].iter().all(|&v| v == 2));
         assert!(y.iter().all(|&v| v == 2));
         st.sync().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    /// A second open of the same inode, by any path, is refused and names this process.
+    #[test]
+    fn second_open_by_any_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let link = dir.path().join("sym");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let hard = dir.path().join("hard");
+        std::fs::hard_link(&p, &hard).unwrap();
+        let first = FileStorage::open(&p, false).unwrap();
+        for other in [&p, &link, &hard] {
+            for readonly in [false, true] {
+                let e = FileStorage::open_with(
+                    other,
+                    OpenMode {
+                        direct: false,
+                        readonly,
+                    },
+                )
+                .unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::ResourceBusy, "{e}");
+                let u = in_use(&e).expect("an InUse error");
+                assert_eq!(u.pid, Some(std::process::id()), "{e}");
+                assert!(e.to_string().contains("already open here"), "{e}");
+            }
+        }
+        drop(first);
+        drop(FileStorage::open(&link, false).unwrap());
+    }
+
+    #[test]
+    fn readonly_open_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![1u8; 4096]).unwrap();
+        let st = FileStorage::open_with(
+            &p,
+            OpenMode {
+                direct: false,
+                readonly: true,
+            },
+        )
+        .unwrap();
+        let mut b = [0u8; 16];
+        st.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [1u8; 16]);
+        assert!(st.write_at(&[2u8; 16], 0).is_err());
+        assert_eq!(std::fs::read(&p).unwrap()[0], 1);
     }
 }

@@ -352,16 +352,14 @@ impl Store {
         if !opts.force {
             if let Ok(sb) = read_superblock(storage) {
                 let _ = sb;
-                return Err(Error::AlreadyExists(format!(
-                    "a snapmv store in {name} (format it with force to overwrite)"
-                )));
+                return Err(Error::AlreadyExists(format!("a snapmv store in {name}")));
             }
         }
         let size = storage
             .len()
             .map_err(|e| io_err(&name, "reading its size", e))?;
         let layout = Layout::compute(size, opts.chunk_size)
-            .map_err(|e| Error::InvalidArgument(format!("cannot format COW store {name}: {e}")))?;
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let meta = MetaState::new(layout.chunk_size, layout.data_chunks);
         let ck = format::encode_checkpoint(&meta);
         storage
@@ -386,13 +384,16 @@ impl Store {
         storage
             .write_at(&vec![0u8; JOURNAL_ALIGN as usize], layout.journal_off)
             .map_err(|e| io_err(&name, "clearing the journal", e))?;
-        storage
-            .write_at(&vec![0u8; SB_SLOT as usize], SB_SLOT)
-            .map_err(|e| io_err(&name, "clearing superblock slot 1", e))?;
         storage.sync().map_err(|e| io_err(&name, "syncing", e))?;
-        storage
-            .write_at(&sb.encode(), 0)
-            .map_err(|e| io_err(&name, "writing the superblock", e))?;
+        // Both slots, each where its generation belongs (`generation % 2`), describing the
+        // same empty store: one damaged slot is survivable from the first moment, and the
+        // first checkpoint (generation 3) overwrites the older copy, not the only one.
+        for generation in [1, 2] {
+            let copy = Superblock { generation, ..sb };
+            storage
+                .write_at(&copy.encode(), (generation % 2) * SB_SLOT)
+                .map_err(|e| io_err(&name, "writing the superblock", e))?;
+        }
         storage.sync().map_err(|e| io_err(&name, "syncing", e))?;
         Ok(())
     }

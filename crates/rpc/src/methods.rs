@@ -84,6 +84,14 @@ pub struct OriginCreateParams {
     /// Socket path; default `SOCKET_DIR/NAME.sock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// Group of the export's socket: a group name (from /etc/group) or a numeric gid
+    /// (default: the daemon's `--socket-group`, else the daemon's group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+    /// Mode of the export's socket, octal, e.g. `"0660"` (default: the daemon's
+    /// `--socket-mode`, else `0600`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<String>,
 }
 
 /// `snapshot_export` parameters. One of `origin_id` and `origin` is required.
@@ -117,6 +125,14 @@ pub struct SnapshotExportParams {
     /// Socket path; default `SOCKET_DIR/NAME.sock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// Group of the export's socket: a group name (from /etc/group) or a numeric gid
+    /// (default: the daemon's `--socket-group`, else the daemon's group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+    /// Mode of the export's socket, octal, e.g. `"0660"` (default: the daemon's
+    /// `--socket-mode`, else `0600`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<String>,
 }
 
 /// Parameters that are only an export name (`export_remove`, `origin_delete`).
@@ -125,6 +141,17 @@ pub struct SnapshotExportParams {
 pub struct NameParams {
     /// Export name.
     pub name: String,
+}
+
+/// `export_remove` and `origin_delete` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRemoveParams {
+    /// Export name.
+    pub name: String,
+    /// Stop the export even while a client (a guest) is connected: the guest loses its disk.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// Parameters with an optional export name (`snapshot_list`, `status`).
@@ -282,8 +309,17 @@ pub struct OriginSnapshots {
     pub cow: String,
     /// Exports serving the origin.
     pub exported_as: Vec<String>,
+    /// Whether this daemon has the origin open. An origin bound in an open store that the
+    /// daemon has not opened (nothing exports it) is listed with `open: false`, its path if
+    /// the daemon knows it (else empty), and no snapshots: they are read when it is opened.
+    #[serde(default = "yes")]
+    pub open: bool,
     /// Snapshots, by tag.
     pub snapshots: Vec<SnapshotInfo>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `snapshot_list` result.
@@ -311,6 +347,11 @@ pub struct OriginStatus {
     pub reclaim_pending_chunks: u64,
     /// Exports serving this origin or its snapshots.
     pub exported_as: Vec<String>,
+    /// Whether this daemon has the origin open; when `false` (bound in the store, not
+    /// opened), `size`, `snapshots` and `reclaim_pending_chunks` are 0 because they are not
+    /// known until it is opened.
+    #[serde(default = "yes")]
+    pub open: bool,
 }
 
 /// One store in `status`.
