@@ -7,7 +7,8 @@
 //!
 //! Field offsets are those of docs/format.md (superblock: generation at 12, ckpt_off 24,
 //! ckpt_size 32, journal_off 40, journal_size 48, data_off 56, data_chunks 64, ckpt_slot 72,
-//! ckpt_len 76, ckpt_crc 84, journal_gen 88, journal_seq 96, crc 104; checkpoint: magic, data
+//! ckpt_len 76, ckpt_crc 84, journal_gen 88, journal_seq 96, boot id 104, crc 120 (format
+//! version 2); checkpoint: magic, data
 //! chunks, bitmap word count at 16, bitmap words from 20; batch header: magic, gen, seq,
 //! payload length, crc, padding).
 
@@ -95,10 +96,10 @@ fn ckpt_at(sb: &Sb) -> u64 {
     sb.ckpt_off + sb.ckpt_slot * sb.ckpt_size
 }
 
-/// Recomputes the CRC of the superblock slot at `sb.at`.
+/// Recomputes the CRC of the superblock slot at `sb.at` (version 2: over bytes 0..120).
 fn reseal_sb(img: &mut [u8], sb: &Sb) {
-    let crc = crc32c(&img[sb.at as usize..sb.at as usize + 104]);
-    put_u32(img, sb.at + 104, crc);
+    let crc = crc32c(&img[sb.at as usize..sb.at as usize + 120]);
+    put_u32(img, sb.at + 120, crc);
 }
 
 /// Journal batches of the current pass: (byte offset in the store, total length).
@@ -161,8 +162,12 @@ fn fixture() -> Fixture {
     // superblock slots, the documented way: `check --repair` of a store with a bad slot 1.
     {
         let mut img = std::fs::read(&cow).unwrap();
-        // Slot 1 holds the format's older copy (generation 1): damage it.
-        img[SB_SLOT as usize + 20] ^= 0xff;
+        // Damage the slot that is not current (it holds an older copy).
+        let old = slots(&img)
+            .into_iter()
+            .min_by_key(|s| s.generation)
+            .expect("two slots");
+        img[old.at as usize + 20] ^= 0xff;
         std::fs::write(&cow, &img).unwrap();
         let r = snapmv_engine::check(&cow, true).unwrap();
         assert!(r.is_clean() && !r.repaired.is_empty(), "{r:?}");
@@ -273,6 +278,8 @@ impl Fixture {
     /// The store opens and checks clean; the daemon serves it; returns `check`'s output.
     fn expect_opens(&self, img: &[u8]) -> String {
         let p = self.write(img);
+        // Check first: opening writes a checkpoint, which rewrites a damaged slot.
+        let report = self.check(&p, false).1;
         let s = Store::open(&p, false).unwrap_or_else(|e| panic!("open: {e}"));
         let o = s.open_origin(ORIGIN_ID, &self.origin, false).unwrap();
         let tags: Vec<u32> = o.snapshots().iter().map(|s| s.tag).collect();
@@ -280,7 +287,7 @@ impl Fixture {
         drop((o, s));
         self.serve(&p)
             .unwrap_or_else(|e| panic!("origin_create: {e:?}"));
-        self.check(&p, false).1
+        report
     }
 }
 
@@ -330,10 +337,10 @@ fn superblock_damage() {
     // A future format version, correctly sealed.
     let mut img = f.clean.clone();
     for s in &sl {
-        put_u32(&mut img, s.at + 8, 2);
+        put_u32(&mut img, s.at + 8, 3);
         reseal_sb(&mut img, s);
     }
-    f.expect_refused(&img, "format version 2 is not supported");
+    f.expect_refused(&img, "format version 3 is not supported");
 
     // Sealed but nonsensical: areas overlapping.
     let mut img = f.clean.clone();

@@ -70,6 +70,8 @@ pub(crate) struct MetaCore {
     pub journal_seq: u64,
     /// Highest batch of this journal pass known durable with the data it names (-1: none).
     pub vouched: i64,
+    /// Last batch of this pass that carries records (seals carry none; -1: none).
+    pub last_records: i64,
     pub next_slot: u32,
     /// Bound origins nobody has opened yet, with their metadata.
     pub dormant: BTreeMap<u32, OriginMeta>,
@@ -452,6 +454,7 @@ impl Store {
                 journal_pos,
                 journal_seq,
                 vouched: -1,
+                last_records: -1,
                 next_slot: meta.next_slot,
                 dormant: meta.origins,
                 origins: BTreeMap::new(),
@@ -792,7 +795,7 @@ impl StoreCore {
     /// journal batches not yet vouched for by a sealed one.
     pub(crate) fn needs_commit(&self) -> bool {
         let m = self.lock_meta();
-        !m.pending.is_empty() || (m.journal_seq as i64 - 1) > m.vouched
+        !m.pending.is_empty() || m.last_records > m.vouched
     }
 
     /// Appends every pending record to the journal as one batch, without a sync (the journal
@@ -826,6 +829,7 @@ impl StoreCore {
             let mut m = self.lock_meta();
             m.journal_pos = pos + batch.len() as u64;
             m.journal_seq = seq + 1;
+            m.last_records = seq as i64;
         }
         self.set_written(epoch);
         Ok(())
@@ -911,9 +915,7 @@ impl StoreCore {
                 let mut m = self.lock_meta();
                 // Batches written early (by writers that could not wait) are made durable too.
                 let idle = |m: &MetaCore| {
-                    m.pending.is_empty()
-                        && !m.sync_requested
-                        && (m.journal_seq as i64 - 1) <= m.vouched
+                    m.pending.is_empty() && !m.sync_requested && m.last_records <= m.vouched
                 };
                 while idle(&m) && !self.shutdown.load(SeqCst) {
                     m = self
@@ -963,12 +965,7 @@ impl StoreCore {
                 .iter()
                 .filter_map(|s| m.origins.get(s).cloned())
                 .collect();
-            (
-                m.epoch - 1,
-                m.sb.journal_gen,
-                m.journal_seq as i64 - 1,
-                origin_sync,
-            )
+            (m.epoch - 1, m.sb.journal_gen, m.last_records, origin_sync)
         };
         for o in &origin_sync {
             o.sync_origin()
@@ -1100,6 +1097,7 @@ impl StoreCore {
             m.journal_pos = 0;
             m.journal_seq = 0;
             m.vouched = -1;
+            m.last_records = -1;
         }
         self.release_freed(epoch);
         self.set_durable(epoch);
