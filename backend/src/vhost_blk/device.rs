@@ -359,7 +359,9 @@ impl BlkBackend {
                     t.recover = false;
                     self.recover_ring(q, &mem, iq, qidx, &mut t);
                 }
-                std::mem::take(&mut t.resubmit)
+                // Kept in the track until the batch is certain to run them (an error below
+                // must not lose them: the guest would wait for them forever).
+                t.resubmit.clone()
             }
             _ => Vec::new(),
         };
@@ -410,6 +412,8 @@ impl BlkBackend {
                 }
                 t.counter = t.counter.wrapping_add(1);
             }
+            // The resubmitted chains run in this batch, which completes every chain it holds.
+            t.resubmit.clear();
         }
         for (head, done) in self.execute_batch(&mem, chains, queue, writeback) {
             if let Some(e) = &done.error {
