@@ -180,6 +180,20 @@ struct Conn {
     /// Keeps the connection open.
     _fe: Frontend,
     kick: EventFd,
+    call: EventFd,
+}
+
+impl Conn {
+    /// Waits until the backend signalled the call eventfd (bounded poll: fails only if the
+    /// interrupt never comes).
+    fn wait_interrupt(&self, what: &str) {
+        let mut tries = 0;
+        while self.call.read().is_err() {
+            tries += 1;
+            assert!(tries < 20_000, "{what}: the guest was never interrupted");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 fn features() -> u64 {
@@ -288,7 +302,18 @@ impl Guest {
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         fe.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
         fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
-        (Conn { _fe: fe, kick }, fresh)
+        // QEMU sends the call fd last (vhost_user_blk_start unmasks the queues after
+        // vhost_dev_start has enabled them): completions made before it must still interrupt.
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        fe.set_vring_call(0, &call).expect("SET_VRING_CALL");
+        (
+            Conn {
+                _fe: fe,
+                kick,
+                call,
+            },
+            fresh,
+        )
     }
 
     fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -572,6 +597,8 @@ fn crash_at(step: Died) {
     }
     let got = g.take_used(expect.len() as u16);
     assert_eq!(got, expect, "{step:?}: completions");
+    // Those completions (and any the dead backend left unsignalled) reach the guest.
+    c2.wait_interrupt(&format!("{step:?}"));
     let writes: Vec<u64> = f.disk.writes()[before.len()..].to_vec();
     assert_eq!(
         writes, expect_writes,

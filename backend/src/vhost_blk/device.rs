@@ -352,11 +352,14 @@ impl BlkBackend {
         let track = self.tracks.get(queue);
         let qidx = u16::try_from(queue).unwrap_or(u16::MAX);
         let iq = region.as_deref().and_then(|r| r.queue(qidx));
+        // The first run of a ring after a (re)connect with an inflight region.
+        let mut ring_started = false;
         let resubmit = match (iq, track) {
             (Some(iq), Some(track)) => {
                 let mut t = track.lock().unwrap_or_else(|e| e.into_inner());
                 if t.recover {
                     t.recover = false;
+                    ring_started = true;
                     self.recover_ring(q, &mem, iq, qidx, &mut t);
                 }
                 // Kept in the track until the batch is certain to run them (an error below
@@ -401,6 +404,15 @@ impl BlkBackend {
         }
         let count = chains.len();
         if count == 0 {
+            if ring_started {
+                // The previous process may have put completions on the used ring and died
+                // before signalling them: without an interrupt the guest would wait for them
+                // forever (libvhost-user signals at SET_VRING_CALL for the same reason). A
+                // spurious interrupt is harmless.
+                guard
+                    .signal_used_queue()
+                    .map_err(|e| format!("cannot signal the call eventfd: {e}"))?;
+            }
             return Ok(0);
         }
         // Record the chains just taken as in flight before executing any of them.
@@ -444,7 +456,8 @@ impl BlkBackend {
         let notify = q
             .needs_notification(&*mem)
             .map_err(|e| format!("cannot read used_event: {e}"))?;
-        if notify {
+        // After a restart, always signal once (see above).
+        if notify || ring_started {
             guard
                 .signal_used_queue()
                 .map_err(|e| format!("cannot signal the call eventfd: {e}"))?;

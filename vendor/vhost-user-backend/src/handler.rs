@@ -561,7 +561,19 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        let has_call = file.is_some();
         vring.set_call(file);
+
+        // snapmv patch: signal the new call fd once, as libvhost-user does ("in case of I/O
+        // hang after reconnecting"): used entries written before it was set (by a backend
+        // that died before signalling them, or by requests resubmitted after a reconnect
+        // before the frontend sent its call fd) would otherwise never be noticed by the
+        // guest. A spurious interrupt is harmless.
+        if has_call {
+            if let Err(e) = vring.signal_used_queue() {
+                log::warn!("vring {index}: cannot signal the new call fd: {e}");
+            }
+        }
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
