@@ -35,9 +35,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 4 << 20;
 const QSIZE: u16 = 16;
-const DESC: u64 = 0x1_0000;
-const AVAIL: u64 = 0x1_1000;
-const USED: u64 = 0x1_2000;
+/// Queue q's rings: descriptor table, available ring, used ring.
+fn rings(q: usize) -> (u64, u64, u64) {
+    let base = 0x1_0000 * (q as u64 + 1);
+    (base, base + 0x1000, base + 0x2000)
+}
 const DATA: u64 = 0x10_0000;
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const WRITE: u16 = VRING_DESC_F_WRITE as u16;
@@ -117,10 +119,14 @@ impl BlockDisk for Recording {
 struct Guest {
     mem: GuestMemoryMmap<()>,
     info: VhostUserMemoryRegionInfo,
-    /// Next avail index the driver will fill.
-    avail_idx: u16,
-    /// Used entries already consumed by the driver.
-    seen_used: u16,
+    /// Number of queues the device is set up with.
+    nq: usize,
+    /// The queue the helpers below work on.
+    q: usize,
+    /// Per queue: next avail index the driver will fill.
+    avail_idx: [u16; 2],
+    /// Per queue: used entries already consumed by the driver.
+    seen_used: [u16; 2],
 }
 
 /// QEMU's side of the region: the file and a mapping of it.
@@ -133,6 +139,24 @@ struct Region {
 impl Region {
     fn s(&self) -> vm_memory::VolatileSlice<'_, ()> {
         self.map.as_volatile_slice()
+    }
+    /// Marks `head` of queue `q` in flight.
+    fn set_mark_q(&self, q: usize, head: u16, counter: u64) {
+        let off = q * REGION + 16 + 16 * usize::from(head);
+        self.s()
+            .store(counter, off + 8, std::sync::atomic::Ordering::SeqCst)
+            .unwrap();
+        self.s()
+            .store(1u8, off, std::sync::atomic::Ordering::SeqCst)
+            .unwrap();
+    }
+    fn mark_q(&self, q: usize, head: u16) -> u8 {
+        self.s()
+            .load::<u8>(
+                q * REGION + 16 + 16 * usize::from(head),
+                std::sync::atomic::Ordering::SeqCst,
+            )
+            .unwrap()
     }
     fn set_mark(&self, head: u16, counter: u64) {
         let off = 16 + 16 * usize::from(head);
@@ -181,6 +205,8 @@ struct Conn {
     _fe: Frontend,
     kick: EventFd,
     call: EventFd,
+    /// Every queue's kick eventfd.
+    kicks: Vec<EventFd>,
 }
 
 impl Conn {
@@ -206,7 +232,11 @@ fn features() -> u64 {
 /// previous connection (one client at a time) is gone and its queue threads joined: the test
 /// may then change the rings and the region as a dead backend would have left them.
 fn handshake(sock: &std::path::Path) -> (Frontend, u64) {
-    let fe = Frontend::connect(sock, 1).expect("connect");
+    handshake_n(sock, 1)
+}
+
+fn handshake_n(sock: &std::path::Path, queues: u64) -> (Frontend, u64) {
+    let fe = Frontend::connect(sock, queues).expect("connect");
     fe.set_owner().expect("SET_OWNER");
     let offered = fe.get_features().expect("GET_FEATURES");
     (fe, offered)
@@ -226,8 +256,10 @@ impl Guest {
         Guest {
             mem,
             info,
-            avail_idx: 0,
-            seen_used: 0,
+            nq: 1,
+            q: 0,
+            avail_idx: [0; 2],
+            seen_used: [0; 2],
         }
     }
 
@@ -238,7 +270,7 @@ impl Guest {
     /// QEMU's connection sequence; `region` None asks GET_INFLIGHT_FD (first start), Some
     /// sends SET_INFLIGHT_FD (reconnect). The ring's base is the guest's used index.
     fn connect(&self, sock: &std::path::Path, region: Option<&Region>) -> (Conn, Option<Region>) {
-        let hs = handshake(sock);
+        let hs = handshake_n(sock, self.nq as u64);
         self.finish(hs, region)
     }
 
@@ -268,9 +300,13 @@ impl Guest {
             }
             None => {
                 let (msg, file) = fe
-                    .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QSIZE))
+                    .get_inflight_fd(&VhostUserInflight::new(0, 0, self.nq as u16, QSIZE))
                     .expect("GET_INFLIGHT_FD");
-                assert_eq!(msg.mmap_size as usize, REGION, "QEMU's region size");
+                assert_eq!(
+                    msg.mmap_size as usize,
+                    REGION * self.nq,
+                    "QEMU's region size"
+                );
                 assert_eq!(msg.mmap_offset, 0);
                 fe.set_inflight_fd(&msg, file.as_raw_fd())
                     .expect("SET_INFLIGHT_FD");
@@ -282,35 +318,49 @@ impl Guest {
                 Some(Region { file, msg, map })
             }
         };
-        fe.set_vring_num(0, QSIZE).expect("SET_VRING_NUM");
-        // After a failed GET_VRING_BASE QEMU restores last_avail_idx to the used index.
-        let used = self.used_idx();
-        fe.set_vring_base(0, used).expect("SET_VRING_BASE");
-        fe.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: self.host(DESC),
-                used_ring_addr: self.host(USED),
-                avail_ring_addr: self.host(AVAIL),
-                log_addr: None,
-            },
-        )
-        .expect("SET_VRING_ADDR");
-        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        fe.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
-        fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
-        // QEMU sends the call fd last (vhost_user_blk_start unmasks the queues after
-        // vhost_dev_start has enabled them): completions made before it must still interrupt.
-        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        fe.set_vring_call(0, &call).expect("SET_VRING_CALL");
+        let mut kicks = Vec::new();
+        let mut calls = Vec::new();
+        for q in 0..self.nq {
+            let (desc, avail, used_ring) = rings(q);
+            fe.set_vring_num(q, QSIZE).expect("SET_VRING_NUM");
+            // After a failed GET_VRING_BASE QEMU restores last_avail_idx to the used index.
+            let used = self.used_idx_of(q);
+            fe.set_vring_base(q, used).expect("SET_VRING_BASE");
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: QSIZE,
+                    queue_size: QSIZE,
+                    flags: 0,
+                    desc_table_addr: self.host(desc),
+                    used_ring_addr: self.host(used_ring),
+                    avail_ring_addr: self.host(avail),
+                    log_addr: None,
+                },
+            )
+            .expect("SET_VRING_ADDR");
+            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            fe.set_vring_kick(q, &kick).expect("SET_VRING_KICK");
+            kicks.push(kick);
+        }
+        for q in 0..self.nq {
+            fe.set_vring_enable(q, true).expect("SET_VRING_ENABLE");
+        }
+        // QEMU sends the call fds last (vhost_user_blk_start unmasks the queues after
+        // vhost_dev_start has enabled them): completions made before must still interrupt.
+        for q in 0..self.nq {
+            let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            fe.set_vring_call(q, &call).expect("SET_VRING_CALL");
+            calls.push(call);
+        }
+        let kick = kicks[0].try_clone().unwrap();
+        let call = calls[0].try_clone().unwrap();
         (
             Conn {
                 _fe: fe,
                 kick,
                 call,
+                kicks,
             },
             fresh,
         )
@@ -323,7 +373,7 @@ impl Guest {
         b[12..14].copy_from_slice(&flags.to_le_bytes());
         b[14..16].copy_from_slice(&next.to_le_bytes());
         self.mem
-            .write_slice(&b, GuestAddress(DESC + 16 * u64::from(index)))
+            .write_slice(&b, GuestAddress(rings(self.q).0 + 16 * u64::from(index)))
             .unwrap();
     }
 
@@ -346,7 +396,7 @@ impl Guest {
         self.mem
             .write_obj(0xFFu8, GuestAddress(base + 0x10))
             .unwrap();
-        let head = 3 * k;
+        let head = 3 * (k % 5);
         if flush {
             self.write_desc(head, base, 16, NEXT, head + 1);
             self.write_desc(head + 1, base + 0x10, 1, WRITE, 0);
@@ -369,30 +419,34 @@ impl Guest {
         self.mem
             .write_obj(
                 head,
-                GuestAddress(AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE)),
+                GuestAddress(rings(self.q).1 + 4 + 2 * u64::from(self.avail_idx[self.q] % QSIZE)),
             )
             .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.avail_idx[self.q] = self.avail_idx[self.q].wrapping_add(1);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .write_obj(self.avail_idx[self.q], GuestAddress(rings(self.q).1 + 2))
             .unwrap();
     }
 
     fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        self.used_idx_of(self.q)
+    }
+
+    fn used_idx_of(&self, q: usize) -> u16 {
+        self.mem.read_obj(GuestAddress(rings(q).2 + 2)).unwrap()
     }
 
     /// Writes a used entry as a dead backend would have (id, len) and bumps the used index.
     fn put_used(&self, head: u16, len: u32) {
         let used = self.used_idx();
-        let e = USED + 4 + 8 * u64::from(used % QSIZE);
+        let e = rings(self.q).2 + 4 + 8 * u64::from(used % QSIZE);
         self.mem
             .write_obj(u32::from(head), GuestAddress(e))
             .unwrap();
         self.mem.write_obj(len, GuestAddress(e + 4)).unwrap();
         self.mem
-            .write_obj(used.wrapping_add(1), GuestAddress(USED + 2))
+            .write_obj(used.wrapping_add(1), GuestAddress(rings(self.q).2 + 2))
             .unwrap();
     }
 
@@ -400,21 +454,21 @@ impl Guest {
     /// fails only if the entries never come.
     fn take_used(&mut self, n: u16) -> Vec<u16> {
         let mut tries = 0;
-        while self.used_idx().wrapping_sub(self.seen_used) < n {
+        while self.used_idx().wrapping_sub(self.seen_used[self.q]) < n {
             tries += 1;
             assert!(
                 tries < 20_000,
                 "waited for {n} used entries, have {}",
-                self.used_idx().wrapping_sub(self.seen_used)
+                self.used_idx().wrapping_sub(self.seen_used[self.q])
             );
             std::thread::sleep(Duration::from_millis(1));
         }
         let mut out = Vec::new();
         for _ in 0..n {
-            let e = USED + 4 + 8 * u64::from(self.seen_used % QSIZE);
+            let e = rings(self.q).2 + 4 + 8 * u64::from(self.seen_used[self.q] % QSIZE);
             let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
             out.push(id as u16);
-            self.seen_used = self.seen_used.wrapping_add(1);
+            self.seen_used[self.q] = self.seen_used[self.q].wrapping_add(1);
         }
         out
     }
@@ -428,12 +482,16 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_q(1)
+}
+
+fn fixture_q(queues: u16) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mgr = ExportManager::new();
     let disk = Recording::new();
     let sock = dir.path().join("e.sock");
     let mut cfg = ExportConfig::new("inflight", &sock);
-    cfg.num_queues = 1;
+    cfg.num_queues = queues;
     mgr.add_disk(cfg, disk.clone()).expect("export");
     Fixture {
         _dir: dir,
@@ -624,7 +682,7 @@ fn crash_at(step: Died) {
     assert_eq!(g.take_used(1), vec![fl], "{step:?}: the flush");
     assert_eq!(
         g.used_idx(),
-        g.avail_idx,
+        g.avail_idx[0],
         "{step:?}: every request completed once"
     );
     for h in 0..QSIZE {
@@ -706,7 +764,7 @@ fn a_hostile_region_is_ignored() {
         assert_eq!(g.take_used(1), vec![b], "damage {damage}");
         disconnect(c3);
     }
-    assert_eq!(g.used_idx(), g.avail_idx);
+    assert_eq!(g.used_idx(), g.avail_idx[0]);
     // A SET_INFLIGHT_FD smaller than the queues it describes is refused (the connection
     // ends; the next one works).
     let (mut fe, _) = handshake(&f.sock);
@@ -726,4 +784,90 @@ fn a_hostile_region_is_ignored() {
     g.offer(e);
     c4.kick.write(1).unwrap();
     assert_eq!(g.take_used(1), vec![e]);
+}
+
+/// Both queues of a 2-queue device have requests in flight when the backend dies; each queue's
+/// part of the region brings back its own requests and only those, and each ring resumes right.
+#[test]
+fn every_queue_recovers_its_own_requests() {
+    let f = fixture_q(2);
+    let mut g = Guest::new();
+    g.nq = 2;
+    let (c, region) = g.connect(&f.sock, None);
+    let region = region.unwrap();
+    for q in 0..2 {
+        g.q = q;
+        let h = g.build(4 + 5 * q as u16, false);
+        g.offer(h);
+        c.kicks[q].write(1).unwrap();
+        assert_eq!(g.take_used(1), vec![h], "queue {q}: warm-up request");
+    }
+    disconnect(c);
+    let hs = handshake_n(&f.sock, 2);
+    // Queue 0: A and B taken (counters 10, 11); B completed, A not.
+    g.q = 0;
+    let a = g.build(0, false);
+    let b = g.build(1, false);
+    g.offer(a);
+    g.offer(b);
+    region.set_mark_q(0, a, 10);
+    region.set_mark_q(0, b, 11);
+    f.disk
+        .inner
+        .write_vectored(101 * 512, &[IoSlice::new(&[2; 512])])
+        .unwrap();
+    g.mem
+        .write_obj(S_OK, GuestAddress(DATA + 0x2000 + 0x10))
+        .unwrap();
+    g.put_used(b, 1);
+    region
+        .s()
+        .store(
+            0u8,
+            16 + 16 * usize::from(b),
+            std::sync::atomic::Ordering::SeqCst,
+        )
+        .unwrap();
+    region.set_u16(14, g.used_idx());
+    // Queue 1: C taken (counter 3), D available, not taken.
+    g.q = 1;
+    let cc = g.build(5, false);
+    let d = g.build(6, false);
+    g.offer(cc);
+    g.offer(d);
+    region.set_mark_q(1, cc, 3);
+    let before = f.disk.writes().len();
+    let (c2, _) = g.finish(hs, Some(&region));
+    g.q = 0;
+    assert_eq!(g.take_used(2), vec![b, a], "queue 0");
+    g.q = 1;
+    assert_eq!(g.take_used(2), vec![cc, d], "queue 1");
+    c2.wait_interrupt("queue 0");
+    let mut writes = f.disk.writes()[before..].to_vec();
+    let pos = |s: u64| writes.iter().position(|&w| w == s);
+    assert!(pos(105) < pos(106), "queue 1 ran D before C: {writes:?}");
+    writes.sort_unstable();
+    assert_eq!(
+        writes,
+        vec![100, 105, 106],
+        "writes executed after the restart"
+    );
+    for (k, sector) in [(0u16, 100u64), (1, 101), (5, 105), (6, 106)] {
+        assert_eq!(g.status(k), S_OK, "status of request {k}");
+        let data = f.disk.inner.snapshot(sector * 512, 512);
+        assert!(
+            data.iter().all(|&x| x == k as u8 + 1),
+            "data of request {k}"
+        );
+    }
+    for q in 0..2 {
+        for h in 0..QSIZE {
+            assert_eq!(region.mark_q(q, h), 0, "queue {q}: mark of {h} left set");
+        }
+        assert_eq!(
+            region.u16_at(q * REGION + 14),
+            g.used_idx_of(q),
+            "queue {q}: region used index"
+        );
+    }
 }
