@@ -95,6 +95,21 @@ struct QueueTrack {
     recover: bool,
 }
 
+/// Test knob, not for production: `SNAPMV_TEST_DELAY_WRITES_MS=N` (1..=1000) holds every batch
+/// that contains a write or a flush for N ms after its chains are marked in flight and before
+/// they execute, so that the end-to-end restart tests (tests/e2e_restart.rs) kill the daemon
+/// with requests in flight in it rather than only in the guest.
+fn test_write_delay() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("SNAPMV_TEST_DELAY_WRITES_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| (1..=1000).contains(ms))
+            .map(Duration::from_millis)
+    })
+}
+
 /// Most I/O threads of one connection (started only when requests are slow).
 pub const IO_THREADS: usize = 16;
 /// Requests slower than this on average are run in parallel on the I/O pool.
@@ -426,6 +441,18 @@ impl BlkBackend {
             }
             // The resubmitted chains run in this batch, which completes every chain it holds.
             t.resubmit.clear();
+        }
+        if let Some(delay) = test_write_delay() {
+            let writes = chains.iter().any(|(_, c)| {
+                matches!(
+                    c.request_type(&mem),
+                    Some(virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT)
+                        | Some(virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH)
+                )
+            });
+            if writes {
+                std::thread::sleep(delay);
+            }
         }
         for (head, done) in self.execute_batch(&mem, chains, queue, writeback) {
             if let Some(e) = &done.error {
