@@ -363,6 +363,12 @@ impl<'a> InflightQueue<'a> {
         avail_idx: u16,
     ) -> Result<Recovery, InflightError> {
         let bad = |why: String| InflightError::Inconsistent { queue, why };
+        if ring_size == 0 || ring_size > self.entries {
+            return Err(bad(format!(
+                "ring of {ring_size} descriptors, region has room for {}",
+                self.entries
+            )));
+        }
         let version = self.load16(OFF_VERSION)?;
         if version == 0 {
             // Never initialised (a frontend-made region): nothing was recorded; whatever the
@@ -377,12 +383,6 @@ impl<'a> InflightQueue<'a> {
         }
         if version != INFLIGHT_VERSION {
             return Err(bad(format!("unknown version {version}")));
-        }
-        if ring_size == 0 || ring_size > self.entries {
-            return Err(bad(format!(
-                "ring of {ring_size} descriptors, region has room for {}",
-                self.entries
-            )));
         }
         let outstanding = avail_idx.wrapping_sub(used_idx);
         if outstanding > ring_size {
