@@ -369,6 +369,12 @@ impl<'a> InflightQueue<'a> {
                 self.entries
             )));
         }
+        let outstanding = avail_idx.wrapping_sub(used_idx);
+        if outstanding > ring_size {
+            return Err(bad(format!(
+                "the guest's rings are inconsistent: avail {avail_idx}, used {used_idx}, size {ring_size}"
+            )));
+        }
         let version = self.load16(OFF_VERSION)?;
         if version == 0 {
             // Never initialised (a frontend-made region): nothing was recorded; whatever the
@@ -383,12 +389,6 @@ impl<'a> InflightQueue<'a> {
         }
         if version != INFLIGHT_VERSION {
             return Err(bad(format!("unknown version {version}")));
-        }
-        let outstanding = avail_idx.wrapping_sub(used_idx);
-        if outstanding > ring_size {
-            return Err(bad(format!(
-                "the guest's rings are inconsistent: avail {avail_idx}, used {used_idx}, size {ring_size}"
-            )));
         }
         // Every entry, checked before anything is changed.
         let mut marked: Vec<(u64, u16)> = Vec::new();
