@@ -6,9 +6,11 @@
 #
 # Options:
 #   --initrd FILE      initramfs built by qemu/mkinitramfs.sh (required)
-#   --disk SOCK[,queues=N]
+#   --disk SOCK[,queues=N][,reconnect-ms=MS]
 #                      a vhost-user-blk socket; becomes /dev/vda, /dev/vdb, ... in that order;
-#                      queues = the device's num-queues (default 1)
+#                      queues = the device's num-queues (default 1); reconnect-ms = the
+#                      chardev reconnects MS ms after losing the backend (a backend restart is
+#                      then a pause for the guest, see docs/upgrade.md)
 #   --kernel FILE      default: qemu/cache/kernel/vmlinuz (from qemu/setup.sh)
 #   --smp N            vCPUs (default 1)
 #   --mem SIZE         guest memory, a QEMU size (default 512M)
@@ -81,15 +83,20 @@ i=0
 for d in "${disks[@]}"; do
     sock="${d%%,*}"
     queues=1
-    if [ "$sock" != "$d" ]; then
-        opt="${d#*,}"
+    reconnect=""
+    rest="${d#"$sock"}"
+    while [ -n "$rest" ]; do
+        rest="${rest#,}"
+        opt="${rest%%,*}"
+        rest="${rest#"$opt"}"
         case "$opt" in
         queues=*) queues="${opt#queues=}" ;;
-        *) die "bad --disk option '$opt' (want SOCK[,queues=N])" ;;
+        reconnect-ms=*) reconnect=",reconnect-ms=${opt#reconnect-ms=}" ;;
+        *) die "bad --disk option '$opt' (want SOCK[,queues=N][,reconnect-ms=MS])" ;;
         esac
-    fi
+    done
     [ -S "$sock" ] || die "vhost-user socket $sock does not exist"
-    args+=(-chardev "socket,id=c$i,path=$sock"
+    args+=(-chardev "socket,id=c$i,path=$sock$reconnect"
         -device "vhost-user-blk-pci,chardev=c$i,num-queues=$queues")
     i=$((i + 1))
 done

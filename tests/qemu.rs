@@ -134,6 +134,9 @@ pub struct GuestConfig {
     pub timeout: Duration,
     /// Label used in messages and console echo.
     pub label: String,
+    /// Reconnect every disk's chardev this many ms after the backend goes away (QEMU
+    /// `reconnect-ms`); `None`: a lost backend is lost for good.
+    pub reconnect_ms: Option<u32>,
 }
 
 impl GuestConfig {
@@ -146,6 +149,7 @@ impl GuestConfig {
             stdin: false,
             timeout: HANG_GUARD,
             label: label.to_string(),
+            reconnect_ms: None,
         }
     }
 }
@@ -226,8 +230,15 @@ impl GuestTools {
             .arg("--append")
             .arg(&cfg.append);
         for d in &cfg.disks {
-            cmd.arg("--disk")
-                .arg(format!("{},queues={}", d.socket.display(), d.queues));
+            let reconnect = cfg
+                .reconnect_ms
+                .map(|ms| format!(",reconnect-ms={ms}"))
+                .unwrap_or_default();
+            cmd.arg("--disk").arg(format!(
+                "{},queues={}{reconnect}",
+                d.socket.display(),
+                d.queues
+            ));
         }
         if cfg.stdin {
             cmd.arg("--stdin").stdin(Stdio::piped());

@@ -1,22 +1,26 @@
 //! The `VhostUserBackend` implementation: one backend object per client connection, one worker
 //! thread per queue, no lock shared between queues.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::config::{device_features, BlkConfig, WRITEBACK_OFFSET};
+use super::inflight::{split_chain, InflightError, InflightRegion};
 use super::pool::{Batch, IoPool};
 use super::request::{
     handle_parsed, Completion, GuestMem, ParsedChain, RequestContext, RequestError,
@@ -74,6 +78,36 @@ pub struct BlkBackend {
     /// runs on the queue thread or on the I/O pool.
     service_ns: Vec<AtomicU64>,
     pool: IoPool,
+    /// The inflight region of this connection (GET/SET_INFLIGHT_FD), if the frontend set one.
+    inflight: Mutex<Option<Arc<InflightRegion>>>,
+    /// Per queue: inflight bookkeeping (see `inflight.rs`).
+    tracks: Vec<Mutex<QueueTrack>>,
+}
+
+/// One queue's inflight bookkeeping.
+#[derive(Debug, Default)]
+struct QueueTrack {
+    /// Counter given to the next chain taken (orders resubmission).
+    counter: u64,
+    /// Chains to execute again, in order, before taking new ones.
+    resubmit: Vec<u16>,
+    /// The ring (re)started since the last recovery: check the region before taking chains.
+    recover: bool,
+}
+
+/// Test knob, not for production: `SNAPMV_TEST_DELAY_WRITES_MS=N` (1..=1000) holds every batch
+/// that contains a write or a flush for N ms after its chains are marked in flight and before
+/// they execute, so that the end-to-end restart tests (tests/e2e_restart.rs) kill the daemon
+/// with requests in flight in it rather than only in the guest.
+fn test_write_delay() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("SNAPMV_TEST_DELAY_WRITES_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| (1..=1000).contains(ms))
+            .map(Duration::from_millis)
+    })
 }
 
 /// Most I/O threads of one connection (started only when requests are slow).
@@ -104,6 +138,10 @@ impl BlkBackend {
         BlkBackend {
             disk,
             service_ns: (0..opts.num_queues).map(|_| AtomicU64::new(0)).collect(),
+            tracks: (0..opts.num_queues)
+                .map(|_| Mutex::new(QueueTrack::default()))
+                .collect(),
+            inflight: Mutex::new(None),
             pool: IoPool::new(&opts.name, IO_THREADS),
             opts,
             size,
@@ -321,17 +359,51 @@ impl BlkBackend {
         let writeback = self.state.writeback.load(Ordering::Relaxed);
         let mut guard = vring.get_mut();
         let q = guard.get_queue_mut();
+        if !q.ready() {
+            return Ok(0);
+        }
         let mut mem = self.mem.memory().into_inner();
+        let region = self.inflight_region();
+        let track = self.tracks.get(queue);
+        let qidx = u16::try_from(queue).unwrap_or(u16::MAX);
+        let iq = region.as_deref().and_then(|r| r.queue(qidx));
+        // The first run of a ring after a (re)connect with an inflight region.
+        let mut ring_started = false;
+        let resubmit = match (iq, track) {
+            (Some(iq), Some(track)) => {
+                let mut t = track.lock().unwrap_or_else(|e| e.into_inner());
+                if t.recover {
+                    t.recover = false;
+                    ring_started = true;
+                    self.recover_ring(q, &mem, iq, qidx, &mut t);
+                }
+                // Kept in the track until the batch is certain to run them (an error below
+                // must not lose them: the guest would wait for them forever).
+                t.resubmit.clone()
+            }
+            _ => Vec::new(),
+        };
         let mut chains: Vec<(u16, ParsedChain)> = Vec::new();
         // The frontend may add memory (ADD_MEM_REG) between our load of the map and its
         // posting of a request that uses it; a request read from the ring must be translated
         // with a map at least as new as the ring entry. So: read the chains, then check that
         // the map did not change meanwhile; if it did, step back and read them again.
+        // Chains left in flight by a previous process come first, in their original order;
+        // they are no longer reachable through the available ring.
+        let desc_table = GuestAddress(q.desc_table());
+        let ring_size = q.size();
         for attempt in 0..4 {
-            chains = match q.iter(&*mem) {
-                Ok(it) => it
-                    .map(|chain| (chain.head_index(), ParsedChain::parse(chain)))
-                    .collect(),
+            chains = resubmit
+                .iter()
+                .map(|&h| {
+                    let descs = split_chain(&*mem, desc_table, ring_size, h);
+                    (h, ParsedChain::parse(descs.into_iter()))
+                })
+                .collect();
+            match q.iter(&*mem) {
+                Ok(it) => {
+                    chains.extend(it.map(|chain| (chain.head_index(), ParsedChain::parse(chain))))
+                }
                 // Not ready (stopped or reset): nothing to do.
                 Err(virtio_queue::Error::QueueNotReady) => return Ok(0),
                 Err(e) => return Err(format!("cannot read the available ring: {e}")),
@@ -340,20 +412,64 @@ impl BlkBackend {
             if std::sync::Arc::ptr_eq(&now, &mem) || attempt == 3 {
                 break;
             }
-            for _ in 0..chains.len() {
+            for _ in resubmit.len()..chains.len() {
                 q.go_to_previous_position();
             }
             mem = now;
         }
         let count = chains.len();
         if count == 0 {
+            if ring_started {
+                // The previous process may have put completions on the used ring and died
+                // before signalling them: without an interrupt the guest would wait for them
+                // forever (libvhost-user signals at SET_VRING_CALL for the same reason). A
+                // spurious interrupt is harmless.
+                guard
+                    .signal_used_queue()
+                    .map_err(|e| format!("cannot signal the call eventfd: {e}"))?;
+            }
             return Ok(0);
+        }
+        // Record the chains just taken as in flight before executing any of them.
+        if let (Some(iq), Some(track)) = (iq, track) {
+            let mut t = track.lock().unwrap_or_else(|e| e.into_inner());
+            for (head, _) in &chains[resubmit.len()..] {
+                if let Err(e) = iq.set_inflight(*head, t.counter) {
+                    self.log_inflight_failure(queue, &e);
+                }
+                t.counter = t.counter.wrapping_add(1);
+            }
+            // The resubmitted chains run in this batch, which completes every chain it holds.
+            t.resubmit.clear();
+        }
+        if let Some(delay) = test_write_delay() {
+            let writes = chains.iter().any(|(_, c)| {
+                matches!(
+                    c.request_type(&mem),
+                    Some(virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT)
+                        | Some(virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH)
+                )
+            });
+            if writes {
+                std::thread::sleep(delay);
+            }
         }
         for (head, done) in self.execute_batch(&mem, chains, queue, writeback) {
             if let Some(e) = &done.error {
                 self.log_failure(queue, e);
             }
-            if let Err(e) = q.add_used(&*mem, head, done.used_len) {
+            if let Some(iq) = iq {
+                if let Err(e) = iq.pre_put(head) {
+                    self.log_inflight_failure(queue, &e);
+                }
+            }
+            let used = q.add_used(&*mem, head, done.used_len);
+            if let (Ok(()), Some(iq)) = (&used, iq) {
+                if let Err(e) = iq.post_put(head, q.next_used()) {
+                    self.log_inflight_failure(queue, &e);
+                }
+            }
+            if let Err(e) = used {
                 // An out-of-range head index cannot be returned; the guest broke its ring.
                 self.log_failure(
                     queue,
@@ -367,12 +483,99 @@ impl BlkBackend {
         let notify = q
             .needs_notification(&*mem)
             .map_err(|e| format!("cannot read used_event: {e}"))?;
-        if notify {
+        // After a restart, always signal once (see above).
+        if notify || ring_started {
             guard
                 .signal_used_queue()
                 .map_err(|e| format!("cannot signal the call eventfd: {e}"))?;
         }
         Ok(count)
+    }
+
+    /// The current inflight region, if any.
+    fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Installs a new inflight region: every ring checks it when it next runs.
+    fn install_region(&self, region: InflightRegion) {
+        log::info!(
+            "export {}: inflight region for {} queues of {}",
+            self.opts.name,
+            region.num_queues(),
+            region.queue_size()
+        );
+        *self.inflight.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(region));
+        for t in &self.tracks {
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+            t.recover = true;
+            t.resubmit.clear();
+        }
+    }
+
+    fn log_inflight_failure(&self, queue: usize, e: &InflightError) {
+        let n = self.state.bad_requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= 16 || n.is_power_of_two() {
+            log::error!("export {} queue {queue}: {e}", self.opts.name);
+        }
+    }
+
+    /// First run of a ring since it (re)started with an inflight region: decide where the
+    /// available ring resumes and which chains run again (libvhost-user's
+    /// `vu_check_queue_inflights`, with every field of the region checked).
+    fn recover_ring(
+        &self,
+        q: &mut virtio_queue::Queue,
+        mem: &GuestMem,
+        iq: super::inflight::InflightQueue<'_>,
+        qidx: u16,
+        t: &mut QueueTrack,
+    ) {
+        let name = &self.opts.name;
+        let idx = q
+            .used_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .and_then(|u| Ok((u, q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?)));
+        let (used, avail) = match idx {
+            Ok((u, a)) => (u.0, a.0),
+            Err(e) => {
+                log::warn!("export {name} queue {qidx}: cannot read the ring indices for inflight recovery: {e}");
+                return;
+            }
+        };
+        match iq.recover(qidx, q.size(), used, avail) {
+            Ok(r) => {
+                if !r.resubmit.is_empty() || r.completed_at_crash.is_some() {
+                    log::info!(
+                        "export {name} queue {qidx}: resuming after a restart: {} requests resubmitted {:?}, used index {used}, available ring resumes at {} (frontend said {}){}",
+                        r.resubmit.len(),
+                        r.resubmit,
+                        r.next_avail,
+                        q.next_avail(),
+                        r.completed_at_crash
+                            .map(|h| format!(", request {h} had completed"))
+                            .unwrap_or_default()
+                    );
+                }
+                q.set_next_avail(r.next_avail);
+                q.set_next_used(used);
+                t.counter = r.next_counter;
+                t.resubmit = r.resubmit;
+            }
+            Err(e) => {
+                log::warn!(
+                    "export {name}: {e}; resuming at the frontend's index {} without it",
+                    q.next_avail()
+                );
+                if let Err(e) = iq.reset(used) {
+                    self.log_inflight_failure(usize::from(qidx), &e);
+                }
+                t.counter = 0;
+                t.resubmit.clear();
+            }
+        }
     }
 
     fn process_vring(&self, vring: &VringRwLock, queue: usize) -> Result<(), String> {
@@ -419,6 +622,39 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let (region, file, size) =
+            InflightRegion::create(msg.num_queues, msg.queue_size, self.opts.num_queues).map_err(
+                |e| {
+                    log::error!("export {}: GET_INFLIGHT_FD: {e}", self.opts.name);
+                    io::Error::other(e)
+                },
+            )?;
+        self.install_region(region);
+        Ok((
+            VhostUserInflight::new(size, 0, msg.num_queues, msg.queue_size),
+            file,
+        ))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::map(
+            &file,
+            msg.mmap_size,
+            msg.mmap_offset,
+            msg.num_queues,
+            msg.queue_size,
+            self.opts.num_queues,
+        )
+        .map_err(|e| {
+            log::error!("export {}: SET_INFLIGHT_FD: {e}", self.opts.name);
+            io::Error::other(e)
+        })?;
+        self.install_region(region);
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -490,10 +726,17 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 
-    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // Requests are executed synchronously while the worker holds the vring lock, and the
         // handler took that lock to mark the ring not ready before calling us: nothing of
-        // this ring is in flight any more, so GET_VRING_BASE's answer is exact.
+        // this ring is in flight any more, so GET_VRING_BASE's answer is exact. When the ring
+        // starts again (maybe as a new ring), check the inflight region again.
+        if let Some(t) = usize::try_from(queue_index)
+            .ok()
+            .and_then(|i| self.tracks.get(i))
+        {
+            t.lock().unwrap_or_else(|e| e.into_inner()).recover = true;
+        }
         Ok(())
     }
 

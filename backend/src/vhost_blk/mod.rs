@@ -6,6 +6,7 @@
 
 pub mod config;
 pub(crate) mod device;
+pub mod inflight;
 mod memdisk;
 mod pool;
 pub mod request;
