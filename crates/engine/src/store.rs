@@ -817,22 +817,37 @@ impl StoreCore {
             let batch = format::encode_batch(m.sb.journal_gen, seq, unvouched, &records);
             (batch, epoch, seq, m.journal_pos)
         };
+        // (Replaced by a checkpoint, the records are durable and marked so already.)
+        if self.append_batch(&batch, seq, pos, true)? {
+            self.set_written(epoch);
+        }
+        Ok(())
+    }
+
+    /// Appends an encoded batch `seq` at journal offset `pos` (the journal lock held). A batch
+    /// that does not fit is replaced by a checkpoint of the whole state, which includes its
+    /// records (already applied in memory). Returns whether the batch was appended.
+    fn append_batch(
+        &self,
+        batch: &[u8],
+        seq: u64,
+        pos: u64,
+        has_records: bool,
+    ) -> std::result::Result<bool, String> {
         if pos + batch.len() as u64 > self.layout.journal_size {
-            // The journal is full: a checkpoint of the whole state (which includes these
-            // records, already applied in memory) takes their place.
-            return self.checkpoint();
+            self.checkpoint()?;
+            return Ok(false);
         }
         self.storage
-            .write_at(&batch, self.layout.journal_off + pos)
+            .write_at(batch, self.layout.journal_off + pos)
             .map_err(|e| format!("writing journal batch {seq}: {e}"))?;
-        {
-            let mut m = self.lock_meta();
-            m.journal_pos = pos + batch.len() as u64;
-            m.journal_seq = seq + 1;
+        let mut m = self.lock_meta();
+        m.journal_pos = pos + batch.len() as u64;
+        m.journal_seq = seq + 1;
+        if has_records {
             m.last_records = seq as i64;
         }
-        self.set_written(epoch);
-        Ok(())
+        Ok(true)
     }
 
     fn set_written(&self, epoch: u64) {
@@ -987,18 +1002,7 @@ impl StoreCore {
                 let batch = format::encode_batch(gen, seq, (seq as i64 - upto) as u32, &[]);
                 let pos = m.journal_pos;
                 drop(m);
-                if pos + batch.len() as u64 > self.layout.journal_size {
-                    self.checkpoint()?;
-                    None
-                } else {
-                    self.storage
-                        .write_at(&batch, self.layout.journal_off + pos)
-                        .map_err(|e| format!("writing journal seal {seq}: {e}"))?;
-                    let mut m = self.lock_meta();
-                    m.journal_pos = pos + batch.len() as u64;
-                    m.journal_seq = seq + 1;
-                    Some(seq)
-                }
+                self.append_batch(&batch, seq, pos, false)?.then_some(seq)
             }
         };
         if let Some(seq) = seal {
