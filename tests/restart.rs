@@ -276,3 +276,70 @@ fn sigterm_stops_cleanly_and_exports_come_back() {
     let mut cl = Client::connect(&d.export_socket("vol")).unwrap();
     assert_eq!(read_block(&mut cl, 0), vec![0x5a; 4096]);
 }
+
+/// The cache mode a guest chose (write-through) survives a reconnect and a daemon restart:
+/// QEMU sends it only when the guest changes it, so a restarted daemon that forgot it would
+/// acknowledge writes as a write-back cache to a guest that sends no flushes.
+#[test]
+fn guest_cache_mode_survives_reconnects_and_restarts() {
+    use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+    const WRITEBACK: usize = 32;
+    let writeback = |sock: &std::path::Path, set: Option<u8>| -> u8 {
+        let mut fe = Frontend::connect(sock, 1).expect("connect");
+        fe.set_owner().expect("SET_OWNER");
+        fe.get_features().expect("GET_FEATURES");
+        let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        fe.set_protocol_features(pf & VhostUserProtocolFeatures::CONFIG)
+            .expect("SET_PROTOCOL_FEATURES");
+        if let Some(v) = set {
+            fe.set_config(WRITEBACK as u32, VhostUserConfigFlags::WRITABLE, &[v])
+                .expect("SET_CONFIG writeback");
+        }
+        let (_, cfg) = fe
+            .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+            .expect("GET_CONFIG");
+        cfg[WRITEBACK]
+    };
+    let dir = scratch("cache-mode");
+    let (o, c) = (dir.path().join("o.img"), dir.path().join("c.img"));
+    sparse_file(&o, MIB);
+    sparse_file(&c, 16 * MIB);
+    let mut d = Daemon::start(dir.path());
+    d.ok(
+        "origin_create",
+        json!({"name": "vol", "origin": o, "cow": c, "bind": true, "format": true}),
+    );
+    let sock = d.export_socket("vol");
+    assert_eq!(writeback(&sock, None), 1, "a new export is write-back");
+    assert_eq!(
+        writeback(&sock, Some(0)),
+        0,
+        "the guest chose write-through"
+    );
+    assert_eq!(writeback(&sock, None), 0, "after a reconnect");
+    d.kill();
+    d.restart();
+    assert_eq!(writeback(&sock, None), 0, "after SIGKILL and a restart");
+    assert_eq!(
+        writeback(&sock, Some(1)),
+        1,
+        "the guest chose write-back again"
+    );
+    d.terminate();
+    d.restart();
+    assert_eq!(writeback(&sock, None), 1, "after a clean restart");
+    // A removed export forgets the choice; the same name later starts write-back.
+    assert_eq!(writeback(&sock, Some(0)), 0);
+    d.ok("export_remove", json!({"name": "vol", "force": true}));
+    d.ok(
+        "origin_create",
+        json!({"name": "vol", "origin": o, "cow": c}),
+    );
+    assert_eq!(
+        writeback(&sock, None),
+        1,
+        "a re-created export is write-back"
+    );
+}

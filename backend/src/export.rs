@@ -44,6 +44,8 @@ pub struct ExportConfig {
     pub readonly: bool,
     /// Group and mode of the socket (default: the daemon's group, 0600).
     pub socket_access: SocketAccess,
+    /// Where the guest's cache-mode choice is kept across restarts (default: not kept).
+    pub cache_mode_file: Option<PathBuf>,
 }
 
 impl ExportConfig {
@@ -56,6 +58,7 @@ impl ExportConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             readonly: false,
             socket_access: SocketAccess::default(),
+            cache_mode_file: None,
         }
     }
 }
@@ -217,8 +220,7 @@ fn bind_socket(path: &Path, access: SocketAccess) -> Result<UnixListener, Export
 fn serve(shared: Arc<Shared>, mut listener: Listener) {
     let name = shared.name.clone();
     while !shared.stop.load(Ordering::SeqCst) {
-        // A new connection is a freshly reset device: write-back cache on.
-        shared.state.writeback.store(true, Ordering::SeqCst);
+        // The cache mode is kept across connections (see `ExportState`).
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
         let backend = Arc::new(BlkBackend::with_state(
             shared.disk.clone(),
@@ -330,7 +332,9 @@ impl ExportManager {
                 max_queue_size: cfg.queue_size,
                 readonly: cfg.readonly,
             },
-            state: Default::default(),
+            state: Arc::new(crate::vhost_blk::device::ExportState::new(
+                cfg.cache_mode_file.clone(),
+            )),
             stop: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             conn: Mutex::new(None),

@@ -27,6 +27,8 @@ pub use crate::export::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
 pub const MAX_NUM_QUEUES: u16 = crate::vhost_blk::config::MAX_QUEUES;
 /// How long `export_remove` waits for a departing client before refusing: polls × interval.
 const CLIENT_LEAVE_POLLS: u32 = 20;
+/// Directory of the state directory where exports keep their guest's cache mode.
+const CACHE_MODE_DIR: &str = "cache-mode";
 const CLIENT_LEAVE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// Page size `chunk_size` counts in.
 pub const PAGE_SIZE: u32 = 4096;
@@ -270,6 +272,11 @@ impl Daemon {
         })?;
         let state_dir_canon =
             std::fs::canonicalize(&cfg.state_dir).unwrap_or_else(|_| cfg.state_dir.clone());
+        let cache_dir = state_dir_canon.join(CACHE_MODE_DIR);
+        std::fs::create_dir_all(&cache_dir).map_err(|source| ServeError::SocketDir {
+            dir: cache_dir,
+            source,
+        })?;
         let daemon = Daemon {
             socket_dir: cfg.socket_dir.clone(),
             socket_access: cfg.socket_access,
@@ -429,6 +436,7 @@ impl Daemon {
                         group: rec.socket_group.or(self.socket_access.group),
                         mode: rec.socket_mode.unwrap_or(self.socket_access.mode),
                     },
+                    cache_mode_file: Some(self.cache_mode_file(&rec.name)),
                 },
                 volume,
             )
@@ -436,6 +444,21 @@ impl Daemon {
                 what: format!("cannot serve export {} on {}", rec.name, rec.socket),
                 source,
             })
+    }
+
+    /// Where export `name` keeps the guest's cache-mode choice across restarts.
+    fn cache_mode_file(&self, name: &str) -> PathBuf {
+        self.state_dir_canon.join(CACHE_MODE_DIR).join(name)
+    }
+
+    /// An export that is gone for good forgets its guest's cache mode.
+    fn forget_cache_mode(&self, name: &str) {
+        let f = self.cache_mode_file(name);
+        if let Err(e) = std::fs::remove_file(&f) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {e}", f.display());
+            }
+        }
     }
 
     fn save(&self, inner: &mut Inner, what: impl Into<String>) -> MResult<()> {
@@ -1217,6 +1240,7 @@ impl Daemon {
         }
         inner.state.exports.retain(|e| e.name != rec.name);
         inner.failed.remove(&rec.name);
+        self.forget_cache_mode(&rec.name);
         info!("export {} removed", rec.name);
         self.save(inner, format!("export {} was removed", rec.name))?;
         Ok(m::Done { name: rec.name })
@@ -1339,6 +1363,7 @@ impl Daemon {
             return Err(err);
         }
         inner.state.exports.retain(|e| e.name != rec.name);
+        self.forget_cache_mode(&rec.name);
         inner
             .state
             .origins

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,23 +41,94 @@ pub struct DeviceOptions {
     pub readonly: bool,
 }
 
-/// State shared by the connections of one export (the serving loop resets the cache mode to
-/// write-back for each new connection).
+/// State shared by the connections of one export.
+///
+/// The cache mode the guest chose survives reconnects and, through `cache_mode_file`, restarts
+/// of the daemon: QEMU sends it only when the guest changes it, so a guest that chose
+/// write-through would otherwise get a write-back device (unflushed writes acknowledged
+/// before they are durable) after a restart. The virtio spec allows either mode after a reset.
 #[derive(Debug)]
 pub(crate) struct ExportState {
     pub(crate) writeback: AtomicBool,
     pub(crate) bad_requests: AtomicU64,
     pub(crate) disk_errors: AtomicU64,
+    /// Where a write-through choice is recorded (the file exists only then).
+    cache_mode_file: Option<PathBuf>,
 }
 
 impl Default for ExportState {
     fn default() -> Self {
+        ExportState::new(None)
+    }
+}
+
+impl ExportState {
+    /// The state of an export, with the cache mode recorded in `cache_mode_file`, if any.
+    pub(crate) fn new(cache_mode_file: Option<PathBuf>) -> Self {
+        let write_through = cache_mode_file
+            .as_deref()
+            .is_some_and(|f| std::fs::read_to_string(f).is_ok_and(|t| t.trim() == WRITE_THROUGH));
         ExportState {
-            writeback: AtomicBool::new(true),
+            writeback: AtomicBool::new(!write_through),
             bad_requests: AtomicU64::new(0),
             disk_errors: AtomicU64::new(0),
+            cache_mode_file,
         }
     }
+
+    /// Sets the cache mode and records a change.
+    fn set_writeback(&self, name: &str, writeback: bool) {
+        if self.writeback.swap(writeback, Ordering::SeqCst) == writeback {
+            return;
+        }
+        log::info!(
+            "export {name}: guest set cache mode to {}",
+            if writeback {
+                "write-back"
+            } else {
+                WRITE_THROUGH
+            }
+        );
+        let Some(f) = &self.cache_mode_file else {
+            return;
+        };
+        let r = if writeback {
+            std::fs::remove_file(f).or_else(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        } else {
+            write_atomically(f, WRITE_THROUGH)
+        };
+        if let Err(e) = r {
+            log::error!(
+                "export {name}: cannot record the cache mode in {}: {e}",
+                f.display()
+            );
+        }
+    }
+}
+
+/// The cache-mode file's content for write-through.
+const WRITE_THROUGH: &str = "write-through";
+
+/// Writes `text` to `path` through a temporary file and a rename, then syncs the directory.
+fn write_atomically(path: &std::path::Path, text: &str) -> io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The vhost-user-blk backend for one client connection.
@@ -671,16 +743,7 @@ impl VhostUserBackend for BlkBackend {
         let start = offset as usize;
         if let Some(i) = WRITEBACK_OFFSET.checked_sub(start) {
             if let Some(&v) = buf.get(i) {
-                self.state.writeback.store(v != 0, Ordering::Relaxed);
-                log::info!(
-                    "export {}: guest set cache mode to {}",
-                    self.opts.name,
-                    if v != 0 {
-                        "write-back"
-                    } else {
-                        "write-through"
-                    }
-                );
+                self.state.set_writeback(&self.opts.name, v != 0);
             }
         }
         Ok(())
