@@ -1476,6 +1476,61 @@ impl Daemon {
         Ok(m::SnapshotList { origins })
     }
 
+    /// The origin behind export `name` (of the origin or of a snapshot); the lock is released
+    /// when it returns, so long reads do not hold up other methods.
+    fn any_origin(&self, name: &str) -> MResult<Origin> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let rec = self.find_export(inner, name)?;
+        self.origin_of(inner, &rec)
+    }
+
+    fn snapshot_diff(&self, p: m::SnapshotDiffParams) -> MResult<m::SnapshotDiffResult> {
+        let origin = self.any_origin(&p.name)?;
+        let to = match p.to {
+            Some(t) => format!("snapshot {t}"),
+            None => "the origin".into(),
+        };
+        let extents = origin
+            .diff(Some(p.from), p.to)
+            .map_err(MethodError::engine(format!(
+                "cannot diff snapshot {} against {to} of origin {}",
+                p.from,
+                origin.id()
+            )))?;
+        Ok(m::SnapshotDiffResult {
+            chunk_size: origin.chunk_size(),
+            size: origin.size(),
+            extents: extents
+                .into_iter()
+                .map(|(offset, length)| m::Extent { offset, length })
+                .collect(),
+        })
+    }
+
+    fn snapshot_stream(&self, p: m::SnapshotStreamParams) -> MResult<m::SnapshotStreamResult> {
+        let origin = self.any_origin(&p.name)?;
+        let fifo = open_fifo(&p.fifo)?;
+        let mut out = std::io::BufWriter::with_capacity(256 << 10, fifo);
+        let what = format!("streaming export {} into {}", p.name, p.fifo);
+        let stats =
+            crate::stream::write_stream(&origin, p.from, p.to, &mut out).map_err(|e| match e {
+                crate::stream::StreamError::Engine { source, .. } => {
+                    MethodError::engine(what.clone())(source)
+                }
+                crate::stream::StreamError::Io { source, .. } => MethodError::Open {
+                    what: what.clone(),
+                    source,
+                },
+                crate::stream::StreamError::Invalid(s) => MethodError::InvalidState(s),
+            })?;
+        Ok(m::SnapshotStreamResult {
+            records: stats.records,
+            data_bytes: stats.data_bytes,
+            size: origin.size(),
+        })
+    }
+
     fn export_list(&self, _p: m::NoParams) -> MResult<m::ExportList> {
         let guard = self.lock();
         let exports = guard
@@ -1620,6 +1675,66 @@ enum Access {
 /// Opens a store or origin file exclusively (`FileStorage::open_with`: an exclusive `flock`
 /// on the descriptor, `O_EXCL` for a block device); a file another process holds is refused
 /// with `busy`, naming the holder.
+/// Opens the caller's FIFO for writing. Only a FIFO is accepted, so the daemon never writes a
+/// file on a client's behalf. Waits up to 30 s for the reader to open its end.
+fn open_fifo(path: &str) -> MResult<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    use std::time::Duration;
+    if !Path::new(path).is_absolute() {
+        return Err(MethodError::InvalidParams(format!(
+            "fifo path {path:?} is not absolute"
+        )));
+    }
+    let md = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            MethodError::NotFound(format!("fifo {path} does not exist"))
+        } else {
+            MethodError::InvalidParams(format!("fifo {path} cannot be examined: {e}"))
+        }
+    })?;
+    if !md.file_type().is_fifo() {
+        return Err(MethodError::InvalidParams(format!(
+            "{path} is not a FIFO (snapshot_stream writes only into a FIFO its caller reads)"
+        )));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let f = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(f) => break f,
+            // No reader yet.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENXIO)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => {
+                return Err(MethodError::Open {
+                    what: format!("opening fifo {path} for writing (is its reader there?)"),
+                    source,
+                })
+            }
+        }
+    };
+    let fd = f.as_raw_fd();
+    // SAFETY: `fd` is an open descriptor owned by `f`, alive for these calls; F_GETFL/F_SETFL
+    // and F_SETPIPE_SZ take integer arguments and touch no memory of ours.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+        // A larger pipe buffer means fewer wake-ups; failure is harmless.
+        libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20);
+    }
+    Ok(f)
+}
+
 fn open_file(what: &str, path: &str, mode: OpenMode) -> MResult<Arc<FileStorage>> {
     FileStorage::open_with(Path::new(path), mode)
         .map(Arc::new)
@@ -1834,6 +1949,8 @@ impl Daemon {
             names::SNAPSHOT_LIST => encode(self.snapshot_list(decode(method, params)?)),
             names::EXPORT_LIST => encode(self.export_list(decode(method, params)?)),
             names::STATUS => encode(self.status(decode(method, params)?)),
+            names::SNAPSHOT_DIFF => encode(self.snapshot_diff(decode(method, params)?)),
+            names::SNAPSHOT_STREAM => encode(self.snapshot_stream(decode(method, params)?)),
             other => Err(MethodError::NoMethod(other.to_string())),
         }
     }

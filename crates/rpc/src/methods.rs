@@ -28,6 +28,12 @@ pub mod names {
     /// Stores and origins: space, snapshots, rollback and reclaim progress.
     pub const STATUS: &str = "status";
 
+    /// The chunks that may differ between two versions of an origin (from metadata).
+    pub const SNAPSHOT_DIFF: &str = "snapshot_diff";
+    /// Stream a version (whole, or what changed since another) into a FIFO (see
+    /// `docs/format.md`, "Backup streams").
+    pub const SNAPSHOT_STREAM: &str = "snapshot_stream";
+
     /// Every method, in documentation order.
     pub const ALL: &[&str] = &[
         ORIGIN_CREATE,
@@ -40,6 +46,8 @@ pub mod names {
         SNAPSHOT_LIST,
         EXPORT_LIST,
         STATUS,
+        SNAPSHOT_DIFF,
+        SNAPSHOT_STREAM,
     ];
 }
 
@@ -446,4 +454,64 @@ mod tests {
         let p: SnapshotCreateParams = serde_json::from_value(json!({"name": "a"})).unwrap();
         assert_eq!(p.memo, "");
     }
+}
+
+/// `snapshot_diff` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDiffParams {
+    /// An export of the origin or of one of its snapshots (names the origin).
+    pub name: String,
+    /// The older version: a snapshot tag.
+    pub from: u32,
+    /// The newer version: a snapshot tag; absent: the origin as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u32>,
+}
+
+/// One byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+}
+
+/// `snapshot_diff` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotDiffResult {
+    /// The store's chunk size in bytes (extents are whole chunks, the last may be short).
+    pub chunk_size: u64,
+    /// The volume's size in bytes.
+    pub size: u64,
+    /// Sorted, merged byte ranges covering every chunk that may differ.
+    pub extents: Vec<Extent>,
+}
+
+/// `snapshot_stream` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotStreamParams {
+    /// An export of the origin or of one of its snapshots (names the origin).
+    pub name: String,
+    /// Stream only what changed since this snapshot tag; absent: the whole version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u32>,
+    /// The version to stream: a snapshot tag; absent: the origin as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u32>,
+    /// Absolute path of a FIFO the caller reads from (anything else is refused).
+    pub fifo: String,
+}
+
+/// `snapshot_stream` result, once the stream is complete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotStreamResult {
+    /// Records written (END excluded).
+    pub records: u64,
+    /// Payload bytes written.
+    pub data_bytes: u64,
+    /// The volume's size in bytes.
+    pub size: u64,
 }
