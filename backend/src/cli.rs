@@ -244,6 +244,8 @@ pub struct CreateArgs {
     pub socket_group: Option<String>,
     /// Socket mode (octal).
     pub socket_mode: Option<String>,
+    /// Serve over NBD instead of vhost-user-blk.
+    pub nbd: bool,
 }
 
 /// `snapmv create`: `origin_create`, or `snapshot_export` when a tag is given.
@@ -273,6 +275,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
                 socket,
                 socket_group: a.socket_group,
                 socket_mode: a.socket_mode,
+                protocol: a.nbd.then(|| "nbd".to_string()),
             }),
         ),
         Some(tag) => (
@@ -290,6 +293,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
                 socket,
                 socket_group: a.socket_group,
                 socket_mode: a.socket_mode,
+                protocol: a.nbd.then(|| "nbd".to_string()),
             }),
         ),
     };

@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod cli_backup;
 pub mod export;
+pub mod nbd;
 pub mod rpc_server;
 pub mod serve;
 pub mod state;

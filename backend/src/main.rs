@@ -279,6 +279,9 @@ struct CreateCmd {
     /// Mode of the socket, octal, e.g. 0660 [default: the daemon's --socket-mode]
     #[arg(long, value_name = "MODE", value_parser = parse_mode_str)]
     socket_mode: Option<String>,
+    /// Serve the export over NBD (export name NAME) instead of vhost-user-blk (docs/nbd.md).
+    #[arg(long)]
+    nbd: bool,
     #[command(flatten)]
     out: Out,
 }
@@ -380,6 +383,7 @@ fn main() -> ExitCode {
                         socket: c.socket,
                         socket_group: c.socket_group,
                         socket_mode: c.socket_mode,
+                        nbd: c.nbd,
                     },
                 ),
             )

@@ -27,6 +27,22 @@ pub use crate::export::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
 pub const MAX_NUM_QUEUES: u16 = crate::vhost_blk::config::MAX_QUEUES;
 /// How long `export_remove` waits for a departing client before refusing: polls × interval.
 const CLIENT_LEAVE_POLLS: u32 = 20;
+/// `protocol` value of an NBD export.
+pub const PROTOCOL_NBD: &str = "nbd";
+/// `protocol` value of a vhost-user-blk export (the default).
+pub const PROTOCOL_VHOST: &str = "vhost-user-blk";
+
+/// Checks a `protocol` parameter; `None` for the default.
+fn protocol_param(p: Option<&str>) -> MResult<Option<String>> {
+    match p {
+        None | Some(PROTOCOL_VHOST) => Ok(None),
+        Some(PROTOCOL_NBD) => Ok(Some(PROTOCOL_NBD.into())),
+        Some(other) => Err(MethodError::InvalidParams(format!(
+            "protocol {other:?} is not one of \"vhost-user-blk\", \"nbd\""
+        ))),
+    }
+}
+
 const CLIENT_LEAVE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// Page size `chunk_size` counts in.
 pub const PAGE_SIZE: u32 = 4096;
@@ -257,6 +273,8 @@ pub struct Daemon {
     state_dir_canon: PathBuf,
     socket_access: SocketAccess,
     exports: ExportManager,
+    /// Exports served over NBD, by name.
+    nbd: Mutex<HashMap<String, crate::nbd::NbdServer>>,
     inner: Mutex<Inner>,
 }
 
@@ -276,6 +294,7 @@ impl Daemon {
             rpc_socket: canonical_socket_path(&cfg.rpc_socket),
             state_dir_canon,
             exports: ExportManager::new(),
+            nbd: Mutex::new(HashMap::new()),
             inner: Mutex::new(Inner {
                 state_dir,
                 state,
@@ -416,7 +435,73 @@ impl Daemon {
         }
     }
 
+    fn nbd_lock(&self) -> MutexGuard<'_, HashMap<String, crate::nbd::NbdServer>> {
+        self.nbd.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A live export (vhost-user-blk or NBD).
+    fn live_get(&self, name: &str) -> Option<crate::export::ExportInfo> {
+        if let Some(n) = self.nbd_lock().get(name) {
+            return Some(n.info());
+        }
+        self.exports.get(name)
+    }
+
+    /// Every live export.
+    fn live_list(&self) -> Vec<crate::export::ExportInfo> {
+        let mut v = self.exports.list();
+        v.extend(self.nbd_lock().values().map(|n| n.info()));
+        v
+    }
+
+    /// Stops a live export.
+    fn live_remove(&self, name: &str) -> Result<(), ExportError> {
+        let n = self.nbd_lock().remove(name);
+        match n {
+            Some(n) => {
+                drop(n);
+                Ok(())
+            }
+            None => self.exports.remove(name),
+        }
+    }
+
     fn add_export(&self, rec: &ExportRecord, volume: Volume) -> MResult<()> {
+        if rec.protocol.as_deref() == Some(PROTOCOL_NBD) {
+            if self.live_get(&rec.name).is_some() {
+                return Err(MethodError::AlreadyExists(format!(
+                    "export {} is already served",
+                    rec.name
+                )));
+            }
+            let v2 = volume.clone();
+            let changed: Arc<crate::nbd::ChangedFn> =
+                Arc::new(move |tag| v2.changed_since(tag).map_err(|e| e.to_string()));
+            let chunk_size = volume.chunk_size();
+            let desc = volume.name();
+            let server = crate::nbd::NbdServer::start(
+                Path::new(&rec.socket),
+                crate::nbd::NbdExport {
+                    name: rec.name.clone(),
+                    disk: Arc::new(volume),
+                    readonly: rec.readonly,
+                    chunk_size,
+                    changed: Some(changed),
+                },
+                desc,
+                rec.socket_mode.unwrap_or(self.socket_access.mode),
+                rec.socket_group.or(self.socket_access.group),
+            )
+            .map_err(|source| MethodError::Open {
+                what: format!(
+                    "cannot serve export {} over NBD on {}",
+                    rec.name, rec.socket
+                ),
+                source,
+            })?;
+            self.nbd_lock().insert(rec.name.clone(), server);
+            return Ok(());
+        }
         self.exports
             .add(
                 ExportConfig {
@@ -623,7 +708,7 @@ impl Daemon {
     }
 
     fn export_info(&self, inner: &Inner, rec: &ExportRecord) -> m::ExportInfo {
-        let live = self.exports.get(&rec.name);
+        let live = self.live_get(&rec.name);
         let origin_path = inner
             .state
             .origin(&rec.cow, &rec.origin_id)
@@ -714,8 +799,8 @@ impl Daemon {
     /// and closes every store. Holds the lock to the end, so no method runs after it.
     fn shutdown(&self) {
         let mut inner = self.lock();
-        for e in self.exports.list() {
-            if let Err(err) = self.exports.remove(&e.name) {
+        for e in self.live_list() {
+            if let Err(err) = self.live_remove(&e.name) {
                 warn!("export {}: {err}", e.name);
             }
         }
@@ -971,6 +1056,7 @@ impl Daemon {
             readonly: p.readonly,
             socket_group,
             socket_mode,
+            protocol: protocol_param(p.protocol.as_deref())?,
         };
         if let Err(e) = self.add_export(&rec, origin_h.volume()) {
             if bound_now {
@@ -1093,6 +1179,7 @@ impl Daemon {
             readonly: p.readonly,
             socket_group,
             socket_mode,
+            protocol: protocol_param(p.protocol.as_deref())?,
         };
         if let Err(e) = self.add_export(&rec, volume) {
             self.forget_unused_origin(inner, &cow, &origin_id);
@@ -1167,7 +1254,7 @@ impl Daemon {
     /// a removal is refused because of it.
     fn wait_client_leaving(&self, name: &str) {
         for _ in 0..CLIENT_LEAVE_POLLS {
-            if !self.exports.get(name).is_some_and(|e| e.connected) {
+            if !self.live_get(name).is_some_and(|e| e.connected) {
                 break;
             }
             std::thread::sleep(CLIENT_LEAVE_POLL);
@@ -1177,7 +1264,7 @@ impl Daemon {
     /// Refuses to stop export `name` while a client is connected, unless `force` (then logs
     /// it). `what` is the operation, for the message.
     fn refuse_if_connected(&self, name: &str, force: bool, what: &str) -> MResult<()> {
-        if !self.exports.get(name).is_some_and(|e| e.connected) {
+        if !self.live_get(name).is_some_and(|e| e.connected) {
             return Ok(());
         }
         let peers = self.exports.peers(name);
@@ -1206,10 +1293,9 @@ impl Daemon {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let rec = self.find_export(inner, &p.name)?;
-        if self.exports.get(&rec.name).is_some() {
+        if self.live_get(&rec.name).is_some() {
             self.refuse_if_connected(&rec.name, p.force, "remove it")?;
-            self.exports
-                .remove(&rec.name)
+            self.live_remove(&rec.name)
                 .map_err(|source| MethodError::Export {
                     what: format!("cannot stop export {}", rec.name),
                     source,
@@ -1304,8 +1390,7 @@ impl Daemon {
         }
         self.refuse_if_connected(&rec.name, p.force, "delete it")?;
         let store = self.store_for(inner, &rec.cow, false)?;
-        self.exports
-            .remove(&rec.name)
+        self.live_remove(&rec.name)
             .map_err(|source| MethodError::Export {
                 what: format!("cannot stop export {}", rec.name),
                 source,

@@ -100,6 +100,10 @@ pub struct OriginCreateParams {
     /// `--socket-mode`, else `0600`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_mode: Option<String>,
+    /// `"vhost-user-blk"` (default) or `"nbd"`: serve the export as an NBD server on the
+    /// socket, export name NAME (docs/nbd.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// `snapshot_export` parameters. One of `origin_id` and `origin` is required.
@@ -141,6 +145,10 @@ pub struct SnapshotExportParams {
     /// `--socket-mode`, else `0600`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_mode: Option<String>,
+    /// `"vhost-user-blk"` (default) or `"nbd"`: serve the export as an NBD server on the
+    /// socket, export name NAME (docs/nbd.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// Parameters that are only an export name (`export_remove`, `origin_delete`).

@@ -120,3 +120,12 @@ impl OriginCore {
         Ok(out)
     }
 }
+
+impl crate::Volume {
+    /// The byte ranges that may differ between snapshot `from` and this volume (see
+    /// [`crate::Origin::diff`]).
+    pub fn changed_since(&self, from: u32) -> Result<Vec<(u64, u64)>> {
+        self.core
+            .diff_extents(Some(from), self.snap.as_ref().map(|s| s.tag))
+    }
+}
