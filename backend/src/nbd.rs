@@ -656,7 +656,7 @@ fn changed_extents(changed: &[(u64, u64)], off: u64, len: u64, one: bool) -> Vec
             at = e;
         }
     }
-    if at < end && !(one && !out.is_empty()) && out.len() < MAX_EXTENTS {
+    if at < end && (!one || out.is_empty()) && out.len() < MAX_EXTENTS {
         push(&mut out, end - at, 0);
     }
     out
