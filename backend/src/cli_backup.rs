@@ -112,6 +112,7 @@ use std::os::unix::fs::DirBuilderExt;
 impl Drop for Fifo {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.dir.join("fd.sock"));
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -160,7 +161,7 @@ fn with_stream<T: Send + 'static>(
             "name": name,
             "from": from,
             "to": to,
-            "fifo": fifo.path.to_string_lossy(),
+            "fifo": fifo.path.to_string_lossy().into_owned(),
         }),
     );
     match call {
@@ -197,15 +198,116 @@ fn dest(target: &Path) -> Result<Dest, CliError> {
     }
 }
 
+/// Sends `f` to the daemon over a private socket, which writes the image into it directly
+/// (no copy through the CLI); progress comes back over the same socket.
+fn export_direct(
+    ctx: &Ctx,
+    name: &str,
+    tag: u32,
+    f: File,
+    what: &str,
+) -> Result<m::SnapshotStreamResult, CliError> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::mem::MaybeUninit;
+    use std::os::fd::AsFd;
+    let dir = Fifo::new()?;
+    let sock = dir.dir.join("fd.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock)
+        .map_err(io_err(format!("listening on {}", sock.display())))?;
+    let pb = progress(ctx, 0, format!("export {name} snapshot {tag}"));
+    let pb2 = pb.clone();
+    let f2 = f
+        .try_clone()
+        .map_err(io_err(format!("duplicating {what}")))?;
+    let sender = std::thread::spawn(move || -> Result<(), std::io::Error> {
+        // Blocks until the daemon connects; if the call fails first, `main` returns and this
+        // thread goes with it.
+        let (mut s, _) = l.accept()?;
+        let fds = [f2.as_fd()];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut cmsg = SendAncillaryBuffer::new(&mut space);
+        cmsg.push(SendAncillaryMessage::ScmRights(&fds));
+        rustix::net::sendmsg(
+            &s,
+            &[std::io::IoSlice::new(&[0])],
+            &mut cmsg,
+            SendFlags::empty(),
+        )?;
+        drop(f2);
+        let mut b = [0u8; 8];
+        if s.read_exact(&mut b).is_ok() {
+            if let Some(pb) = &pb2 {
+                pb.set_length(u64::from_be_bytes(b));
+            }
+        }
+        while s.read_exact(&mut b).is_ok() {
+            if let Some(pb) = &pb2 {
+                pb.set_position(u64::from_be_bytes(b));
+            }
+        }
+        Ok(())
+    });
+    let v = ctx.call(
+        names::SNAPSHOT_STREAM,
+        json!({
+            "name": name,
+            "to": tag,
+            "fd_socket": sock.to_string_lossy().into_owned(),
+        }),
+    )?;
+    let r: m::SnapshotStreamResult = decode(names::SNAPSHOT_STREAM, v)?;
+    if let Ok(Err(e)) = sender.join() {
+        return Err(io_err(format!("handing {what} to the daemon"))(e));
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    f.sync_all().map_err(io_err(format!("syncing {what}")))?;
+    Ok(r)
+}
+
 /// `snapmv export NAME TAG FILE|-`: the whole snapshot as a raw image; zero chunks become
 /// holes in a file (zeroes on stdout or a block device).
 pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path) -> Result<(), CliError> {
     let d = dest(target)?;
+    if let Dest::File(p) = &d {
+        let regular = match std::fs::metadata(p) {
+            Ok(md) => md.file_type().is_file(),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        };
+        if regular {
+            // A regular file: the daemon writes it directly (truncated: holes read as zeroes).
+            let what = p.display().to_string();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .map_err(io_err(format!("opening {what}")))?;
+            let r = export_direct(ctx, name, tag, f, &what)?;
+            if ctx.json {
+                ctx.print_json(&json!({
+                    "name": name, "tag": tag, "output": target.display().to_string(),
+                    "size": r.size, "data_bytes": r.data_bytes,
+                }));
+            } else {
+                println!(
+                    "snapshot {tag} of export {name} exported to {}: {} of {} holds data",
+                    target.display(),
+                    format_size(r.data_bytes),
+                    format_size(r.size)
+                );
+            }
+            return Ok(());
+        }
+    }
     let shown = target.display().to_string();
     let ctx2 = ctx.clone();
     let label = format!("export {name} snapshot {tag}");
     let (r, (hdr, written)) = with_stream(ctx, name, None, Some(tag), move |f| {
-        let mut sr = StreamReader::new(std::io::BufReader::with_capacity(1 << 20, f))
+        // A small buffer: payloads (1 MiB) bypass it instead of being copied through it.
+        let mut sr = StreamReader::new(std::io::BufReader::with_capacity(64 << 10, f))
             .map_err(stream_err("reading the stream from the daemon"))?;
         let hdr = sr.header.clone();
         let pb = progress(&ctx2, hdr.size, label);
@@ -304,11 +406,15 @@ pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path) -> Result<(), CliE
         }
         Ok((hdr, written))
     })?;
-    if ctx.json {
-        ctx.print_json(&json!({
-            "name": name, "tag": tag, "output": shown, "size": hdr.size,
-            "chunk_size": hdr.chunk_size, "data_bytes": written, "records": r.records,
-        }));
+    let summary = json!({
+        "name": name, "tag": tag, "output": shown, "size": hdr.size,
+        "chunk_size": hdr.chunk_size, "data_bytes": written, "records": r.records,
+    });
+    if ctx.json && shown == "-" {
+        // stdout carries the image.
+        eprintln!("{summary}");
+    } else if ctx.json {
+        ctx.print_json(&summary);
     } else if shown != "-" {
         println!(
             "snapshot {tag} of export {name} exported to {shown}: {} of {} holds data",
@@ -361,7 +467,7 @@ pub fn export_diff(
         };
         let out = std::io::BufWriter::with_capacity(1 << 20, out);
         let tee = Tee {
-            r: std::io::BufReader::with_capacity(1 << 20, f),
+            r: std::io::BufReader::with_capacity(64 << 10, f),
             w: out,
         };
         let mut sr =
@@ -394,11 +500,15 @@ pub fn export_diff(
         }
         Ok(hdr)
     })?;
-    if ctx.json {
-        ctx.print_json(&json!({
-            "name": name, "from": from, "to": to, "output": shown, "size": hdr.size,
-            "chunk_size": hdr.chunk_size, "records": r.records, "data_bytes": r.data_bytes,
-        }));
+    let summary = json!({
+        "name": name, "from": from, "to": to, "output": shown, "size": hdr.size,
+        "chunk_size": hdr.chunk_size, "records": r.records, "data_bytes": r.data_bytes,
+    });
+    if ctx.json && shown == "-" {
+        // stdout carries the stream.
+        eprintln!("{summary}");
+    } else if ctx.json {
+        ctx.print_json(&summary);
     } else if shown != "-" {
         println!(
             "diff of export {name} from snapshot {from} to snapshot {to} written to {shown}: {} record(s), {} of data",

@@ -1595,11 +1595,8 @@ impl Daemon {
 
     fn snapshot_stream(&self, p: m::SnapshotStreamParams) -> MResult<m::SnapshotStreamResult> {
         let origin = self.any_origin(&p.name)?;
-        let fifo = open_fifo(&p.fifo)?;
-        let mut out = std::io::BufWriter::with_capacity(256 << 10, fifo);
-        let what = format!("streaming export {} into {}", p.name, p.fifo);
-        let stats =
-            crate::stream::write_stream(&origin, p.from, p.to, &mut out).map_err(|e| match e {
+        let conv = |what: String| {
+            move |e: crate::stream::StreamError| match e {
                 crate::stream::StreamError::Engine { source, .. } => {
                     MethodError::engine(what.clone())(source)
                 }
@@ -1608,12 +1605,49 @@ impl Daemon {
                     source,
                 },
                 crate::stream::StreamError::Invalid(s) => MethodError::InvalidState(s),
-            })?;
-        Ok(m::SnapshotStreamResult {
-            records: stats.records,
-            data_bytes: stats.data_bytes,
-            size: origin.size(),
-        })
+            }
+        };
+        match (&p.fifo, &p.fd_socket) {
+            (Some(fifo), None) => {
+                let f = open_fifo(fifo)?;
+                let mut out = std::io::BufWriter::with_capacity(256 << 10, f);
+                let what = format!("streaming export {} into {fifo}", p.name);
+                let stats = crate::stream::write_stream(&origin, p.from, p.to, &mut out)
+                    .map_err(conv(what))?;
+                Ok(m::SnapshotStreamResult {
+                    records: stats.records,
+                    data_bytes: stats.data_bytes,
+                    size: origin.size(),
+                })
+            }
+            (None, Some(sock)) => {
+                if p.from.is_some() {
+                    return Err(MethodError::InvalidParams(
+                        "fd_socket writes whole versions only (no from)".into(),
+                    ));
+                }
+                let (mut s, file) = receive_file(sock)?;
+                {
+                    use std::io::Write;
+                    // The size first, then the bytes covered as they are.
+                    let _ = s.write_all(&origin.size().to_be_bytes());
+                }
+                let what = format!("exporting export {} into the file from {sock}", p.name);
+                let written = crate::stream::write_raw(&origin, p.to, &file, |at| {
+                    use std::io::Write;
+                    let _ = s.write_all(&at.to_be_bytes());
+                })
+                .map_err(conv(what))?;
+                Ok(m::SnapshotStreamResult {
+                    records: 0,
+                    data_bytes: written,
+                    size: origin.size(),
+                })
+            }
+            _ => Err(MethodError::InvalidParams(
+                "give exactly one of fifo and fd_socket".into(),
+            )),
+        }
     }
 
     fn export_list(&self, _p: m::NoParams) -> MResult<m::ExportList> {
@@ -1760,6 +1794,60 @@ enum Access {
 /// Opens a store or origin file exclusively (`FileStorage::open_with`: an exclusive `flock`
 /// on the descriptor, `O_EXCL` for a block device); a file another process holds is refused
 /// with `busy`, naming the holder.
+/// Connects to the caller's socket and receives the file to write (a regular file opened for
+/// writing).
+fn receive_file(path: &str) -> MResult<(std::os::unix::net::UnixStream, std::fs::File)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    use std::mem::MaybeUninit;
+    if !Path::new(path).is_absolute() {
+        return Err(MethodError::InvalidParams(format!(
+            "fd_socket path {path:?} is not absolute"
+        )));
+    }
+    let s = std::os::unix::net::UnixStream::connect(path).map_err(|source| MethodError::Open {
+        what: format!("connecting to fd_socket {path}"),
+        source,
+    })?;
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    rustix::net::recvmsg(
+        &s,
+        &mut [std::io::IoSliceMut::new(&mut byte)],
+        &mut cmsg,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| MethodError::Open {
+        what: format!("receiving a file from {path}"),
+        source: e.into(),
+    })?;
+    let mut fd = None;
+    for msg in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
+            if fd.is_none() {
+                fd = fds.next();
+            }
+        }
+    }
+    let Some(fd) = fd else {
+        return Err(MethodError::InvalidParams(format!(
+            "{path} sent no file descriptor"
+        )));
+    };
+    let f = std::fs::File::from(fd);
+    let md = f.metadata().map_err(|source| MethodError::Open {
+        what: format!("examining the file from {path}"),
+        source,
+    })?;
+    if !md.file_type().is_file() {
+        return Err(MethodError::InvalidParams(format!(
+            "the file descriptor from {path} is not a regular file"
+        )));
+    }
+    Ok((s, f))
+}
+
 /// Opens the caller's FIFO for writing. Only a FIFO is accepted, so the daemon never writes a
 /// file on a client's behalf. Waits up to 30 s for the reader to open its end.
 fn open_fifo(path: &str) -> MResult<std::fs::File> {

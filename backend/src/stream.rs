@@ -237,11 +237,18 @@ fn read_version(o: &Origin, tag: Option<u32>, off: u64, buf: &mut [u8]) -> Resul
         None => Ok(o.volume()),
         Some(t) => o.snapshot_volume(t),
     };
-    v.and_then(|v| v.read(off, buf))
+    v.and_then(|v| v.read_bulk(off, buf))
         .map_err(|source| StreamError::Engine {
             what: format!("{} of origin {} at byte {off}", version_name(tag), o.id()),
             source,
         })
+}
+
+/// Whether every byte is zero: most data chunks answer on their first word; the OR over the
+/// rest vectorises.
+fn is_zero(b: &[u8]) -> bool {
+    let head = b.len().min(16);
+    b[..head].iter().all(|x| *x == 0) && b[head..].iter().fold(0u8, |a, x| a | x) == 0
 }
 
 /// Reads `buf.len()` bytes at `off` and hands out runs of whole chunks that are all zero or
@@ -251,7 +258,7 @@ fn runs(buf: &[u8], cs: usize) -> Vec<(usize, usize, bool)> {
     let mut at = 0;
     while at < buf.len() {
         let end = (at + cs).min(buf.len());
-        let zero = buf[at..end].iter().all(|b| *b == 0);
+        let zero = is_zero(&buf[at..end]);
         match out.last_mut() {
             Some(r) if r.2 == zero => r.1 = end,
             _ => out.push((at, end, zero)),
@@ -493,4 +500,38 @@ mod tests {
             }
         }
     }
+}
+
+/// Writes version `to` whole as a raw image into `out` (a regular file that reads as zeroes
+/// where nothing is written: the caller truncated it), with positioned writes; chunks that read
+/// as zeroes are skipped (holes). The file is sized to the volume first. `progress` gets the
+/// bytes covered so far after each piece. Returns the data bytes written.
+pub fn write_raw(
+    o: &Origin,
+    to: Option<u32>,
+    out: &std::fs::File,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, StreamError> {
+    use std::os::unix::fs::FileExt;
+    let size = o.size();
+    let cs = o.chunk_size() as usize;
+    read_version(o, to, 0, &mut [])?;
+    out.set_len(size).map_err(io("sizing the output file"))?;
+    let mut buf = vec![0u8; MAX_RECORD as usize];
+    let mut written = 0u64;
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(MAX_RECORD) as usize;
+        read_version(o, to, off, &mut buf[..n])?;
+        for (a, b, zero) in runs(&buf[..n], cs) {
+            if !zero {
+                out.write_all_at(&buf[a..b], off + a as u64)
+                    .map_err(io("writing the output file"))?;
+                written += (b - a) as u64;
+            }
+        }
+        off += n as u64;
+        progress(off);
+    }
+    Ok(written)
 }

@@ -509,8 +509,16 @@ pub struct SnapshotStreamParams {
     /// The version to stream: a snapshot tag; absent: the origin as it is now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<u32>,
-    /// Absolute path of a FIFO the caller reads from (anything else is refused).
-    pub fifo: String,
+    /// Absolute path of a FIFO the caller reads from (anything else is refused). One of
+    /// `fifo` and `fd_socket` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fifo: Option<String>,
+    /// Whole versions only: absolute path of a Unix socket the caller listens on. The daemon
+    /// connects, receives one open regular file (SCM_RIGHTS), sizes it and writes the version
+    /// into it as a raw image (zero chunks skipped: the file must read as zeroes, e.g. just
+    /// truncated), sending the bytes covered so far as 8-byte big-endian numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd_socket: Option<String>,
 }
 
 /// `snapshot_stream` result, once the stream is complete.
