@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
-use crate::vhost_blk::BlockDisk;
+use crate::vhost_blk::{BlockDisk, DiskError};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -557,11 +557,11 @@ impl<S: Read + Write> Conn<'_, S> {
                     if res.is_ok() && r.flags & CMD_FLAG_FUA != 0 {
                         res = e.disk.flush();
                     }
-                    self.done(r.cookie, res.map_err(|e| e.to_string()), ENOSPC)?;
+                    self.done(r.cookie, res)?;
                 }
                 CMD_FLUSH => {
-                    let res = e.disk.flush().map_err(|e| e.to_string());
-                    self.done(r.cookie, res, EIO)?;
+                    let res = e.disk.flush();
+                    self.done(r.cookie, res)?;
                 }
                 CMD_TRIM | CMD_WRITE_ZEROES => {
                     let res = if r.kind == CMD_TRIM {
@@ -569,7 +569,7 @@ impl<S: Read + Write> Conn<'_, S> {
                     } else {
                         e.disk.write_zeroes(r.offset, r.length as u64)
                     };
-                    self.done(r.cookie, res.map_err(|e| e.to_string()), ENOSPC)?;
+                    self.done(r.cookie, res)?;
                 }
                 CMD_BLOCK_STATUS => self.block_status(e, &r, &mut buf)?,
                 _ => self.reply_err(r.cookie, EINVAL, "unknown command")?,
@@ -577,12 +577,15 @@ impl<S: Read + Write> Conn<'_, S> {
         }
     }
 
-    fn done(&mut self, cookie: u64, res: Result<(), String>, errno: u32) -> std::io::Result<()> {
+    fn done(&mut self, cookie: u64, res: Result<(), DiskError>) -> std::io::Result<()> {
         match res {
             Ok(()) => self.reply_ok(cookie),
-            Err(m) => {
-                let errno = if m.contains("space") { errno } else { EIO };
-                self.reply_err(cookie, errno, &m)
+            Err(e) => {
+                let errno = match e {
+                    DiskError::NoSpace { .. } => ENOSPC,
+                    DiskError::Failed { .. } => EIO,
+                };
+                self.reply_err(cookie, errno, &e.to_string())
             }
         }
     }
@@ -743,6 +746,44 @@ pub fn serve_connection<S: Read + Write>(
         return Ok(());
     };
     c.transmission(&e)
+}
+
+/// A volume whose single-buffer reads (every NBD read) go through
+/// [`snapmv_engine::Volume::read_bulk`]: a snapshot's runs of chunks on the origin device are
+/// read at once. Everything else is the volume's own [`BlockDisk`].
+pub struct BulkVolume(pub snapmv_engine::Volume);
+
+impl BlockDisk for BulkVolume {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), DiskError> {
+        if let [b] = bufs {
+            return self.0.read_bulk(offset, b).map_err(|e| DiskError::Failed {
+                disk: self.0.name(),
+                source: Box::new(e),
+            });
+        }
+        BlockDisk::read_vectored(&self.0, offset, bufs)
+    }
+    fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), DiskError> {
+        BlockDisk::write_vectored(&self.0, offset, bufs)
+    }
+    fn flush(&self) -> Result<(), DiskError> {
+        BlockDisk::flush(&self.0)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        BlockDisk::discard(&self.0, offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        BlockDisk::write_zeroes(&self.0, offset, len)
+    }
+    fn name(&self) -> String {
+        BlockDisk::name(&self.0)
+    }
+    fn physical_block_size(&self) -> u32 {
+        BlockDisk::physical_block_size(&self.0)
+    }
 }
 
 /// One NBD export listening on a Unix socket.

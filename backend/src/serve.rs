@@ -483,7 +483,7 @@ impl Daemon {
                 Path::new(&rec.socket),
                 crate::nbd::NbdExport {
                     name: rec.name.clone(),
-                    disk: Arc::new(volume),
+                    disk: Arc::new(crate::nbd::BulkVolume(volume)),
                     readonly: rec.readonly,
                     chunk_size,
                     changed: Some(changed),
