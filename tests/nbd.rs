@@ -434,4 +434,24 @@ fn hostile_clients_get_clean_errors() {
         .unwrap()
         .iter()
         .any(|e| e["offset"] == 7 * CS));
+
+    // Removing an NBD export with a client connected: refused, then forced (the client is
+    // disconnected).
+    let mut x = connect(&sock, "s1n");
+    let out = d.cli_output(&["remove", "s1n"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    request(&mut x, 0, 15, 0, 4096);
+    assert_eq!(
+        reply(&mut x, 15).0,
+        0,
+        "still served after the refused removal"
+    );
+    d.cli(&["remove", "s1n", "--force"]);
+    assert!(closed(&mut x), "a forced removal disconnects the client");
+    assert!(!sock.exists(), "the socket is removed");
 }

@@ -794,6 +794,8 @@ pub struct NbdServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     clients: Arc<AtomicUsize>,
+    /// The live connections (clones), shut down when the export stops.
+    conns: Arc<std::sync::Mutex<Vec<(u64, UnixStream)>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -825,10 +827,12 @@ impl NbdServer {
         let stop = Arc::new(AtomicBool::new(false));
         let clients = Arc::new(AtomicUsize::new(0));
         let export = Arc::new(export);
-        let (st, cl) = (stop.clone(), clients.clone());
+        let conns: Arc<std::sync::Mutex<Vec<(u64, UnixStream)>>> = Arc::default();
+        let (st, cl, cn) = (stop.clone(), clients.clone(), conns.clone());
         let thread = std::thread::Builder::new()
             .name(format!("nbd-{}", export.name))
             .spawn(move || {
+                let mut next_id = 0u64;
                 for conn in l.incoming() {
                     if st.load(SeqCst) {
                         break;
@@ -836,6 +840,13 @@ impl NbdServer {
                     let Ok(s) = conn else { continue };
                     let e = export.clone();
                     let cl = cl.clone();
+                    let id = next_id;
+                    next_id += 1;
+                    if let Ok(c) = s.try_clone() {
+                        cn.lock().unwrap_or_else(|p| p.into_inner()).push((id, c));
+                    }
+                    let cn2 = cn.clone();
+                    let cl_failed = cl.clone();
                     cl.fetch_add(1, SeqCst);
                     let spawned = std::thread::Builder::new()
                         .name(format!("nbd-{}-c", e.name))
@@ -847,11 +858,18 @@ impl NbdServer {
                                 log::info!("NBD export {name}: client: {err}");
                             }
                             let _ = s.shutdown(std::net::Shutdown::Both);
+                            cn2.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .retain(|(i, _)| *i != id);
                             cl.fetch_sub(1, SeqCst);
                         });
                     if spawned.is_err() {
                         // Could not serve it: the stream is dropped (closed).
                         log::warn!("NBD: cannot start a connection thread");
+                        cn.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .retain(|(i, _)| *i != id);
+                        cl_failed.fetch_sub(1, SeqCst);
                     }
                 }
             })?;
@@ -862,6 +880,7 @@ impl NbdServer {
             path: path.to_path_buf(),
             stop,
             clients,
+            conns,
             thread: Some(thread),
         })
     }
@@ -891,6 +910,11 @@ impl Drop for NbdServer {
         let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Connected clients lose the export (a removal with force): their threads see the
+        // shut-down socket and end.
+        for (_, c) in self.conns.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
         let _ = std::fs::remove_file(&self.path);
     }
