@@ -446,6 +446,40 @@ impl<R: Read> StreamReader<R> {
     }
 }
 
+/// Writes version `to` whole as a raw image into `out` (a regular file that reads as zeroes
+/// where nothing is written: the caller truncated it), with positioned writes; chunks that read
+/// as zeroes are skipped (holes). The file is sized to the volume first. `progress` gets the
+/// bytes covered so far after each piece. Returns the data bytes written.
+pub fn write_raw(
+    o: &Origin,
+    to: Option<u32>,
+    out: &std::fs::File,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, StreamError> {
+    use std::os::unix::fs::FileExt;
+    let size = o.size();
+    let cs = o.chunk_size() as usize;
+    read_version(o, to, 0, &mut [])?;
+    out.set_len(size).map_err(io("sizing the output file"))?;
+    let mut buf = vec![0u8; MAX_RECORD as usize];
+    let mut written = 0u64;
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(MAX_RECORD) as usize;
+        read_version(o, to, off, &mut buf[..n])?;
+        for (a, b, zero) in runs(&buf[..n], cs) {
+            if !zero {
+                out.write_all_at(&buf[a..b], off + a as u64)
+                    .map_err(io("writing the output file"))?;
+                written += (b - a) as u64;
+            }
+        }
+        off += n as u64;
+        progress(off);
+    }
+    Ok(written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,38 +534,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Writes version `to` whole as a raw image into `out` (a regular file that reads as zeroes
-/// where nothing is written: the caller truncated it), with positioned writes; chunks that read
-/// as zeroes are skipped (holes). The file is sized to the volume first. `progress` gets the
-/// bytes covered so far after each piece. Returns the data bytes written.
-pub fn write_raw(
-    o: &Origin,
-    to: Option<u32>,
-    out: &std::fs::File,
-    mut progress: impl FnMut(u64),
-) -> Result<u64, StreamError> {
-    use std::os::unix::fs::FileExt;
-    let size = o.size();
-    let cs = o.chunk_size() as usize;
-    read_version(o, to, 0, &mut [])?;
-    out.set_len(size).map_err(io("sizing the output file"))?;
-    let mut buf = vec![0u8; MAX_RECORD as usize];
-    let mut written = 0u64;
-    let mut off = 0u64;
-    while off < size {
-        let n = (size - off).min(MAX_RECORD) as usize;
-        read_version(o, to, off, &mut buf[..n])?;
-        for (a, b, zero) in runs(&buf[..n], cs) {
-            if !zero {
-                out.write_all_at(&buf[a..b], off + a as u64)
-                    .map_err(io("writing the output file"))?;
-                written += (b - a) as u64;
-            }
-        }
-        off += n as u64;
-        progress(off);
-    }
-    Ok(written)
 }
