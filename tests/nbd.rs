@@ -120,7 +120,24 @@ fn real_clients_read_what_vhost_user_reads() {
     if !have("qemu-img") {
         return;
     }
-    let s = setup("nbd");
+    let mut s = setup("nbd");
+    let t0 = s.s1.to_string();
+    {
+        // NBD exports come back after a restart, as NBD.
+        let (d, o, c) = (&s.d, &s.o, &s.c);
+        d.cli(&["create", "early", o, c, &t0, "-r", "--nbd"]);
+    }
+    s.d.restart();
+    {
+        let out = s.p.join("early.raw");
+        let st = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &uri(&s.d, "early")])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success(), "NBD export restored after a restart");
+        s.d.cli(&["remove", "early"]);
+    }
     let (d, o, c) = (&s.d, &s.o, &s.c);
     let t = s.s1.to_string();
     // One export per version: read it over vhost-user, then serve it over NBD.
