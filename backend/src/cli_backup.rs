@@ -285,7 +285,17 @@ pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path) -> Result<(), CliE
                 .mode(0o600)
                 .open(p)
                 .map_err(io_err(format!("opening {what}")))?;
-            let r = export_direct(ctx, name, tag, f, &what)?;
+            let existed = p.exists();
+            let r = match export_direct(ctx, name, tag, f, &what) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Do not leave a half-written file that looks like an image.
+                    if !existed {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    return Err(e);
+                }
+            };
             if ctx.json {
                 ctx.print_json(&json!({
                     "name": name, "tag": tag, "output": target.display().to_string(),
@@ -305,7 +315,11 @@ pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path) -> Result<(), CliE
     let shown = target.display().to_string();
     let ctx2 = ctx.clone();
     let label = format!("export {name} snapshot {tag}");
-    let (r, (hdr, written)) = with_stream(ctx, name, None, Some(tag), move |f| {
+    let created = match &d {
+        Dest::File(p) if !p.exists() => Some(p.clone()),
+        _ => None,
+    };
+    let res = with_stream(ctx, name, None, Some(tag), move |f| {
         // A small buffer: payloads (1 MiB) bypass it instead of being copied through it.
         let mut sr = StreamReader::new(std::io::BufReader::with_capacity(64 << 10, f))
             .map_err(stream_err("reading the stream from the daemon"))?;
@@ -405,7 +419,8 @@ pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path) -> Result<(), CliE
             pb.finish_and_clear();
         }
         Ok((hdr, written))
-    })?;
+    });
+    let (r, (hdr, written)) = remove_on_error(res, created)?;
     let summary = json!({
         "name": name, "tag": tag, "output": shown, "size": hdr.size,
         "chunk_size": hdr.chunk_size, "data_bytes": written, "records": r.records,
@@ -423,6 +438,17 @@ pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path) -> Result<(), CliE
         );
     }
     Ok(())
+}
+
+/// On failure, removes the output file the verb created (a partial image or diff must not be
+/// mistaken for a complete one).
+fn remove_on_error<T>(r: Result<T, CliError>, created: Option<PathBuf>) -> Result<T, CliError> {
+    if r.is_err() {
+        if let Some(p) = created {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    r
 }
 
 /// Copies what is read into a writer too.
@@ -452,7 +478,11 @@ pub fn export_diff(
     let shown = target.display().to_string();
     let ctx2 = ctx.clone();
     let label = format!("export-diff {name} {from}->{to}");
-    let (r, hdr) = with_stream(ctx, name, Some(from), Some(to), move |f| {
+    let created = match &d {
+        Dest::File(p) if !p.exists() => Some(p.clone()),
+        _ => None,
+    };
+    let res = with_stream(ctx, name, Some(from), Some(to), move |f| {
         let out: Box<dyn Write + Send> = match &d {
             Dest::Stdout => Box::new(std::io::stdout()),
             Dest::File(p) => Box::new(
@@ -499,7 +529,8 @@ pub fn export_diff(
                 .map_err(io_err(format!("syncing {}", p.display())))?;
         }
         Ok(hdr)
-    })?;
+    });
+    let (r, hdr) = remove_on_error(res, created)?;
     let summary = json!({
         "name": name, "from": from, "to": to, "output": shown, "size": hdr.size,
         "chunk_size": hdr.chunk_size, "records": r.records, "data_bytes": r.data_bytes,
