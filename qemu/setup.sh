@@ -118,6 +118,9 @@ file_is_static() {
     ! ldd "$1" >/dev/null 2>&1
 }
 have_cpio() { command -v cpio >/dev/null 2>&1; }
+# The NBD export tests use real clients: qemu-img (qemu-utils) and nbdinfo (libnbd-bin).
+have_qemu_img() { command -v qemu-img >/dev/null 2>&1; }
+have_nbdinfo() { command -v nbdinfo >/dev/null 2>&1; }
 
 if ! have_qemu; then
     apt_update
@@ -135,6 +138,8 @@ fi
 missing=()
 have_busybox || missing+=(busybox-static)
 have_cpio || missing+=(cpio)
+have_qemu_img || missing+=(qemu-utils)
+have_nbdinfo || missing+=(libnbd-bin)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_update
     say "installing ${missing[*]}"
@@ -145,6 +150,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 have_busybox || die "/bin/busybox is missing or not static after installing busybox-static"
 have_cpio || die "cpio missing after install"
+have_qemu_img || die "qemu-img missing after installing qemu-utils"
+have_nbdinfo || die "nbdinfo missing after installing libnbd-bin"
 
 # --- guest kernel ------------------------------------------------------------------------------
 kernel_ok() {

@@ -70,6 +70,18 @@ pub enum CliError {
         /// What to do next.
         hint: &'static str,
     },
+    /// A backup stream could not be made, read or applied.
+    #[error("{what}: {source}")]
+    Stream {
+        /// What was being done.
+        what: String,
+        /// The stream error.
+        #[source]
+        source: crate::stream::StreamError,
+    },
+    /// `import-diff` refused a diff that does not fit its target.
+    #[error("{0}")]
+    Refused(String),
     /// The rollback waiter thread could not be run.
     #[error("rollback of export {name}: {what}")]
     Wait {
@@ -102,6 +114,11 @@ impl CliError {
                 _ => codes::IO_ERROR,
             },
             CliError::InUse { .. } => codes::BUSY,
+            CliError::Stream { source, .. } => match source {
+                crate::stream::StreamError::Invalid(_) => codes::CORRUPT,
+                _ => codes::IO_ERROR,
+            },
+            CliError::Refused(_) => codes::INVALID_STATE,
             CliError::NotAStore { .. } | CliError::Unclean { .. } => codes::CORRUPT,
         }
     }
@@ -159,15 +176,15 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn client(&self) -> Result<RpcClient, CliError> {
+    pub(crate) fn client(&self) -> Result<RpcClient, CliError> {
         Ok(RpcClient::connect(&self.rpc_socket)?)
     }
 
-    fn call(&self, method: &'static str, params: Value) -> Result<Value, CliError> {
+    pub(crate) fn call(&self, method: &'static str, params: Value) -> Result<Value, CliError> {
         Ok(self.client()?.call(method, params)?)
     }
 
-    fn print_json(&self, v: &Value) {
+    pub(crate) fn print_json(&self, v: &Value) {
         println!(
             "{}",
             serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
@@ -175,7 +192,10 @@ impl Ctx {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(method: &'static str, v: Value) -> Result<T, CliError> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    method: &'static str,
+    v: Value,
+) -> Result<T, CliError> {
     serde_json::from_value(v).map_err(|source| CliError::Decode { method, source })
 }
 
@@ -224,6 +244,8 @@ pub struct CreateArgs {
     pub socket_group: Option<String>,
     /// Socket mode (octal).
     pub socket_mode: Option<String>,
+    /// Serve over NBD instead of vhost-user-blk.
+    pub nbd: bool,
 }
 
 /// `snapmv create`: `origin_create`, or `snapshot_export` when a tag is given.
@@ -253,6 +275,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
                 socket,
                 socket_group: a.socket_group,
                 socket_mode: a.socket_mode,
+                protocol: a.nbd.then(|| "nbd".to_string()),
             }),
         ),
         Some(tag) => (
@@ -270,6 +293,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
                 socket,
                 socket_group: a.socket_group,
                 socket_mode: a.socket_mode,
+                protocol: a.nbd.then(|| "nbd".to_string()),
             }),
         ),
     };

@@ -115,6 +115,58 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// The chunks that may differ between snapshot FROM and snapshot TO (default: the origin
+    /// now), from metadata alone.
+    Diff {
+        /// An export of the origin or of one of its snapshots.
+        name: String,
+        /// The older snapshot's tag.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        from: u32,
+        /// The newer snapshot's tag [default: the origin as it is now]
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        to: Option<u32>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Write snapshot TAG whole as a raw image: zero chunks become holes in FILE (zeroes on
+    /// stdout with -).
+    Export {
+        /// An export of the origin or of one of its snapshots.
+        name: String,
+        /// The snapshot's tag.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        tag: u32,
+        /// Output file or block device, or - for stdout.
+        file: PathBuf,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Write what changed from snapshot FROM to snapshot TO as a diff stream (docs/format.md).
+    ExportDiff {
+        /// An export of the origin or of one of its snapshots.
+        name: String,
+        /// The older snapshot's tag.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        from: u32,
+        /// The newer snapshot's tag.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        to: u32,
+        /// Output file, or - for stdout.
+        file: PathBuf,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Apply a diff stream to a raw file or block device that holds the diff's FROM version
+    /// (checked first; nothing is written if it does not).
+    ImportDiff {
+        /// The diff, as written by export-diff.
+        file: PathBuf,
+        /// Raw file or block device holding the FROM version.
+        target: PathBuf,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Check a COW store no process has open (refused, naming the holder, if one has);
     /// optionally repair what can be derived.
     Check {
@@ -227,6 +279,9 @@ struct CreateCmd {
     /// Mode of the socket, octal, e.g. 0660 [default: the daemon's --socket-mode]
     #[arg(long, value_name = "MODE", value_parser = parse_mode_str)]
     socket_mode: Option<String>,
+    /// Serve the export over NBD (export name NAME) instead of vhost-user-blk (docs/nbd.md).
+    #[arg(long)]
+    nbd: bool,
     #[command(flatten)]
     out: Out,
 }
@@ -328,6 +383,7 @@ fn main() -> ExitCode {
                         socket: c.socket,
                         socket_group: c.socket_group,
                         socket_mode: c.socket_mode,
+                        nbd: c.nbd,
                     },
                 ),
             )
@@ -369,6 +425,47 @@ fn main() -> ExitCode {
         Command::Status { name, out } => {
             let ctx = ctx(out);
             (ctx.json, cli::status(&ctx, name.as_deref()))
+        }
+        Command::Diff {
+            name,
+            from,
+            to,
+            out,
+        } => {
+            let ctx = ctx(out);
+            (ctx.json, snapmv::cli_backup::diff(&ctx, &name, from, to))
+        }
+        Command::Export {
+            name,
+            tag,
+            file,
+            out,
+        } => {
+            let ctx = ctx(out);
+            (
+                ctx.json,
+                snapmv::cli_backup::export(&ctx, &name, tag, &file),
+            )
+        }
+        Command::ExportDiff {
+            name,
+            from,
+            to,
+            file,
+            out,
+        } => {
+            let ctx = ctx(out);
+            (
+                ctx.json,
+                snapmv::cli_backup::export_diff(&ctx, &name, from, to, &file),
+            )
+        }
+        Command::ImportDiff { file, target, out } => {
+            let ctx = ctx(out);
+            (
+                ctx.json,
+                snapmv::cli_backup::import_diff(&ctx, &file, &target),
+            )
         }
         Command::Check { cow, repair, out } => {
             let ctx = ctx(out);

@@ -29,6 +29,22 @@ pub const MAX_NUM_QUEUES: u16 = crate::vhost_blk::config::MAX_QUEUES;
 const CLIENT_LEAVE_POLLS: u32 = 20;
 /// Directory of the state directory where exports keep their guest's cache mode.
 const CACHE_MODE_DIR: &str = "cache-mode";
+/// `protocol` value of an NBD export.
+pub const PROTOCOL_NBD: &str = "nbd";
+/// `protocol` value of a vhost-user-blk export (the default).
+pub const PROTOCOL_VHOST: &str = "vhost-user-blk";
+
+/// Checks a `protocol` parameter; `None` for the default.
+fn protocol_param(p: Option<&str>) -> MResult<Option<String>> {
+    match p {
+        None | Some(PROTOCOL_VHOST) => Ok(None),
+        Some(PROTOCOL_NBD) => Ok(Some(PROTOCOL_NBD.into())),
+        Some(other) => Err(MethodError::InvalidParams(format!(
+            "protocol {other:?} is not one of \"vhost-user-blk\", \"nbd\""
+        ))),
+    }
+}
+
 const CLIENT_LEAVE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// Page size `chunk_size` counts in.
 pub const PAGE_SIZE: u32 = 4096;
@@ -259,6 +275,8 @@ pub struct Daemon {
     state_dir_canon: PathBuf,
     socket_access: SocketAccess,
     exports: ExportManager,
+    /// Exports served over NBD, by name.
+    nbd: Mutex<HashMap<String, crate::nbd::NbdServer>>,
     inner: Mutex<Inner>,
 }
 
@@ -283,6 +301,7 @@ impl Daemon {
             rpc_socket: canonical_socket_path(&cfg.rpc_socket),
             state_dir_canon,
             exports: ExportManager::new(),
+            nbd: Mutex::new(HashMap::new()),
             inner: Mutex::new(Inner {
                 state_dir,
                 state,
@@ -423,7 +442,73 @@ impl Daemon {
         }
     }
 
+    fn nbd_lock(&self) -> MutexGuard<'_, HashMap<String, crate::nbd::NbdServer>> {
+        self.nbd.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A live export (vhost-user-blk or NBD).
+    fn live_get(&self, name: &str) -> Option<crate::export::ExportInfo> {
+        if let Some(n) = self.nbd_lock().get(name) {
+            return Some(n.info());
+        }
+        self.exports.get(name)
+    }
+
+    /// Every live export.
+    fn live_list(&self) -> Vec<crate::export::ExportInfo> {
+        let mut v = self.exports.list();
+        v.extend(self.nbd_lock().values().map(|n| n.info()));
+        v
+    }
+
+    /// Stops a live export.
+    fn live_remove(&self, name: &str) -> Result<(), ExportError> {
+        let n = self.nbd_lock().remove(name);
+        match n {
+            Some(n) => {
+                drop(n);
+                Ok(())
+            }
+            None => self.exports.remove(name),
+        }
+    }
+
     fn add_export(&self, rec: &ExportRecord, volume: Volume) -> MResult<()> {
+        if rec.protocol.as_deref() == Some(PROTOCOL_NBD) {
+            if self.live_get(&rec.name).is_some() {
+                return Err(MethodError::AlreadyExists(format!(
+                    "export {} is already served",
+                    rec.name
+                )));
+            }
+            let v2 = volume.clone();
+            let changed: Arc<crate::nbd::ChangedFn> =
+                Arc::new(move |tag| v2.changed_since(tag).map_err(|e| e.to_string()));
+            let chunk_size = volume.chunk_size();
+            let desc = volume.name();
+            let server = crate::nbd::NbdServer::start(
+                Path::new(&rec.socket),
+                crate::nbd::NbdExport {
+                    name: rec.name.clone(),
+                    disk: Arc::new(crate::nbd::BulkVolume(volume)),
+                    readonly: rec.readonly,
+                    chunk_size,
+                    changed: Some(changed),
+                },
+                desc,
+                rec.socket_mode.unwrap_or(self.socket_access.mode),
+                rec.socket_group.or(self.socket_access.group),
+            )
+            .map_err(|source| MethodError::Open {
+                what: format!(
+                    "cannot serve export {} over NBD on {}",
+                    rec.name, rec.socket
+                ),
+                source,
+            })?;
+            self.nbd_lock().insert(rec.name.clone(), server);
+            return Ok(());
+        }
         self.exports
             .add(
                 ExportConfig {
@@ -646,7 +731,7 @@ impl Daemon {
     }
 
     fn export_info(&self, inner: &Inner, rec: &ExportRecord) -> m::ExportInfo {
-        let live = self.exports.get(&rec.name);
+        let live = self.live_get(&rec.name);
         let origin_path = inner
             .state
             .origin(&rec.cow, &rec.origin_id)
@@ -737,8 +822,8 @@ impl Daemon {
     /// and closes every store. Holds the lock to the end, so no method runs after it.
     fn shutdown(&self) {
         let mut inner = self.lock();
-        for e in self.exports.list() {
-            if let Err(err) = self.exports.remove(&e.name) {
+        for e in self.live_list() {
+            if let Err(err) = self.live_remove(&e.name) {
                 warn!("export {}: {err}", e.name);
             }
         }
@@ -994,6 +1079,7 @@ impl Daemon {
             readonly: p.readonly,
             socket_group,
             socket_mode,
+            protocol: protocol_param(p.protocol.as_deref())?,
         };
         if let Err(e) = self.add_export(&rec, origin_h.volume()) {
             if bound_now {
@@ -1116,6 +1202,7 @@ impl Daemon {
             readonly: p.readonly,
             socket_group,
             socket_mode,
+            protocol: protocol_param(p.protocol.as_deref())?,
         };
         if let Err(e) = self.add_export(&rec, volume) {
             self.forget_unused_origin(inner, &cow, &origin_id);
@@ -1190,7 +1277,7 @@ impl Daemon {
     /// a removal is refused because of it.
     fn wait_client_leaving(&self, name: &str) {
         for _ in 0..CLIENT_LEAVE_POLLS {
-            if !self.exports.get(name).is_some_and(|e| e.connected) {
+            if !self.live_get(name).is_some_and(|e| e.connected) {
                 break;
             }
             std::thread::sleep(CLIENT_LEAVE_POLL);
@@ -1200,7 +1287,7 @@ impl Daemon {
     /// Refuses to stop export `name` while a client is connected, unless `force` (then logs
     /// it). `what` is the operation, for the message.
     fn refuse_if_connected(&self, name: &str, force: bool, what: &str) -> MResult<()> {
-        if !self.exports.get(name).is_some_and(|e| e.connected) {
+        if !self.live_get(name).is_some_and(|e| e.connected) {
             return Ok(());
         }
         let peers = self.exports.peers(name);
@@ -1229,10 +1316,9 @@ impl Daemon {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let rec = self.find_export(inner, &p.name)?;
-        if self.exports.get(&rec.name).is_some() {
+        if self.live_get(&rec.name).is_some() {
             self.refuse_if_connected(&rec.name, p.force, "remove it")?;
-            self.exports
-                .remove(&rec.name)
+            self.live_remove(&rec.name)
                 .map_err(|source| MethodError::Export {
                     what: format!("cannot stop export {}", rec.name),
                     source,
@@ -1328,8 +1414,7 @@ impl Daemon {
         }
         self.refuse_if_connected(&rec.name, p.force, "delete it")?;
         let store = self.store_for(inner, &rec.cow, false)?;
-        self.exports
-            .remove(&rec.name)
+        self.live_remove(&rec.name)
             .map_err(|source| MethodError::Export {
                 what: format!("cannot stop export {}", rec.name),
                 source,
@@ -1501,6 +1586,95 @@ impl Daemon {
         Ok(m::SnapshotList { origins })
     }
 
+    /// The origin behind export `name` (of the origin or of a snapshot); the lock is released
+    /// when it returns, so long reads do not hold up other methods.
+    fn any_origin(&self, name: &str) -> MResult<Origin> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let rec = self.find_export(inner, name)?;
+        self.origin_of(inner, &rec)
+    }
+
+    fn snapshot_diff(&self, p: m::SnapshotDiffParams) -> MResult<m::SnapshotDiffResult> {
+        let origin = self.any_origin(&p.name)?;
+        let to = match p.to {
+            Some(t) => format!("snapshot {t}"),
+            None => "the origin".into(),
+        };
+        let extents = origin
+            .diff(Some(p.from), p.to)
+            .map_err(MethodError::engine(format!(
+                "cannot diff snapshot {} against {to} of origin {}",
+                p.from,
+                origin.id()
+            )))?;
+        Ok(m::SnapshotDiffResult {
+            chunk_size: origin.chunk_size(),
+            size: origin.size(),
+            extents: extents
+                .into_iter()
+                .map(|(offset, length)| m::Extent { offset, length })
+                .collect(),
+        })
+    }
+
+    fn snapshot_stream(&self, p: m::SnapshotStreamParams) -> MResult<m::SnapshotStreamResult> {
+        let origin = self.any_origin(&p.name)?;
+        let conv = |what: String| {
+            move |e: crate::stream::StreamError| match e {
+                crate::stream::StreamError::Engine { source, .. } => {
+                    MethodError::engine(what.clone())(source)
+                }
+                crate::stream::StreamError::Io { source, .. } => MethodError::Open {
+                    what: what.clone(),
+                    source,
+                },
+                crate::stream::StreamError::Invalid(s) => MethodError::InvalidState(s),
+            }
+        };
+        match (&p.fifo, &p.fd_socket) {
+            (Some(fifo), None) => {
+                let f = open_fifo(fifo)?;
+                let mut out = std::io::BufWriter::with_capacity(256 << 10, f);
+                let what = format!("streaming export {} into {fifo}", p.name);
+                let stats = crate::stream::write_stream(&origin, p.from, p.to, &mut out)
+                    .map_err(conv(what))?;
+                Ok(m::SnapshotStreamResult {
+                    records: stats.records,
+                    data_bytes: stats.data_bytes,
+                    size: origin.size(),
+                })
+            }
+            (None, Some(sock)) => {
+                if p.from.is_some() {
+                    return Err(MethodError::InvalidParams(
+                        "fd_socket writes whole versions only (no from)".into(),
+                    ));
+                }
+                let (mut s, file) = receive_file(sock)?;
+                {
+                    use std::io::Write;
+                    // The size first, then the bytes covered as they are.
+                    let _ = s.write_all(&origin.size().to_be_bytes());
+                }
+                let what = format!("exporting export {} into the file from {sock}", p.name);
+                let written = crate::stream::write_raw(&origin, p.to, &file, |at| {
+                    use std::io::Write;
+                    let _ = s.write_all(&at.to_be_bytes());
+                })
+                .map_err(conv(what))?;
+                Ok(m::SnapshotStreamResult {
+                    records: 0,
+                    data_bytes: written,
+                    size: origin.size(),
+                })
+            }
+            _ => Err(MethodError::InvalidParams(
+                "give exactly one of fifo and fd_socket".into(),
+            )),
+        }
+    }
+
     fn export_list(&self, _p: m::NoParams) -> MResult<m::ExportList> {
         let guard = self.lock();
         let exports = guard
@@ -1645,6 +1819,120 @@ enum Access {
 /// Opens a store or origin file exclusively (`FileStorage::open_with`: an exclusive `flock`
 /// on the descriptor, `O_EXCL` for a block device); a file another process holds is refused
 /// with `busy`, naming the holder.
+/// Connects to the caller's socket and receives the file to write (a regular file opened for
+/// writing).
+fn receive_file(path: &str) -> MResult<(std::os::unix::net::UnixStream, std::fs::File)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    use std::mem::MaybeUninit;
+    if !Path::new(path).is_absolute() {
+        return Err(MethodError::InvalidParams(format!(
+            "fd_socket path {path:?} is not absolute"
+        )));
+    }
+    let s = std::os::unix::net::UnixStream::connect(path).map_err(|source| MethodError::Open {
+        what: format!("connecting to fd_socket {path}"),
+        source,
+    })?;
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    rustix::net::recvmsg(
+        &s,
+        &mut [std::io::IoSliceMut::new(&mut byte)],
+        &mut cmsg,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| MethodError::Open {
+        what: format!("receiving a file from {path}"),
+        source: e.into(),
+    })?;
+    let mut fd = None;
+    for msg in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
+            if fd.is_none() {
+                fd = fds.next();
+            }
+        }
+    }
+    let Some(fd) = fd else {
+        return Err(MethodError::InvalidParams(format!(
+            "{path} sent no file descriptor"
+        )));
+    };
+    let f = std::fs::File::from(fd);
+    let md = f.metadata().map_err(|source| MethodError::Open {
+        what: format!("examining the file from {path}"),
+        source,
+    })?;
+    if !md.file_type().is_file() {
+        return Err(MethodError::InvalidParams(format!(
+            "the file descriptor from {path} is not a regular file"
+        )));
+    }
+    Ok((s, f))
+}
+
+/// Opens the caller's FIFO for writing. Only a FIFO is accepted, so the daemon never writes a
+/// file on a client's behalf. Waits up to 30 s for the reader to open its end.
+fn open_fifo(path: &str) -> MResult<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    use std::time::Duration;
+    if !Path::new(path).is_absolute() {
+        return Err(MethodError::InvalidParams(format!(
+            "fifo path {path:?} is not absolute"
+        )));
+    }
+    let md = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            MethodError::NotFound(format!("fifo {path} does not exist"))
+        } else {
+            MethodError::InvalidParams(format!("fifo {path} cannot be examined: {e}"))
+        }
+    })?;
+    if !md.file_type().is_fifo() {
+        return Err(MethodError::InvalidParams(format!(
+            "{path} is not a FIFO (snapshot_stream writes only into a FIFO its caller reads)"
+        )));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let f = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(f) => break f,
+            // No reader yet.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENXIO)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => {
+                return Err(MethodError::Open {
+                    what: format!("opening fifo {path} for writing (is its reader there?)"),
+                    source,
+                })
+            }
+        }
+    };
+    let fd = f.as_raw_fd();
+    // SAFETY: `fd` is an open descriptor owned by `f`, alive for these calls; F_GETFL/F_SETFL
+    // and F_SETPIPE_SZ take integer arguments and touch no memory of ours.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+        // A larger pipe buffer means fewer wake-ups; failure is harmless.
+        libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20);
+    }
+    Ok(f)
+}
+
 fn open_file(what: &str, path: &str, mode: OpenMode) -> MResult<Arc<FileStorage>> {
     FileStorage::open_with(Path::new(path), mode)
         .map(Arc::new)
@@ -1859,6 +2147,8 @@ impl Daemon {
             names::SNAPSHOT_LIST => encode(self.snapshot_list(decode(method, params)?)),
             names::EXPORT_LIST => encode(self.export_list(decode(method, params)?)),
             names::STATUS => encode(self.status(decode(method, params)?)),
+            names::SNAPSHOT_DIFF => encode(self.snapshot_diff(decode(method, params)?)),
+            names::SNAPSHOT_STREAM => encode(self.snapshot_stream(decode(method, params)?)),
             other => Err(MethodError::NoMethod(other.to_string())),
         }
     }

@@ -107,6 +107,9 @@ pub struct ExportRecord {
     /// Mode of the socket, if set for this export (else the daemon's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_mode: Option<u32>,
+    /// `"nbd"` for an NBD export; absent: vhost-user-blk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// Everything in the state file.
@@ -297,6 +300,7 @@ mod tests {
                 readonly: true,
                 socket_group: Some(65534),
                 socket_mode: Some(0o660),
+                protocol: None,
             }],
         }
     }

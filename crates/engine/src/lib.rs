@@ -115,6 +115,19 @@ impl Origin {
         self.core.snapshots()
     }
 
+    /// The store's chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.core.chunk_size()
+    }
+
+    /// Byte ranges `(offset, length)`, sorted and merged, covering every chunk whose content
+    /// may differ between version `from` and version `to` (`None`: the origin as it is now),
+    /// computed from metadata: no data is read. Never omits a chunk that may differ; leaves
+    /// out every chunk both versions read from the same place.
+    pub fn diff(&self, from: Option<u32>, to: Option<u32>) -> Result<Vec<(u64, u64)>> {
+        self.core.diff_extents(from, to)
+    }
+
     /// State of the origin.
     pub fn status(&self) -> OriginStatus {
         self.core.status()

@@ -14,6 +14,7 @@ use std::sync::atomic::{
 };
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod diff;
 const STRIPES: usize = 1024;
 
 /// A version node at run time. Only `kind`, `dead` and `exceptions` change after creation.

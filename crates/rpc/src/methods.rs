@@ -28,6 +28,12 @@ pub mod names {
     /// Stores and origins: space, snapshots, rollback and reclaim progress.
     pub const STATUS: &str = "status";
 
+    /// The chunks that may differ between two versions of an origin (from metadata).
+    pub const SNAPSHOT_DIFF: &str = "snapshot_diff";
+    /// Stream a version (whole, or what changed since another) into a FIFO (see
+    /// `docs/format.md`, "Backup streams").
+    pub const SNAPSHOT_STREAM: &str = "snapshot_stream";
+
     /// Every method, in documentation order.
     pub const ALL: &[&str] = &[
         ORIGIN_CREATE,
@@ -40,6 +46,8 @@ pub mod names {
         SNAPSHOT_LIST,
         EXPORT_LIST,
         STATUS,
+        SNAPSHOT_DIFF,
+        SNAPSHOT_STREAM,
     ];
 }
 
@@ -92,6 +100,10 @@ pub struct OriginCreateParams {
     /// `--socket-mode`, else `0600`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_mode: Option<String>,
+    /// `"vhost-user-blk"` (default) or `"nbd"`: serve the export as an NBD server on the
+    /// socket, export name NAME (docs/nbd.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// `snapshot_export` parameters. One of `origin_id` and `origin` is required.
@@ -133,6 +145,10 @@ pub struct SnapshotExportParams {
     /// `--socket-mode`, else `0600`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_mode: Option<String>,
+    /// `"vhost-user-blk"` (default) or `"nbd"`: serve the export as an NBD server on the
+    /// socket, export name NAME (docs/nbd.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// Parameters that are only an export name (`export_remove`, `origin_delete`).
@@ -446,4 +462,72 @@ mod tests {
         let p: SnapshotCreateParams = serde_json::from_value(json!({"name": "a"})).unwrap();
         assert_eq!(p.memo, "");
     }
+}
+
+/// `snapshot_diff` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDiffParams {
+    /// An export of the origin or of one of its snapshots (names the origin).
+    pub name: String,
+    /// The older version: a snapshot tag.
+    pub from: u32,
+    /// The newer version: a snapshot tag; absent: the origin as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u32>,
+}
+
+/// One byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+}
+
+/// `snapshot_diff` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotDiffResult {
+    /// The store's chunk size in bytes (extents are whole chunks, the last may be short).
+    pub chunk_size: u64,
+    /// The volume's size in bytes.
+    pub size: u64,
+    /// Sorted, merged byte ranges covering every chunk that may differ.
+    pub extents: Vec<Extent>,
+}
+
+/// `snapshot_stream` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotStreamParams {
+    /// An export of the origin or of one of its snapshots (names the origin).
+    pub name: String,
+    /// Stream only what changed since this snapshot tag; absent: the whole version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u32>,
+    /// The version to stream: a snapshot tag; absent: the origin as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u32>,
+    /// Absolute path of a FIFO the caller reads from (anything else is refused). One of
+    /// `fifo` and `fd_socket` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fifo: Option<String>,
+    /// Whole versions only: absolute path of a Unix socket the caller listens on. The daemon
+    /// connects, receives one open regular file (SCM_RIGHTS), sizes it and writes the version
+    /// into it as a raw image (zero chunks skipped: the file must read as zeroes, e.g. just
+    /// truncated), sending the bytes covered so far as 8-byte big-endian numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd_socket: Option<String>,
+}
+
+/// `snapshot_stream` result, once the stream is complete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotStreamResult {
+    /// Records written (END excluded).
+    pub records: u64,
+    /// Payload bytes written.
+    pub data_bytes: u64,
+    /// The volume's size in bytes.
+    pub size: u64,
 }

@@ -1,0 +1,227 @@
+//! Changed-block diff between two versions of one origin, computed from metadata only.
+//!
+//! Every version reads chunk `c` either from one store chunk (the exception its lookup ends
+//! at) or from the origin device. Two versions read the same bytes when their lookups end at
+//! the same place; they may differ otherwise. A chunk with no exception at all (and no overlay)
+//! is read from the origin device by every version, so only the chunk map's non-empty slots
+//! need a lookup: the cost is a scan of the map's slot pointers plus a lookup per chunk that
+//! has exceptions.
+
+use super::{OriginCore, SnapRt};
+use crate::error::Result;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+/// Where a version reads one chunk from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Source {
+    /// The origin device, as it is now.
+    Device,
+    /// A store chunk.
+    Store(u64),
+    /// Somewhere no other version reads (the origin's pending overlay): always "differs".
+    Unique,
+}
+
+/// One side of a diff, resolved once at the start.
+pub(crate) enum Side {
+    Origin,
+    Snap(Arc<SnapRt>),
+}
+
+impl OriginCore {
+    fn source_of(&self, side: &Side, leaf: u32, c: u64, list: Option<&super::ExList>) -> Source {
+        match side {
+            Side::Snap(_) => match self.resolve(leaf, list) {
+                Some(s) => Source::Store(s),
+                None => Source::Device,
+            },
+            Side::Origin => {
+                if self.overlay_flag[c as usize].load(SeqCst) {
+                    return Source::Unique;
+                }
+                if let Some(rb) = self.rollback.load().as_ref() {
+                    if !rb.is_restored(c) {
+                        // Not copied back yet: the origin reads as the rollback source.
+                        return match self.resolve(rb.source, list) {
+                            Some(s) => Source::Store(s),
+                            None => Source::Device,
+                        };
+                    }
+                }
+                Source::Device
+            }
+        }
+    }
+
+    fn side(&self, tag: Option<u32>) -> Result<(Side, u32)> {
+        match tag {
+            None => Ok((Side::Origin, 0)),
+            Some(t) => {
+                let s = self.snapshot_handle(t)?;
+                let leaf = s.leaf.load(SeqCst);
+                Ok((Side::Snap(s), leaf))
+            }
+        }
+    }
+
+    /// The chunks whose content may differ between versions `from` and `to` (`None`: the
+    /// origin as it is now), ascending. Never omits a chunk that may differ.
+    pub fn diff_chunks(&self, from: Option<u32>, to: Option<u32>) -> Result<Vec<u64>> {
+        self.check_alive()?;
+        if from == to {
+            // One version against itself (checked to exist).
+            self.side(from)?;
+            return Ok(Vec::new());
+        }
+        let (a, la) = self.side(from)?;
+        let (b, lb) = self.side(to)?;
+        let mut out = Vec::new();
+        for (c, slot) in self.map.iter().enumerate() {
+            let c = c as u64;
+            let list = slot.load();
+            if list.as_ref().is_none_or(|l| l.is_empty())
+                && !self.overlay_flag[c as usize].load(SeqCst)
+            {
+                continue;
+            }
+            let sa = self.source_of(&a, la, c, list.as_deref());
+            let sb = self.source_of(&b, lb, c, list.as_deref());
+            if sa != sb || sa == Source::Unique {
+                out.push(c);
+            }
+        }
+        // A snapshot deleted meanwhile: its view is gone, the answer would mean nothing.
+        for s in [&a, &b] {
+            if let Side::Snap(s) = s {
+                if s.deleted.load(SeqCst) {
+                    return Err(crate::error::Error::Deleted(format!(
+                        "snapshot {} of origin {}",
+                        s.tag, self.id
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `diff_chunks` as sorted, merged byte ranges `(offset, length)`, clipped to the size.
+    pub fn diff_extents(&self, from: Option<u32>, to: Option<u32>) -> Result<Vec<(u64, u64)>> {
+        let chunks = self.diff_chunks(from, to)?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for c in chunks {
+            let off = c * self.cs;
+            let len = self.chunk_len(c);
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => out.push((off, len)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl crate::Volume {
+    /// The byte ranges that may differ between snapshot `from` and this volume (see
+    /// [`crate::Origin::diff`]).
+    pub fn changed_since(&self, from: u32) -> Result<Vec<(u64, u64)>> {
+        self.core
+            .diff_extents(Some(from), self.snap.as_ref().map(|s| s.tag))
+    }
+}
+
+impl OriginCore {
+    /// Snapshot `snap`'s bytes `[off, off + buf.len())`, reading each run of chunks that the
+    /// snapshot reads from the origin device with one read (a snapshot read otherwise costs one
+    /// read per chunk). As in `read_view`, a chunk whose exceptions changed while its run was
+    /// read (a copy-out raced the read) is read again on its own.
+    fn snap_read_bulk(&self, snap: &SnapRt, off: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let leaf = snap.leaf.load(SeqCst);
+        let end = off + buf.len() as u64;
+        let first = off / self.cs;
+        let last = (end - 1) / self.cs;
+        let mut c = first;
+        while c <= last {
+            // A run of chunks all read from the origin device.
+            let mut lists = Vec::new();
+            let mut d = c;
+            while d <= last {
+                let l = self.map[d as usize].load_full();
+                if self.resolve(leaf, l.as_deref()).is_some() {
+                    break;
+                }
+                lists.push(l);
+                d += 1;
+            }
+            if d == c {
+                // One chunk from the store.
+                let s = (c * self.cs).max(off);
+                let e = ((c + 1) * self.cs).min(end);
+                let piece = &mut buf[(s - off) as usize..(e - off) as usize];
+                self.read_view(
+                    leaf,
+                    c,
+                    s - c * self.cs,
+                    &mut [std::io::IoSliceMut::new(piece)],
+                )?;
+                c += 1;
+                continue;
+            }
+            let s = (c * self.cs).max(off);
+            let e = (d * self.cs).min(end);
+            let piece = &mut buf[(s - off) as usize..(e - off) as usize];
+            self.origin.read_at(piece, s).map_err(|err| {
+                crate::error::Error::io(
+                    format!("reading origin {} at {s}", self.origin.name()),
+                    err,
+                )
+            })?;
+            for (i, before) in lists.iter().enumerate() {
+                let x = c + i as u64;
+                let now = self.map[x as usize].load();
+                let same = match (before.as_ref(), now.as_ref()) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                };
+                if !same {
+                    let cs0 = (x * self.cs).max(off);
+                    let ce = ((x + 1) * self.cs).min(end);
+                    let p = &mut buf[(cs0 - off) as usize..(ce - off) as usize];
+                    self.read_view(
+                        leaf,
+                        x,
+                        cs0 - x * self.cs,
+                        &mut [std::io::IoSliceMut::new(p)],
+                    )?;
+                }
+            }
+            c = d;
+        }
+        Ok(())
+    }
+}
+
+impl crate::Volume {
+    /// [`crate::Volume::read`] for large sequential reads (exports, backups): a snapshot reads
+    /// each run of chunks it shares with the origin device in one request.
+    pub fn read_bulk(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(s) = &self.snap else {
+            return self.read(offset, buf);
+        };
+        let len = buf.len() as u64;
+        if offset % 512 != 0
+            || len % 512 != 0
+            || offset.checked_add(len).is_none_or(|e| e > self.core.size)
+        {
+            return self.read(offset, buf);
+        }
+        if s.deleted.load(SeqCst) {
+            return Err(crate::error::Error::Deleted(self.name()));
+        }
+        self.core.snap_read_bulk(s, offset, buf)
+    }
+}
