@@ -162,6 +162,9 @@ pub(crate) struct OriginCore {
     /// Chain node ids by seq - 1.
     chain: boxcar::Vec<u32>,
     map: Box<[ArcSwapOption<ExList>]>,
+    /// The chunks whose exception list is not empty: what a diff visits, so that its cost
+    /// follows the exceptions rather than the origin's size (updated under the metadata lock).
+    excepted: Mutex<std::collections::BTreeSet<u64>>,
     /// Per chunk: seq of the newest chain node holding a copy of it.
     top: Box<[AtomicU32]>,
     /// Per chunk: the commit batch that made that copy durable.
@@ -242,6 +245,7 @@ impl OriginCore {
         }
         let map: Box<[ArcSwapOption<ExList>]> =
             (0..nchunks).map(|_| ArcSwapOption::empty()).collect();
+        let mut excepted = std::collections::BTreeSet::new();
         let top: Box<[AtomicU32]> = (0..nchunks).map(|_| AtomicU32::new(0)).collect();
         let copy_epoch: Box<[AtomicU64]> = (0..nchunks).map(|_| AtomicU64::new(0)).collect();
         for (chunk, list) in &m.exceptions {
@@ -261,6 +265,7 @@ impl OriginCore {
                 }
             }
             map[*chunk as usize].store(Some(Arc::new(l)));
+            excepted.insert(*chunk);
             top[*chunk as usize].store(t, SeqCst);
         }
         let snaps = m
@@ -303,6 +308,7 @@ impl OriginCore {
             nodes,
             chain,
             map,
+            excepted: Mutex::new(excepted),
             top,
             copy_epoch,
             newest: AtomicU32::new(m.newest_seq),
@@ -521,6 +527,7 @@ impl OriginCore {
         let mut l: ExList = old.as_deref().cloned().unwrap_or_default();
         l.push(ex);
         self.map[c as usize].store(Some(Arc::new(l)));
+        lock(&self.excepted).insert(c);
         if let Some(n) = self.node(ex.node) {
             n.exceptions.fetch_add(1, SeqCst);
         }
@@ -1841,6 +1848,9 @@ impl OriginCore {
                 freed += 1;
             }
             let t = keep.iter().map(|e| e.seq).max().unwrap_or(0);
+            if keep.is_empty() {
+                lock(&self.excepted).remove(&c);
+            }
             self.map[c as usize].store(if keep.is_empty() {
                 None
             } else {

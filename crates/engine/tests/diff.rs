@@ -231,7 +231,7 @@ fn four_gib_one_percent_apart() {
     none.sort();
     eprintln!(
         "4 GiB origin, {} chunks, {} changed chunks in {} extents: diff s1->s2 min {:?} median {:?}; \
-         diff s2->origin (nothing changed, same slot scan) min {:?} median {:?}",
+         diff s2->origin (nothing changed) min {:?} median {:?}",
         nchunks,
         want.len(),
         ext.len(),

@@ -7,7 +7,7 @@
 //! need a lookup: the cost is a scan of the map's slot pointers plus a lookup per chunk that
 //! has exceptions.
 
-use super::{OriginCore, SnapRt};
+use super::{lock, OriginCore, SnapRt};
 use crate::error::Result;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
@@ -77,9 +77,11 @@ impl OriginCore {
         let (a, la) = self.side(from)?;
         let (b, lb) = self.side(to)?;
         let mut out = Vec::new();
-        for (c, slot) in self.map.iter().enumerate() {
-            let c = c as u64;
-            let list = slot.load();
+        // Only chunks with exceptions can differ: elsewhere every version reads the origin
+        // device (an overlay exists only where a copy-out made an exception).
+        let excepted: Vec<u64> = lock(&self.excepted).iter().copied().collect();
+        for c in excepted {
+            let list = self.map[c as usize].load();
             if list.as_ref().is_none_or(|l| l.is_empty())
                 && !self.overlay_flag[c as usize].load(SeqCst)
             {
