@@ -3,6 +3,7 @@
 //!
 //! `cargo run --release -p snapmv-bench -- [--quick] [--scenario N]... [--out DIR]`
 
+mod backup;
 mod engine;
 mod error;
 mod load;
@@ -27,7 +28,7 @@ struct Args {
     /// Short runs (1 s per point, smaller volumes): the whole suite in about 10 minutes.
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run: 1..6 and `engine` (default: all). Repeatable or comma-separated.
+    /// Scenarios to run: 1..7 and `engine` (default: all). Repeatable or comma-separated.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write latest.md and latest.json.
@@ -288,7 +289,7 @@ fn run(mut args: Args) -> Result<()> {
             args.reps
         )));
     }
-    let all = ["1", "2", "3", "4", "5", "6", "engine"];
+    let all = ["1", "2", "3", "4", "5", "6", "7", "engine"];
     let sel: Vec<String> = if args.scenario.is_empty() {
         all.iter().map(|s| s.to_string()).collect()
     } else {
@@ -296,7 +297,7 @@ fn run(mut args: Args) -> Result<()> {
     };
     if let Some(bad) = sel.iter().find(|s| !all.contains(&s.as_str())) {
         return Err(BenchError::Invalid(format!(
-            "unknown scenario {bad:?} (1..6, engine)"
+            "unknown scenario {bad:?} (1..7, engine)"
         )));
     }
     let want = |s: &str| sel.iter().any(|x| x == s);
@@ -414,7 +415,7 @@ fn run(mut args: Args) -> Result<()> {
 }
 
 fn run_scenarios(ctx: &mut Ctx, want: &dyn Fn(&str) -> bool) -> Result<()> {
-    let needs_daemon = ["1", "2", "3", "4", "5", "6"].iter().any(|s| want(s));
+    let needs_daemon = ["1", "2", "3", "4", "5", "6", "7"].iter().any(|s| want(s));
     if needs_daemon {
         let mut sm = servers::Snapmv::start(&ctx.snapmv_bin, &ctx.dir)?;
         if want("1") || want("2") || want("4") {
@@ -444,6 +445,9 @@ fn run_scenarios(ctx: &mut Ctx, want: &dyn Fn(&str) -> bool) -> Result<()> {
             if want("6") {
                 scenarios::s6(ctx, &mut sm, &sock)?;
             }
+        }
+        if want("7") {
+            backup::s7(ctx, &mut sm)?;
         }
     }
     if want("engine") {
