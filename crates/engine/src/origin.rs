@@ -1055,8 +1055,8 @@ impl OriginCore {
                 m.epoch
             };
             if let Err(e) = self.store.wait_written(epoch) {
-                // The store has failed: it refuses every write from now on, so the flags can
-                // stay (reads come from the origin, which holds the data).
+                // The store has failed and refuses every write from now on; the overlays'
+                // content is on the origin, where reads find it once the flags drop.
                 log::error!("origin {}: recording overlays written: {e}", self.id);
                 *lock(&self.overlay_error) = Some(e.to_string());
             }
