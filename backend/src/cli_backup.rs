@@ -425,19 +425,26 @@ pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path) -> Result<(), CliE
         "name": name, "tag": tag, "output": shown, "size": hdr.size,
         "chunk_size": hdr.chunk_size, "data_bytes": written, "records": r.records,
     });
-    if ctx.json && shown == "-" {
-        // stdout carries the image.
-        eprintln!("{summary}");
-    } else if ctx.json {
-        ctx.print_json(&summary);
-    } else if shown != "-" {
-        println!(
+    report(ctx, &shown, &summary, || {
+        format!(
             "snapshot {tag} of export {name} exported to {shown}: {} of {} holds data",
             format_size(written),
             format_size(hdr.size)
-        );
-    }
+        )
+    });
     Ok(())
+}
+
+/// Prints an export's summary: as JSON on stdout (on stderr when stdout carries the data), or
+/// as a sentence when the data went to a file.
+fn report(ctx: &Ctx, shown: &str, summary: &serde_json::Value, text: impl FnOnce() -> String) {
+    if ctx.json && shown == "-" {
+        eprintln!("{summary}");
+    } else if ctx.json {
+        ctx.print_json(summary);
+    } else if shown != "-" {
+        println!("{}", text());
+    }
 }
 
 /// On failure, removes the output file the verb created (a partial image or diff must not be
@@ -535,18 +542,13 @@ pub fn export_diff(
         "name": name, "from": from, "to": to, "output": shown, "size": hdr.size,
         "chunk_size": hdr.chunk_size, "records": r.records, "data_bytes": r.data_bytes,
     });
-    if ctx.json && shown == "-" {
-        // stdout carries the stream.
-        eprintln!("{summary}");
-    } else if ctx.json {
-        ctx.print_json(&summary);
-    } else if shown != "-" {
-        println!(
+    report(ctx, &shown, &summary, || {
+        format!(
             "diff of export {name} from snapshot {from} to snapshot {to} written to {shown}: {} record(s), {} of data",
             r.records,
             format_size(r.data_bytes)
-        );
-    }
+        )
+    });
     Ok(())
 }
 

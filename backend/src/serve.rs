@@ -564,18 +564,8 @@ impl Daemon {
         if p.is_empty() {
             return Err(MethodError::InvalidParams(format!("{what} path is empty")));
         }
-        if !Path::new(p).is_absolute() {
-            return Err(MethodError::InvalidParams(format!(
-                "{what} path {p:?} must be absolute"
-            )));
-        }
-        let canon = std::fs::canonicalize(p).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                MethodError::NotFound(format!("{what} {p} does not exist"))
-            } else {
-                MethodError::InvalidParams(format!("{what} {p} cannot be resolved: {e}"))
-            }
-        })?;
+        require_absolute(what, p)?;
+        let canon = std::fs::canonicalize(p).map_err(lookup_error(what, p, "resolved"))?;
         let meta = std::fs::metadata(&canon).map_err(|e| {
             MethodError::InvalidParams(format!("{what} {p} cannot be examined: {e}"))
         })?;
@@ -1824,11 +1814,7 @@ enum Access {
 fn receive_file(path: &str) -> MResult<(std::os::unix::net::UnixStream, std::fs::File)> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     use std::mem::MaybeUninit;
-    if !Path::new(path).is_absolute() {
-        return Err(MethodError::InvalidParams(format!(
-            "fd_socket path {path:?} is not absolute"
-        )));
-    }
+    require_absolute("fd_socket", path)?;
     let s = std::os::unix::net::UnixStream::connect(path).map_err(|source| MethodError::Open {
         what: format!("connecting to fd_socket {path}"),
         source,
@@ -1873,24 +1859,41 @@ fn receive_file(path: &str) -> MResult<(std::os::unix::net::UnixStream, std::fs:
     Ok((s, f))
 }
 
+/// Refuses a relative path given over RPC (the daemon's working directory means nothing to
+/// the caller).
+fn require_absolute(what: &str, p: &str) -> MResult<()> {
+    if Path::new(p).is_absolute() {
+        Ok(())
+    } else {
+        Err(MethodError::InvalidParams(format!(
+            "{what} path {p:?} must be absolute"
+        )))
+    }
+}
+
+/// Maps a failed look-up of `what` at `p`: not found, or why it could not be `done`.
+fn lookup_error<'a>(
+    what: &'a str,
+    p: &'a str,
+    done: &'a str,
+) -> impl FnOnce(std::io::Error) -> MethodError + 'a {
+    move |e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            MethodError::NotFound(format!("{what} {p} does not exist"))
+        } else {
+            MethodError::InvalidParams(format!("{what} {p} cannot be {done}: {e}"))
+        }
+    }
+}
+
 /// Opens the caller's FIFO for writing. Only a FIFO is accepted, so the daemon never writes a
 /// file on a client's behalf. Waits up to 30 s for the reader to open its end.
 fn open_fifo(path: &str) -> MResult<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     use std::time::Duration;
-    if !Path::new(path).is_absolute() {
-        return Err(MethodError::InvalidParams(format!(
-            "fifo path {path:?} is not absolute"
-        )));
-    }
-    let md = std::fs::metadata(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            MethodError::NotFound(format!("fifo {path} does not exist"))
-        } else {
-            MethodError::InvalidParams(format!("fifo {path} cannot be examined: {e}"))
-        }
-    })?;
+    require_absolute("fifo", path)?;
+    let md = std::fs::metadata(path).map_err(lookup_error("fifo", path, "examined"))?;
     if !md.file_type().is_fifo() {
         return Err(MethodError::InvalidParams(format!(
             "{path} is not a FIFO (snapshot_stream writes only into a FIFO its caller reads)"
