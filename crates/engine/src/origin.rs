@@ -1639,9 +1639,14 @@ impl OriginCore {
         }
         self.drain_overlays(false);
         self.background_sync();
+        // Running is raised before needed is cleared, so that `status` never sees neither
+        // while a reclaim is about to start (it would report nothing pending).
+        self.reclaim_running.store(true, SeqCst);
         if self.reclaim_needed.swap(false, SeqCst) {
             let _ops = lock(&self.ops);
             self.reclaim()?;
+        } else {
+            self.reclaim_running.store(false, SeqCst);
         }
         if let Some(rb) = self.rollback.load_full() {
             return match self.rollback_step(&rb) {
