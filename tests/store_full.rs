@@ -168,7 +168,15 @@ fn full_store_fails_writes_cleanly_and_delete_makes_room() {
     d.ok("export_remove", json!({"name": "s2"}));
     d.ok("snapshot_delete", json!({"name": "vol", "tag": t2}));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while chunks_free(&d) == 0 {
+    // Reclaim frees chunk by chunk: wait until it has finished, not just started, so both
+    // writes below find room (waiting for the first free chunk raced with the rest of the pass).
+    let reclaiming = |d: &Daemon| {
+        d.ok("status", json!({"name": "vol"}))["stores"][0]["origins"][0]["reclaim_pending_chunks"]
+            .as_u64()
+            .unwrap()
+            > 0
+    };
+    while chunks_free(&d) == 0 || reclaiming(&d) {
         assert!(
             Instant::now() < deadline,
             "no chunk freed after the delete (hang guard)"

@@ -870,27 +870,29 @@ impl StoreCore {
 
     /// Takes a free store chunk, or says the store is full.
     pub(crate) fn alloc_chunk(&self, what: impl FnOnce() -> String) -> Result<u64> {
-        let mut m = self.lock_meta();
-        match m.free.pop() {
-            Some(c) => Ok(c),
-            None => Err(Error::NoSpace {
-                store: self.name.clone(),
-                what: what(),
-            }),
-        }
+        Ok(self.alloc_chunks(1, what)?.pop().unwrap_or_default())
     }
 
-    /// Takes `n` free store chunks at once, or none.
+    /// Takes `n` free store chunks at once, or none. Chunks freed but not yet committed can
+    /// not be reused before their free is durable; when only they would make room, commit
+    /// first rather than fail a write while `status` already counts them free.
     pub(crate) fn alloc_chunks(&self, n: usize, what: impl FnOnce() -> String) -> Result<Vec<u64>> {
-        let mut m = self.lock_meta();
-        if m.free.len() < n {
-            return Err(Error::NoSpace {
-                store: self.name.clone(),
-                what: what(),
-            });
+        for first in [true, false] {
+            let mut m = self.lock_meta();
+            if m.free.len() >= n {
+                let at = m.free.len() - n;
+                return Ok(m.free.split_off(at));
+            }
+            if !first || m.free.len() + m.pending_free.len() < n {
+                break;
+            }
+            drop(m);
+            self.commit_sync()?;
         }
-        let at = m.free.len() - n;
-        Ok(m.free.split_off(at))
+        Err(Error::NoSpace {
+            store: self.name.clone(),
+            what: what(),
+        })
     }
 
     /// Returns a chunk taken by `alloc_chunk` that was never recorded.
