@@ -147,28 +147,21 @@ pub fn s7(ctx: &mut Ctx, sm: &mut Snapmv) -> Result<()> {
     let case = format!(
         "full export of a snapshot ({mib} MiB, every chunk shared with the origin) to a file, `snapmv export` (synced when it returns)"
     );
-    ctx.rows.push(
-        Row::new(
-            "7",
-            &case,
-            "MB/s",
-            &export,
+    for (peer, what, note) in [
+        (
             &dd_sync,
             "dd bs=1M conv=fsync of the origin file to the same file (durable on return, like the export)",
-        )
-        .note("goal ≥ 0.8× dd"),
-    );
-    ctx.rows.push(
-        Row::new(
-            "7",
-            &case,
-            "MB/s",
-            &export,
+            "goal ≥ 0.8× dd",
+        ),
+        (
             &dd,
             "dd bs=1M without fsync (returns before the bytes are durable)",
-        )
-        .note("the cost of the export's sync"),
-    );
+            "the cost of the export's sync",
+        ),
+    ] {
+        ctx.rows
+            .push(Row::new("7", &case, "MB/s", &export, peer, what).note(note));
+    }
     ctx.rows.push(Row::new(
         "7",
         &format!("NBD read of a snapshot export ({mib} MiB), `qemu-img convert` from nbd+unix"),
