@@ -103,6 +103,96 @@ fn ab(
     Ok((va, vb))
 }
 
+/// The limit column of one scenario-1 row: fio's best IOPS and its job count per repetition,
+/// or why there is none.
+struct Limit {
+    plan: Option<crate::fio::Plan>,
+    iops: Vec<f64>,
+    jobs: Vec<usize>,
+    why_not: Option<String>,
+}
+
+impl Limit {
+    fn new(spec: &LoadSpec, direct: bool, have_fio: bool) -> Limit {
+        let plan = crate::fio::Plan::for_row(spec, direct);
+        let why_not = (plan.is_some() && !have_fio).then(|| crate::fio::MISSING.to_string());
+        Limit {
+            plan: plan.filter(|_| have_fio),
+            iops: Vec::new(),
+            jobs: Vec::new(),
+            why_not,
+        }
+    }
+
+    /// One fio run (a sweep for buffered QD32); a failure empties the column, not the run.
+    fn measure(&mut self, file: &Path, size: u64, dur: Duration, rep: usize) {
+        let Some(plan) = &self.plan else { return };
+        match plan.run(file, size, dur) {
+            Ok((iops, jobs)) => {
+                eprintln!("    fio    rep {rep}: {iops:.0} IOPS ({jobs} jobs)");
+                self.iops.push(iops);
+                self.jobs.push(jobs);
+            }
+            Err(e) => {
+                eprintln!("    fio    rep {rep}: failed, limit column left empty: {e}");
+                self.why_not = Some(format!("fio failed: {e}"));
+                self.plan = None;
+                self.iops.clear();
+            }
+        }
+    }
+
+    fn apply(self, row: Row) -> Row {
+        match (self.why_not, self.plan) {
+            (Some(w), _) => row.note(format!("limit: {w}")),
+            (None, Some(plan)) => {
+                let name = plan.describe();
+                let jobs: Vec<String> = self.jobs.iter().map(|j| j.to_string()).collect();
+                let row = row.with_limit(&self.iops, &name);
+                row.note(format!(
+                    "limit: {name} (jobs per repetition: {})",
+                    jobs.join(", ")
+                ))
+            }
+            (None, None) => row,
+        }
+    }
+}
+
+/// [`ab`] plus the fio limit in the same repetition; the three take turns going first.
+fn ab_limit(
+    ctx: &Ctx,
+    label: &str,
+    file: &Path,
+    limit: &mut Limit,
+    mut a: impl FnMut() -> Result<LoadResult>,
+    mut b: impl FnMut() -> Result<LoadResult>,
+) -> Result<(Vec<LoadResult>, Vec<LoadResult>)> {
+    if limit.plan.is_none() {
+        return ab(ctx.reps, label, a, b);
+    }
+    let (mut va, mut vb) = (Vec::new(), Vec::new());
+    eprintln!("  {label}");
+    for rep in 0..ctx.reps {
+        for k in 0..3 {
+            match (k + rep) % 3 {
+                0 => {
+                    let r = a()?;
+                    progress(&format!("snapmv rep {rep}"), &r);
+                    va.push(r);
+                }
+                1 => {
+                    let r = b()?;
+                    progress(&format!("QSD    rep {rep}"), &r);
+                    vb.push(r);
+                }
+                _ => limit.measure(file, ctx.size, ctx.dur, rep),
+            }
+        }
+    }
+    Ok((va, vb))
+}
+
 fn goal(row: Row, g: f64) -> Row {
     let met = row.ratio.is_some_and(|r| r >= g);
     row.note(format!(
@@ -114,6 +204,19 @@ fn goal(row: Row, g: f64) -> Row {
 /// Scenario 1: origin without snapshot, buffered and O_DIRECT.
 pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result<()> {
     eprintln!("scenario 1: origin, no snapshot");
+    let have_fio = match crate::fio::version() {
+        Some(v) => {
+            eprintln!("  limit column: {v} on the same origin file");
+            true
+        }
+        None => {
+            eprintln!(
+                "  {}; the limit (fio) column stays empty",
+                crate::fio::MISSING
+            );
+            false
+        }
+    };
     let sock = sm.socket_dir.join("vol.sock");
     let cases = |q: usize, dur: Duration, size: u64| {
         [
@@ -131,9 +234,12 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
         let mut qsd = Qsd::start_raw(&ctx.dir, "raw", origin, false, &ctx.aio)?;
         for q in [1, 2] {
             for spec in cases(q, ctx.dur, ctx.size) {
-                let (a, b) = ab(
-                    ctx.reps,
+                let mut limit = Limit::new(&spec, false, have_fio);
+                let (a, b) = ab_limit(
+                    ctx,
                     &format!("buffered {}", spec.label()),
+                    origin,
+                    &mut limit,
                     || run_on(&sock, sm.pid(), &spec),
                     || run_on(&qsd.socket, qsd.pid(), &spec),
                 )?;
@@ -144,6 +250,7 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
                     &b,
                     &format!("QSD raw aio={}", ctx.aio),
                 );
+                let row = limit.apply(row);
                 ctx.rows.push(goal(row, if q == 1 { 2.0 } else { 5.0 }));
             }
         }
@@ -201,9 +308,12 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
             let qsd = Qsd::start_raw(&ctx.dir, "rawdirect", origin, true, &ctx.aio)?;
             for q in [1, 2] {
                 for spec in cases(q, ctx.dur, ctx.size) {
-                    let (a, b) = ab(
-                        ctx.reps,
+                    let mut limit = Limit::new(&spec, true, have_fio);
+                    let (a, b) = ab_limit(
+                        ctx,
                         &format!("O_DIRECT {}", spec.label()),
+                        origin,
+                        &mut limit,
                         || run_on(&dsock, sm.pid(), &spec),
                         || run_on(&qsd.socket, qsd.pid(), &spec),
                     )?;
@@ -214,6 +324,7 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
                         &b,
                         &format!("QSD raw cache.direct=on aio={}", ctx.aio),
                     );
+                    let row = limit.apply(row);
                     ctx.rows.push(goal(row, 1.1));
                 }
             }
