@@ -139,6 +139,31 @@ impl Plan {
 }
 
 #[derive(Deserialize)]
+struct Fincore {
+    fincore: Vec<FincoreFile>,
+}
+
+#[derive(Deserialize)]
+struct FincoreFile {
+    res: u64,
+    size: u64,
+}
+
+/// How much of `file` is in the page cache, in % (util-linux `fincore -b -J`): whether a
+/// "buffered" row reads memory or the virtual disk. `None` if fincore is missing or fails.
+pub fn resident_pct(file: &Path) -> Option<f64> {
+    let o = Command::new("fincore")
+        .args(["-b", "-J"])
+        .arg(file)
+        .output()
+        .ok()?;
+    let v: Fincore = serde_json::from_slice(&o.stdout).ok()?;
+    let f = v.fincore.first()?;
+    // `res` counts whole pages: a file's partial last page would read as more than 100 %.
+    (f.size > 0).then(|| f.res.min(f.size) as f64 * 100.0 / f.size as f64)
+}
+
+#[derive(Deserialize)]
 struct FioOut {
     jobs: Vec<FioJob>,
 }
@@ -184,6 +209,15 @@ mod tests {
         assert_eq!(parse_iops(out, "randread").unwrap(), 1234.5);
         assert_eq!(parse_iops(out, "randwrite").unwrap(), 0.0);
         assert!(parse_iops(b"fio: bad", "randread").is_err());
+    }
+
+    #[test]
+    fn resident_pct_reads_fincore() {
+        // Whatever is cached, a file of this crate reads as 0–100 % (or fincore is missing).
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        if let Some(r) = resident_pct(&p) {
+            assert!((0.0..=100.0).contains(&r), "{r}");
+        }
     }
 
     #[test]
