@@ -1094,3 +1094,36 @@ pub fn s6(ctx: &mut Ctx, sm: &mut Snapmv, sock: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_fio_the_limit_column_is_empty_and_says_why() {
+        let spec = LoadSpec::new(
+            Pattern::RandRead,
+            K4,
+            32,
+            1,
+            Duration::from_secs(1),
+            (0, 1 << 30),
+        );
+        let row = Row::new("1", "c", "IOPS", &[1.0], &[], "p");
+        let r = Limit::new(&spec, false, false).apply(row.clone(), Some(100.0));
+        assert!(r.limit.is_none() && r.limit_ratio.is_none());
+        assert!(r.note.contains(crate::fio::MISSING), "{}", r.note);
+        assert!(
+            r.note.contains("page cache before the row: 100 %"),
+            "{}",
+            r.note
+        );
+        // Rows fio does not mirror get no limit note at all.
+        let mixed = LoadSpec {
+            pattern: Pattern::Mixed,
+            ..spec
+        };
+        let r = Limit::new(&mixed, false, false).apply(row, None);
+        assert!(r.note.is_empty(), "{}", r.note);
+    }
+}
