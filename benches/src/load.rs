@@ -4,11 +4,12 @@
 use crate::error::{BenchError, Result};
 use crate::servers::cpu_seconds;
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 /// Longest wait for one completion before the run is declared failed.
@@ -83,6 +84,54 @@ impl Distinct {
     }
 }
 
+/// Latency histograms (µs) of one run split into time windows: each completion goes to the
+/// window set at the moment it completes (scenario 5: the guest's writes during snapshot
+/// creates against the same load without them). Window 0 is not recorded.
+pub struct Windows {
+    phase: AtomicUsize,
+    hists: Mutex<Vec<Histogram<u64>>>,
+}
+
+/// One histogram of [`Windows`]: 1 µs to 120 s, 3 significant digits.
+fn window_hist() -> Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 120_000_000, 3)
+        .map_err(|e| BenchError::Invalid(format!("latency histogram: {e:?}")))
+}
+
+impl Windows {
+    /// Windows 1..=n, recording nothing until [`Windows::set`] picks one.
+    pub fn new(n: usize) -> Result<Arc<Windows>> {
+        Ok(Arc::new(Windows {
+            phase: AtomicUsize::new(0),
+            hists: Mutex::new((0..n).map(|_| window_hist()).collect::<Result<_>>()?),
+        }))
+    }
+
+    /// From now on completions go to window `w` (0: none).
+    pub fn set(&self, w: usize) {
+        self.phase.store(w, Ordering::Relaxed);
+    }
+
+    /// Window `w`'s histogram (1-based), once the run is over.
+    pub fn get(&self, w: usize) -> Option<Histogram<u64>> {
+        let h = self.hists.lock().unwrap_or_else(|e| e.into_inner());
+        h.get(w.checked_sub(1)?).cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.hists.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn merge(&self, local: &[Histogram<u64>]) -> Result<()> {
+        let mut h = self.hists.lock().unwrap_or_else(|e| e.into_inner());
+        for (g, l) in h.iter_mut().zip(local) {
+            g.add(l)
+                .map_err(|e| BenchError::Invalid(format!("merging histograms: {e:?}")))?;
+        }
+        Ok(())
+    }
+}
+
 fn gcd(mut a: u64, mut b: u64) -> u64 {
     while b != 0 {
         (a, b) = (b, a % b);
@@ -109,6 +158,8 @@ pub struct LoadSpec {
     pub distinct: Option<Arc<Distinct>>,
     /// Stop after this many requests in all.
     pub max_ops: Option<u64>,
+    /// Per-window latency histograms, besides the whole run's percentiles.
+    pub windows: Option<Arc<Windows>>,
 }
 
 impl LoadSpec {
@@ -130,6 +181,7 @@ impl LoadSpec {
             range,
             distinct: None,
             max_ops: None,
+            windows: None,
         }
     }
 
@@ -422,6 +474,11 @@ fn queue_thread(
     };
     let mut started = vec![Instant::now(); spec.qd];
     let mut lats: Vec<u32> = Vec::with_capacity(1 << 16);
+    // Per-thread histograms, merged at the end: no lock on the completion path.
+    let mut win: Vec<Histogram<u64>> = match &spec.windows {
+        Some(w) => (0..w.len()).map(|_| window_hist()).collect::<Result<_>>()?,
+        None => Vec::new(),
+    };
     let mut comps: Vec<MaybeUninit<Completion>> =
         (0..spec.qd).map(|_| MaybeUninit::uninit()).collect();
     let may_issue = |issued: &AtomicU64| match spec.max_ops {
@@ -495,16 +552,23 @@ fn queue_thread(
                     what: format!("{}: completion for unknown slot {slot}", spec.label()),
                 });
             }
-            lats.push(
-                now.duration_since(started[slot])
-                    .as_nanos()
-                    .min(u32::MAX as u128) as u32,
-            );
+            let ns = now.duration_since(started[slot]).as_nanos();
+            lats.push(ns.min(u32::MAX as u128) as u32);
+            if let Some(w) = &spec.windows {
+                if let Some(h) = w.phase.load(Ordering::Relaxed).checked_sub(1) {
+                    if let Some(h) = win.get_mut(h) {
+                        h.saturating_record((ns / 1000).max(1) as u64);
+                    }
+                }
+            }
             inflight -= 1;
             if go_on && submit(q, slot, &mut next, &mut started) {
                 inflight += 1;
             }
         }
+    }
+    if let Some(w) = &spec.windows {
+        w.merge(&win)?;
     }
     Ok((lats, last.duration_since(t0).as_secs_f64()))
 }

@@ -6,6 +6,7 @@
 mod backup;
 mod engine;
 mod error;
+mod fio;
 mod load;
 mod report;
 mod scenarios;

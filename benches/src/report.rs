@@ -106,6 +106,15 @@ pub struct Row {
     pub peer_detail: Option<Detail>,
     /// Remarks (skips, goals).
     pub note: String,
+    /// The physical limit: fio run locally on the same file in the same repetitions.
+    #[serde(default)]
+    pub limit: Option<Stat>,
+    /// How the limit was measured (the fio engine and job count).
+    #[serde(default)]
+    pub limit_name: String,
+    /// snapmv median / limit median.
+    #[serde(default)]
+    pub limit_ratio: Option<f64>,
 }
 
 impl Row {
@@ -135,7 +144,21 @@ impl Row {
             snapmv_detail: None,
             peer_detail: None,
             note: String::new(),
+            limit: None,
+            limit_name: String::new(),
+            limit_ratio: None,
         }
+    }
+
+    /// Adds the physical-limit figures (fio on the same file).
+    pub fn with_limit(mut self, values: &[f64], name: &str) -> Row {
+        self.limit = Stat::of(values);
+        self.limit_name = name.into();
+        self.limit_ratio = match (&self.snapmv, &self.limit) {
+            (Some(s), Some(l)) if l.median > 0.0 => Some(s.median / l.median),
+            _ => None,
+        };
+        self
     }
 
     /// An IOPS row from load runs.
@@ -225,6 +248,10 @@ fn cpu_cell(d: &Option<Detail>) -> String {
     }
 }
 
+fn ratio_cell(r: Option<f64>) -> String {
+    r.map(|x| format!("{x:.2}×")).unwrap_or_else(|| "—".into())
+}
+
 fn esc(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
@@ -232,20 +259,20 @@ fn esc(s: &str) -> String {
 /// The Markdown table.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| # | case | metric | snapmv median (min–max) | peer median (min–max) | peer | snapmv/peer | MB/s snapmv / peer | snapmv lat µs mean/p50/p99/p99.9 | peer lat µs mean/p50/p99/p99.9 | CPU µs/IO snapmv | CPU µs/IO peer | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| # | case | metric | snapmv median (min–max) | peer median (min–max) | peer | snapmv/peer | limit (fio) | snapmv/limit | MB/s snapmv / peer | snapmv lat µs mean/p50/p99/p99.9 | peer lat µs mean/p50/p99/p99.9 | CPU µs/IO snapmv | CPU µs/IO peer | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |\n",
             esc(&r.scenario),
             esc(&r.case),
             esc(&r.metric),
             stat_cell(&r.snapmv),
             stat_cell(&r.peer),
             esc(&r.peer_name),
-            r.ratio
-                .map(|x| format!("{x:.2}×"))
-                .unwrap_or_else(|| "—".into()),
+            ratio_cell(r.ratio),
+            stat_cell(&r.limit),
+            ratio_cell(r.limit_ratio),
             mbps_cell(&r.snapmv_detail),
             mbps_cell(&r.peer_detail),
             lat_cell(&r.snapmv_detail),
@@ -286,5 +313,20 @@ mod tests {
         assert_eq!(r.ratio, None);
         let md = markdown(&[r.note("a | b")]);
         assert!(md.contains("a \\| b"), "{md}");
+    }
+
+    #[test]
+    fn limit_ratio_is_snapmv_over_fio_and_old_json_still_reads() {
+        let r =
+            Row::new("1", "c", "IOPS", &[50.0], &[], "p").with_limit(&[100.0, 200.0, 50.0], "fio");
+        assert_eq!(r.limit_ratio, Some(0.5));
+        let md = markdown(&[r]);
+        let cols: Vec<usize> = md.lines().map(|l| l.matches('|').count()).collect();
+        assert!(cols.windows(2).all(|w| w[0] == w[1]), "{md}");
+        assert!(md.contains("| 100 (50.0–200) | 0.50× |"), "{md}");
+        let mut js = serde_json::to_value(Row::new("1", "c", "IOPS", &[1.0], &[], "p")).unwrap();
+        js.as_object_mut().unwrap().remove("limit");
+        let back: Row = serde_json::from_value(js).unwrap();
+        assert!(back.limit.is_none());
     }
 }

@@ -103,6 +103,100 @@ fn ab(
     Ok((va, vb))
 }
 
+/// The limit column of one scenario-1 row: fio's best IOPS and its job count per repetition,
+/// or why there is none.
+struct Limit {
+    plan: Option<crate::fio::Plan>,
+    iops: Vec<f64>,
+    jobs: Vec<usize>,
+    why_not: Option<String>,
+}
+
+impl Limit {
+    fn new(spec: &LoadSpec, direct: bool, have_fio: bool) -> Limit {
+        let plan = crate::fio::Plan::for_row(spec, direct);
+        let why_not = (plan.is_some() && !have_fio).then(|| crate::fio::MISSING.to_string());
+        Limit {
+            plan: plan.filter(|_| have_fio),
+            iops: Vec::new(),
+            jobs: Vec::new(),
+            why_not,
+        }
+    }
+
+    /// One fio run (a sweep for buffered QD32); a failure empties the column, not the run.
+    fn measure(&mut self, file: &Path, size: u64, dur: Duration, rep: usize) {
+        let Some(plan) = &self.plan else { return };
+        match plan.run(file, size, dur) {
+            Ok((iops, jobs)) => {
+                eprintln!("    fio    rep {rep}: {iops:.0} IOPS ({jobs} jobs)");
+                self.iops.push(iops);
+                self.jobs.push(jobs);
+            }
+            Err(e) => {
+                eprintln!("    fio    rep {rep}: failed, limit column left empty: {e}");
+                self.why_not = Some(format!("fio failed: {e}"));
+                self.plan = None;
+                self.iops.clear();
+            }
+        }
+    }
+
+    fn apply(self, row: Row, resident: Option<f64>) -> Row {
+        let row = match resident {
+            Some(r) => row.note(format!("origin in the page cache before the row: {r:.0} %")),
+            None => row,
+        };
+        match (self.why_not, self.plan) {
+            (Some(w), _) => row.note(format!("limit: {w}")),
+            (None, Some(plan)) => {
+                let name = plan.describe();
+                let jobs: Vec<String> = self.jobs.iter().map(|j| j.to_string()).collect();
+                let row = row.with_limit(&self.iops, &name);
+                row.note(format!(
+                    "limit: {name} (jobs per repetition: {})",
+                    jobs.join(", ")
+                ))
+            }
+            (None, None) => row,
+        }
+    }
+}
+
+/// [`ab`] plus the fio limit in the same repetition; the three take turns going first.
+fn ab_limit(
+    ctx: &Ctx,
+    label: &str,
+    file: &Path,
+    limit: &mut Limit,
+    mut a: impl FnMut() -> Result<LoadResult>,
+    mut b: impl FnMut() -> Result<LoadResult>,
+) -> Result<(Vec<LoadResult>, Vec<LoadResult>)> {
+    if limit.plan.is_none() {
+        return ab(ctx.reps, label, a, b);
+    }
+    let (mut va, mut vb) = (Vec::new(), Vec::new());
+    eprintln!("  {label}");
+    for rep in 0..ctx.reps {
+        for k in 0..3 {
+            match (k + rep) % 3 {
+                0 => {
+                    let r = a()?;
+                    progress(&format!("snapmv rep {rep}"), &r);
+                    va.push(r);
+                }
+                1 => {
+                    let r = b()?;
+                    progress(&format!("QSD    rep {rep}"), &r);
+                    vb.push(r);
+                }
+                _ => limit.measure(file, ctx.size, ctx.dur, rep),
+            }
+        }
+    }
+    Ok((va, vb))
+}
+
 fn goal(row: Row, g: f64) -> Row {
     let met = row.ratio.is_some_and(|r| r >= g);
     row.note(format!(
@@ -114,6 +208,19 @@ fn goal(row: Row, g: f64) -> Row {
 /// Scenario 1: origin without snapshot, buffered and O_DIRECT.
 pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result<()> {
     eprintln!("scenario 1: origin, no snapshot");
+    let have_fio = match crate::fio::version() {
+        Some(v) => {
+            eprintln!("  limit column: {v} on the same origin file");
+            true
+        }
+        None => {
+            eprintln!(
+                "  {}; the limit (fio) column stays empty",
+                crate::fio::MISSING
+            );
+            false
+        }
+    };
     let sock = sm.socket_dir.join("vol.sock");
     let cases = |q: usize, dur: Duration, size: u64| {
         [
@@ -131,9 +238,13 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
         let mut qsd = Qsd::start_raw(&ctx.dir, "raw", origin, false, &ctx.aio)?;
         for q in [1, 2] {
             for spec in cases(q, ctx.dur, ctx.size) {
-                let (a, b) = ab(
-                    ctx.reps,
+                let mut limit = Limit::new(&spec, false, have_fio);
+                let resident = crate::fio::resident_pct(origin);
+                let (a, b) = ab_limit(
+                    ctx,
                     &format!("buffered {}", spec.label()),
+                    origin,
+                    &mut limit,
                     || run_on(&sock, sm.pid(), &spec),
                     || run_on(&qsd.socket, qsd.pid(), &spec),
                 )?;
@@ -144,6 +255,7 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
                     &b,
                     &format!("QSD raw aio={}", ctx.aio),
                 );
+                let row = limit.apply(row, resident);
                 ctx.rows.push(goal(row, if q == 1 { 2.0 } else { 5.0 }));
             }
         }
@@ -201,9 +313,13 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
             let qsd = Qsd::start_raw(&ctx.dir, "rawdirect", origin, true, &ctx.aio)?;
             for q in [1, 2] {
                 for spec in cases(q, ctx.dur, ctx.size) {
-                    let (a, b) = ab(
-                        ctx.reps,
+                    let mut limit = Limit::new(&spec, true, have_fio);
+                    let resident = crate::fio::resident_pct(origin);
+                    let (a, b) = ab_limit(
+                        ctx,
                         &format!("O_DIRECT {}", spec.label()),
+                        origin,
+                        &mut limit,
                         || run_on(&dsock, sm.pid(), &spec),
                         || run_on(&qsd.socket, qsd.pid(), &spec),
                     )?;
@@ -214,6 +330,7 @@ pub fn s1(ctx: &mut Ctx, sm: &mut Snapmv, origin: &Path, store: &Path) -> Result
                         &b,
                         &format!("QSD raw cache.direct=on aio={}", ctx.aio),
                     );
+                    let row = limit.apply(row, resident);
                     ctx.rows.push(goal(row, 1.1));
                 }
             }
@@ -327,7 +444,26 @@ fn write_some(conn: &mut Conn, pid: u32, n: u64, size: u64) -> Result<()> {
     conn.run(&spec, pid, None).map(|_| ())
 }
 
-/// Snapshot create/delete latencies (ms) while a 4k randwrite QD32 load runs.
+/// What [`latency_under_load`] measured in one repetition.
+struct UnderLoad {
+    /// Create latencies, ms.
+    create: Vec<f64>,
+    /// Delete latencies, ms.
+    delete: Vec<f64>,
+    /// The whole load run.
+    load: LoadResult,
+    /// The load's write latency (p99, p99.9 µs) during the creates, during an equally long
+    /// window right after them without any snapshot operation, and during the deletes.
+    windows: [(f64, f64); 3],
+}
+
+/// Window numbers of [`UnderLoad::windows`] (1-based in [`crate::load::Windows`]).
+const W_CREATE: usize = 1;
+const W_BASE: usize = 2;
+const W_DELETE: usize = 3;
+
+/// Snapshot create/delete latencies (ms) while a 4k randwrite QD32 load runs, and the load's
+/// write latency during the creates against the same load without them.
 fn latency_under_load(
     conn: &mut Conn,
     pid: u32,
@@ -335,23 +471,33 @@ fn latency_under_load(
     k: usize,
     create: &mut dyn FnMut(usize) -> Result<()>,
     delete: &mut dyn FnMut(usize) -> Result<()>,
-) -> Result<(Vec<f64>, Vec<f64>, LoadResult)> {
+) -> Result<UnderLoad> {
     let stop = AtomicBool::new(false);
+    let win = crate::load::Windows::new(3)?;
     let spec = LoadSpec {
         duration: None,
+        windows: Some(win.clone()),
         ..LoadSpec::new(Pattern::RandWrite, K4, 32, 1, Duration::ZERO, (0, size))
     };
-    std::thread::scope(|s| {
+    let (create, delete, load) = std::thread::scope(|s| {
         let h = s.spawn(|| conn.run(&spec, pid, Some(&stop)));
         let mut body = || -> Result<(Vec<f64>, Vec<f64>)> {
             std::thread::sleep(Duration::from_millis(300));
             let mut c = Vec::new();
+            win.set(W_CREATE);
+            let t0 = Instant::now();
             for i in 0..k {
                 let t = Instant::now();
                 create(i)?;
                 c.push(t.elapsed().as_secs_f64() * 1e3);
                 std::thread::sleep(Duration::from_millis(30));
             }
+            // The baseline: as long as the creates took, same load, same repetition, no
+            // snapshot operation. Right after the last create, so most writes are still first
+            // writes, as during the creates.
+            win.set(W_BASE);
+            std::thread::sleep(t0.elapsed());
+            win.set(W_DELETE);
             let mut d = Vec::new();
             for i in 0..k {
                 let t = Instant::now();
@@ -359,6 +505,7 @@ fn latency_under_load(
                 d.push(t.elapsed().as_secs_f64() * 1e3);
                 std::thread::sleep(Duration::from_millis(30));
             }
+            win.set(0);
             Ok((c, d))
         };
         let r = body();
@@ -367,7 +514,24 @@ fn latency_under_load(
             .join()
             .unwrap_or_else(|_| Err(BenchError::Invalid("load thread panicked".into())));
         let (c, d) = r?;
-        Ok((c, d, load?))
+        Ok::<_, BenchError>((c, d, load?))
+    })?;
+    let q = |w: usize| {
+        win.get(w)
+            .filter(|h| !h.is_empty())
+            .map(|h| {
+                (
+                    h.value_at_quantile(0.99) as f64,
+                    h.value_at_quantile(0.999) as f64,
+                )
+            })
+            .unwrap_or((f64::NAN, f64::NAN))
+    };
+    Ok(UnderLoad {
+        create,
+        delete,
+        load,
+        windows: [q(W_CREATE), q(W_BASE), q(W_DELETE)],
     })
 }
 
@@ -541,13 +705,14 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
         if run5 && (level == 1 || level == 1000) {
             let (mut sc, mut sd, mut qc, mut qd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let (mut sl, mut ql) = (Vec::new(), Vec::new());
+            let (mut sw, mut qw) = (Vec::new(), Vec::new());
             for rep in 0..ctx.reps {
                 {
                     let mut c = Conn::connect(&sock, 1, 32 * K4)?;
                     let pid = sm.pid();
                     let tags = std::cell::RefCell::new(Vec::new());
                     let sm_cell = std::cell::RefCell::new(&mut *sm);
-                    let (c1, d1, l) = latency_under_load(
+                    let u = latency_under_load(
                         &mut c,
                         pid,
                         size,
@@ -562,16 +727,17 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
                             sm_cell.borrow_mut().delete("v3", t)
                         },
                     )?;
-                    eprintln!("    snapmv rep {rep}: create p50 {:.2} ms max {:.2} ms, delete p50 {:.2} ms max {:.2} ms, load {:.0} IOPS", pctl(&c1, 0.5), pctl(&c1, 1.0), pctl(&d1, 0.5), pctl(&d1, 1.0), l.iops);
-                    sc.extend(c1);
-                    sd.extend(d1);
-                    sl.push(l);
+                    stall_line("snapmv", rep, &u);
+                    sc.extend(&u.create);
+                    sd.extend(&u.delete);
+                    sw.push(u.windows);
+                    sl.push(u.load);
                 }
                 if level <= qsd_max {
                     let mut c = Conn::connect(&qsd.socket, 1, 32 * K4)?;
                     let pid = qsd.pid();
                     let q_cell = std::cell::RefCell::new(&mut qsd);
-                    let (c1, d1, l) = latency_under_load(
+                    let u = latency_under_load(
                         &mut c,
                         pid,
                         size,
@@ -583,10 +749,11 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
                                 .delete_snapshot(&format!("s5-{rep}-{i}"))
                         },
                     )?;
-                    eprintln!("    QSD    rep {rep}: create p50 {:.2} ms max {:.2} ms, delete p50 {:.2} ms max {:.2} ms, load {:.0} IOPS", pctl(&c1, 0.5), pctl(&c1, 1.0), pctl(&d1, 0.5), pctl(&d1, 1.0), l.iops);
-                    qc.extend(c1);
-                    qd.extend(d1);
-                    ql.push(l);
+                    stall_line("QSD   ", rep, &u);
+                    qc.extend(&u.create);
+                    qd.extend(&u.delete);
+                    qw.push(u.windows);
+                    ql.push(u.load);
                 }
             }
             let peer = "QSD qcow2 64k internal snapshot (QMP)";
@@ -627,9 +794,93 @@ pub fn s3_s5(ctx: &mut Ctx, sm: &mut Snapmv, run3: bool, run5: bool) -> Result<P
             );
             row.case.push_str(" (background load)");
             ctx.rows.push(row);
+            stall_rows(ctx, level, &sw, &qw, peer, skip);
         }
     }
     Ok(sock)
+}
+
+fn stall_line(who: &str, rep: usize, u: &UnderLoad) {
+    let [c, b, d] = u.windows;
+    eprintln!(
+        "    {who} rep {rep}: create p50 {:.2} ms max {:.2} ms, delete p50 {:.2} ms max {:.2} ms, \
+         load {:.0} IOPS; write p99.9 during creates {:.0} µs, without {:.0} µs ({:.2}×), during deletes {:.0} µs",
+        pctl(&u.create, 0.5),
+        pctl(&u.create, 1.0),
+        pctl(&u.delete, 0.5),
+        pctl(&u.delete, 1.0),
+        u.load.iops,
+        c.1,
+        b.1,
+        c.1 / b.1,
+        d.1
+    );
+}
+
+/// Scenario 5's stall rows: the load's write latency during creates and deletes against the
+/// same load without snapshot operations, per repetition.
+fn stall_rows(
+    ctx: &mut Ctx,
+    level: usize,
+    sw: &[[(f64, f64); 3]],
+    qw: &[[(f64, f64); 3]],
+    peer: &str,
+    skip: &str,
+) {
+    let col = |v: &[[(f64, f64); 3]], w: usize, p999: bool| -> Vec<f64> {
+        v.iter()
+            .map(|x| if p999 { x[w].1 } else { x[w].0 })
+            .filter(|x| x.is_finite())
+            .collect()
+    };
+    let ratio = |v: &[[(f64, f64); 3]], w: usize| -> Vec<f64> {
+        v.iter()
+            .map(|x| x[w].1 / x[1].1)
+            .filter(|x| x.is_finite())
+            .collect()
+    };
+    let what = [
+        "during the creates",
+        "without snapshot operations (baseline: as long as the creates, right after them)",
+        "during the deletes",
+    ];
+    for (w, name) in what.iter().enumerate() {
+        for (pn, p999) in [("p99", false), ("p99.9", true)] {
+            let mut row = Row::new(
+                "5",
+                &format!("guest 4k randwrite QD32 write latency {name}, {level} existing"),
+                &format!("{pn} µs"),
+                &col(sw, w, p999),
+                &col(qw, w, p999),
+                peer,
+            );
+            if qw.is_empty() {
+                row = row.note(skip);
+            }
+            ctx.rows.push(row);
+        }
+    }
+    for (w, name) in [(0, "creates"), (2, "deletes")] {
+        let v = ratio(sw, w);
+        let mut row = Row::new(
+            "5",
+            &format!(
+                "guest write stall: p99.9 during the {name} / p99.9 without, {level} existing"
+            ),
+            "×",
+            &v,
+            &ratio(qw, w),
+            peer,
+        );
+        if w == 0 {
+            let ok = crate::report::Stat::of(&v).is_some_and(|s| s.median <= 2.0);
+            row = row.note(format!("goal ≤ 2×: {}", if ok { "met" } else { "NOT met" }));
+        }
+        if qw.is_empty() {
+            row = row.note(skip);
+        }
+        ctx.rows.push(row);
+    }
 }
 
 /// Scenario 3's goal: the rate with N snapshots against the rate with one.
@@ -842,4 +1093,37 @@ pub fn s6(ctx: &mut Ctx, sm: &mut Snapmv, sock: &Path) -> Result<()> {
         )),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_fio_the_limit_column_is_empty_and_says_why() {
+        let spec = LoadSpec::new(
+            Pattern::RandRead,
+            K4,
+            32,
+            1,
+            Duration::from_secs(1),
+            (0, 1 << 30),
+        );
+        let row = Row::new("1", "c", "IOPS", &[1.0], &[], "p");
+        let r = Limit::new(&spec, false, false).apply(row.clone(), Some(100.0));
+        assert!(r.limit.is_none() && r.limit_ratio.is_none());
+        assert!(r.note.contains(crate::fio::MISSING), "{}", r.note);
+        assert!(
+            r.note.contains("page cache before the row: 100 %"),
+            "{}",
+            r.note
+        );
+        // Rows fio does not mirror get no limit note at all.
+        let mixed = LoadSpec {
+            pattern: Pattern::Mixed,
+            ..spec
+        };
+        let r = Limit::new(&mixed, false, false).apply(row, None);
+        assert!(r.note.is_empty(), "{}", r.note);
+    }
 }
