@@ -185,6 +185,8 @@ mon_data_avail_crit = 1
 [client]
 # Clients (rbd, python-rbd, librbd in snapmv) log here only when asked (--debug-*).
 log_file = $DIR/log/\$name.\$pid.log
+# One process may hold several clients (two Rados handles): one socket each.
+admin_socket = $DIR/run/\$name.\$pid.\$cctid.asok
 
 [mon]
 mon_data = $DIR/mon.\$id
