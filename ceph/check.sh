@@ -64,6 +64,14 @@ check() {
     echo "(librbd's own messages of the fenced client: $(grep -c . "$SCRATCH/fence.err") lines, e.g.)"
     grep -m 3 -E 'blocklisted|\(108\)' "$SCRATCH/fence.err" || true
 
+    say "takeover after SIGKILL of the lock owner: by waiting, and by an explicit lock break"
+    IMAGES+=("check-takeover-$$")
+    /usr/bin/python3 "$HERE/rbd_check.py" takeover "check-takeover-$$" 2>"$SCRATCH/takeover.err" ||
+        {
+            cat "$SCRATCH/takeover.err" >&2
+            die "takeover check failed"
+        }
+
     say "qemu-img info rbd:$POOL/$img:conf=$CEPH_CONF"
     if ! command -v qemu-img >/dev/null; then
         echo "qemu-img not installed: skipped"

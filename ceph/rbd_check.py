@@ -7,6 +7,10 @@
     rbd_check.py blocklist IMAGE  hold the exclusive lock, get blocklisted with
                                   `ceph osd blocklist add ADDR`, show what the next write returns,
                                   then show another client taking the lock over
+    rbd_check.py takeover IMAGE   a holder process is killed with SIGKILL; another client takes
+                                  the lock: once by waiting (librbd breaks a dead owner's lock by
+                                  itself after the watch times out) and once at once, by
+                                  breaking the lock explicitly (which blocklists the old owner)
 
 The image lives in $SNAPMV_CEPH_POOL (default snapmv) and is created (64 MiB) if missing.
 The cluster is found through $CEPH_CONF (see `ceph/cluster.sh env`). Run with /usr/bin/python3:
@@ -164,12 +168,60 @@ def check_blocklist(image):
     return ok
 
 
+def hold(image):
+    """Child of `takeover`: take the lock, write, print our address, wait to be killed."""
+    cluster = connect()
+    ioctx = cluster.open_ioctx(POOL)
+    img = rbd.Image(ioctx, image)
+    img.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+    img.write(b"A" * 4096, 0)
+    img.flush()
+    print(cluster.get_addrs(), flush=True)
+    time.sleep(3600)
+
+
+def check_takeover(image):
+    cluster = connect()
+    ioctx = cluster.open_ioctx(POOL)
+    ensure_image(ioctx, image)
+    ok = True
+    for explicit in (False, True):
+        holder = subprocess.Popen([sys.executable, __file__, "hold", image], stdout=subprocess.PIPE, text=True)
+        addr = holder.stdout.readline().strip()
+        holder.kill()  # SIGKILL: no release, the watch lingers until the OSD times it out
+        holder.wait()
+        t0 = time.monotonic()
+        say(f"holder {addr} took the lock, wrote block 0 and was killed with SIGKILL")
+        with rbd.Image(ioctx, image) as b:
+            if explicit:
+                for o in b.lock_get_owners():
+                    b.lock_break(rbd.RBD_LOCK_MODE_EXCLUSIVE, o["owner"])
+                say(f"explicit: lock_break of {addr} (blocklists it) took {time.monotonic() - t0:.1f} s")
+            b.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+            took = time.monotonic() - t0
+            b.write(b"B" * 4096, 4096)
+            b.flush()
+            ok &= b.read(0, 4096) == b"A" * 4096
+            say(f"{'explicit' if explicit else 'waiting'}: the new client owns the lock {took:.1f} s after the kill")
+        bl = subprocess.run(["ceph", "--conf", CONF, "osd", "blocklist", "ls"], capture_output=True, text=True).stdout
+        ok &= addr in bl
+        say(f"{addr} is blocklisted: {addr in bl}")
+        subprocess.run(["ceph", "--conf", CONF, "osd", "blocklist", "rm", addr], capture_output=True)
+    ioctx.close()
+    cluster.shutdown()
+    say("takeover: all checks hold" if ok else "takeover: CHECK FAILED")
+    return ok
+
+
 def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ("io", "blocklist"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("io", "blocklist", "takeover", "hold"):
         sys.exit(__doc__)
-    if sys.argv[1] == "io":
-        check_io(sys.argv[2])
-    elif not check_blocklist(sys.argv[2]):
+    mode, image = sys.argv[1:]
+    if mode == "io":
+        check_io(image)
+    elif mode == "hold":
+        hold(image)
+    elif not {"blocklist": check_blocklist, "takeover": check_takeover}[mode](image):
         sys.exit(1)
 
 
