@@ -112,8 +112,15 @@ fail_with_log() { # NAME MESSAGE
     f=$(logfile "$1")
     log "error: $2"
     if [[ -f $f ]]; then
+        # A crashing daemon appends a dump of its recent log lines: they repeat what comes
+        # before, so show what precedes the dump. Errors first (level -1, failed asserts,
+        # signals), then the last lines.
+        local body
+        body=$(sed '/--- begin dump of recent events ---/,$d' "$f")
+        log "errors in $f:"
+        grep -E ' -1 |FAILED|Caught signal|error' <<<"$body" | grep -v '_read_bdev_label failed to open' | tail -n 8 >&2 || true
         log "last lines of $f:"
-        tail -n 25 "$f" >&2
+        tail -n 12 <<<"$body" >&2
     fi
     exit 1
 }
@@ -149,6 +156,7 @@ bootstrap() {
     host=$(hostname -s)
     log "bootstrapping a new cluster in $DIR (fsid $fsid, mon 127.0.0.1:$port, osd $OSD_SIZE sparse file)"
     mkdir -p "$DIR"/{run,log,crash,mon.$MON_ID,mgr.$MGR_ID,osd.$OSD_ID}
+    touch "$DIR/bootstrap.incomplete"
 
     cat >"$CONF.tmp" <<EOF
 # Written by ceph/cluster.sh: a single-node throwaway cluster. Everything lives in $DIR.
@@ -212,7 +220,6 @@ osd_op_num_shards = 2
 osd_op_num_threads_per_shard = 1
 EOF
     mv "$CONF.tmp" "$CONF"
-    echo "$port" >"$DIR/mon_port"
 
     # Keys: mon., client.admin (everything), mgr.x, osd.0, and client.snapmv with the rbd
     # profile (what snapmv would run as on a real cluster; the profile allows blocklisting a
@@ -243,9 +250,10 @@ EOF
     quiet ceph_ osd new "$osd_uuid" "$OSD_ID" || fail_with_log "mon.$MON_ID" "ceph osd new failed"
     log "creating the OSD's BlueStore ($OSD_SIZE sparse file)"
     ceph-osd --conf "$CONF" -i "$OSD_ID" --mkfs --osd-uuid "$osd_uuid" >"$DIR/log/osd-mkfs.out" 2>&1 ||
-        { cat "$DIR/log/osd-mkfs.out" >&2; fail_with_log "osd.$OSD_ID" "ceph-osd --mkfs failed"; }
+        fail_with_log "osd.$OSD_ID" "ceph-osd --mkfs failed (its output: $DIR/log/osd-mkfs.out)"
     echo "$host" >"$DIR/host"
     touch "$DIR/bootstrapped.pending"
+    rm -f "$DIR/bootstrap.incomplete"
 }
 
 # After the daemons run on first start: the pool.
@@ -272,8 +280,9 @@ start_daemon() { # NAME
         return 0
     fi
     rm -f "$(pidfile "$name")"
-    # The daemons fork into the background themselves and write their pid file.
-    "ceph-$type" --conf "$CONF" -i "$id" >>"$DIR/log/$name.out" 2>&1 ||
+    # The daemons fork into the background themselves and write their pid file. They must not
+    # inherit the lock on fd 9 (nor the caller's stdout/stderr: a test reading them would hang).
+    "ceph-$type" --conf "$CONF" -i "$id" >>"$DIR/log/$name.out" 2>&1 9>&- ||
         fail_with_log "$name" "ceph-$type -i $id failed to start (see also $DIR/log/$name.out)"
     local t=0
     while [[ -z $(daemon_pid "$name") ]]; do
@@ -298,9 +307,21 @@ osd_up() { ceph_ osd dump --format json | python3 -c 'import json,sys; d=json.lo
 mgr_up() { ceph_ mgr stat --format json | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin).get("available") else 1)'; }
 health_ok() { [[ $(ceph_ health 2>/dev/null) == HEALTH_OK* ]]; }
 
+# Serialise start/stop/destroy on one directory: tests running in parallel may all call
+# `start`; the later ones wait, then find the cluster running.
+lock_dir() {
+    mkdir -p "$DIR"
+    exec 9>"$DIR/.lock"
+    flock -w "$TIMEOUT" 9 || die "another ceph/cluster.sh holds $DIR/.lock for more than ${TIMEOUT}s"
+}
+
 cmd_start() {
     need_binaries
     local t0=$SECONDS
+    lock_dir
+    if [[ -e $DIR/bootstrap.incomplete ]]; then
+        die "an earlier bootstrap of $DIR stopped half-way (see $DIR/log/): run '$0 destroy', then start again"
+    fi
     if [[ ! -e $CONF ]]; then
         bootstrap
     else
@@ -355,6 +376,7 @@ cmd_stop() {
         log "nothing to stop: $DIR does not exist"
         return 0
     }
+    lock_dir
     local d pid i
     # OSD first (it tells the mon it goes down when the mon still runs), then mgr, then mon.
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
@@ -376,11 +398,15 @@ cmd_stop() {
 }
 
 cmd_destroy() {
+    if [[ -d $DIR ]]; then
+        # Refuse to touch something that does not look like our cluster directory.
+        local other
+        other=$(find "$DIR" -mindepth 1 -maxdepth 1 ! -name .lock -print -quit)
+        [[ -e $CONF || -e $DIR/bootstrap.incomplete || -z $other ]] ||
+            die "$DIR does not look like a cluster made by this script; not removing it"
+    fi
     cmd_stop
     if [[ -d $DIR ]]; then
-        # Refuse to remove something that does not look like our cluster directory.
-        [[ -e $CONF || -e $DIR/mon_port || -z $(ls -A "$DIR") ]] ||
-            die "$DIR does not look like a cluster made by this script; not removing it"
         rm -rf -- "$DIR"
         log "removed $DIR"
     fi
