@@ -164,6 +164,8 @@ bootstrap() {
 fsid = $fsid
 mon_host = [v2:127.0.0.1:$port]
 public_addr = 127.0.0.1
+# The OSD's cluster and heartbeat addresses too: nothing listens beyond loopback.
+cluster_addr = 127.0.0.1
 ms_bind_msgr1 = false
 ms_bind_msgr2 = true
 auth_cluster_required = cephx
