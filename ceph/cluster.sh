@@ -35,7 +35,7 @@ OSD_ID=0
 DAEMONS=("mon.$MON_ID" "mgr.$MGR_ID" "osd.$OSD_ID")
 PACKAGES=(ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev python3-rbd)
 
-log() { printf 'ceph/cluster.sh: %s\n' "$*" >&2; }
+log() { printf 'ceph/cluster.sh [%3ss]: %s\n' "$SECONDS" "$*" >&2; }
 die() {
     log "error: $*"
     exit 1
@@ -210,6 +210,8 @@ mgr_data = $DIR/mgr.\$id
 osd_data = $DIR/osd.\$id
 osd_objectstore = bluestore
 bluestore_block_create = true
+# A fresh file: a fsck right after mkfs only costs seconds.
+bluestore_fsck_on_mkfs = false
 bluestore_block_size = $(numfmt --from=iec "$OSD_SIZE")
 bluestore_cache_autotune = false
 bluestore_cache_size = $OSD_CACHE
@@ -294,6 +296,19 @@ start_daemon() { # NAME
     log "started $name (pid $(daemon_pid "$name"))"
 }
 
+# Start several daemons at once (each spends seconds initialising before it forks).
+start_daemons() { # NAME...
+    local name pids=() p rc=0
+    for name in "$@"; do
+        start_daemon "$name" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do
+        wait "$p" || rc=1
+    done
+    ((rc == 0)) || exit 1
+}
+
 wait_for() { # WHAT NAME-OF-DAEMON-TO-BLAME CMD...
     local what=$1 who=$2 deadline
     shift 2
@@ -330,11 +345,12 @@ cmd_start() {
         start_daemon "mon.$MON_ID"
         wait_for "the monitor to answer" "mon.$MON_ID" ceph_ mon stat
     fi
-    start_daemon "mgr.$MGR_ID"
-    start_daemon "osd.$OSD_ID"
+    start_daemons "mgr.$MGR_ID" "osd.$OSD_ID"
     wait_for "osd.$OSD_ID to be up" "osd.$OSD_ID" osd_up
-    wait_for "mgr.$MGR_ID to be available" "mgr.$MGR_ID" mgr_up
+    # The pool needs the mon and the OSD only; the mgr (slow to load its Python modules) may
+    # still be starting meanwhile.
     finish_bootstrap
+    wait_for "mgr.$MGR_ID to be available" "mgr.$MGR_ID" mgr_up
     local deadline=$((SECONDS + TIMEOUT))
     until health_ok; do
         if ((SECONDS >= deadline)); then
