@@ -108,6 +108,22 @@ def check_blocklist(image):
     say(f"client A {addr} (client.{cluster.get_instance_id()}) holds the exclusive lock and wrote block 0")
     run("rbd", "lock", "ls", f"{POOL}/{image}")
 
+    # A second live client (as a second daemon would) cannot take the lock from A.
+    second = connect()
+    sctx = second.open_ioctx(POOL)
+    with rbd.Image(sctx, image) as b2:
+        t0 = time.monotonic()
+        try:
+            b2.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+            say("UNEXPECTED: a second client acquired the lock while A holds it")
+            ok_acquire = False
+        except rbd.Error as e:
+            say(f"a second client's lock_acquire while A holds the lock, {time.monotonic() - t0:.2f} s: "
+                f"{type(e).__name__} errno={e.errno}: {e}")
+            ok_acquire = e.errno == errno.EROFS
+    sctx.close()
+    second.shutdown()
+
     # Another client asking for the lock cannot get it while A holds it explicitly.
     try:
         subprocess.run(["rbd", "--conf", CONF, "bench", "--io-type", "write", "--io-total", "4K",
@@ -163,7 +179,7 @@ def check_blocklist(image):
     except rados.Error as e:
         say(f"shutting A down: {e}")
     run("ceph", "osd", "blocklist", "rm", addr)
-    ok = blocked and ok_other
+    ok = blocked and ok_other and ok_acquire
     say("blocklist: all checks hold" if ok else "blocklist: CHECK FAILED")
     return ok
 
