@@ -72,6 +72,22 @@ check() {
             die "takeover check failed"
         }
 
+    say "handover (live migration's switch-over): release, acquire, the old owner can no longer write"
+    IMAGES+=("check-handover-$$")
+    /usr/bin/python3 "$HERE/rbd_check.py" handover "check-handover-$$" 2>"$SCRATCH/handover.err" ||
+        {
+            cat "$SCRATCH/handover.err" >&2
+            die "handover check failed"
+        }
+
+    say "client.snapmv (profile rbd) may add a blocklist entry, not remove one"
+    ceph --id snapmv osd blocklist add 127.0.0.2:0/1 60
+    if ceph --id snapmv osd blocklist rm 127.0.0.2:0/1 2>"$SCRATCH/rm.err"; then
+        die "client.snapmv could remove a blocklist entry"
+    fi
+    echo "client.snapmv: osd blocklist rm: $(tail -n 1 "$SCRATCH/rm.err")"
+    ceph osd blocklist rm 127.0.0.2:0/1
+
     say "qemu-img info rbd:$POOL/$img:conf=$CEPH_CONF"
     if ! command -v qemu-img >/dev/null; then
         echo "qemu-img not installed: skipped"

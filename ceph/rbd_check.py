@@ -11,6 +11,8 @@
                                   the lock: once by waiting (librbd breaks a dead owner's lock by
                                   itself after the watch times out) and once at once, by
                                   breaking the lock explicitly (which blocklists the old owner)
+    rbd_check.py handover IMAGE   live migration's switch-over: the owner releases the lock,
+                                  another client acquires it, the old owner can no longer write
 
 The image lives in $SNAPMV_CEPH_POOL (default snapmv) and is created (64 MiB) if missing.
 The cluster is found through $CEPH_CONF (see `ceph/cluster.sh env`). Run with /usr/bin/python3:
@@ -229,15 +231,47 @@ def check_takeover(image):
     return ok
 
 
+def check_handover(image):
+    """Live migration's switch-over: A flushes and releases, B acquires; A cannot write again."""
+    a_cluster, b_cluster = connect(), connect()
+    a_ctx, b_ctx = a_cluster.open_ioctx(POOL), b_cluster.open_ioctx(POOL)
+    ensure_image(a_ctx, image)
+    ok = True
+    with rbd.Image(a_ctx, image) as a, rbd.Image(b_ctx, image) as b:
+        a.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+        a.write(b"A" * 4096, 0)
+        a.flush()
+        t0 = time.monotonic()
+        a.lock_release()
+        b.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+        took = time.monotonic() - t0
+        ok &= b.read(0, 4096) == b"A" * 4096
+        b.write(b"B" * 4096, 4096)
+        b.flush()
+        say(f"A released, B acquired in {took:.2f} s and reads A's write; nobody was blocklisted")
+        try:
+            a.write(b"X" * 4096, 0)
+            say("UNEXPECTED: A wrote after handing the lock over")
+            ok = False
+        except rbd.Error as e:
+            say(f"A's write after the handover: {type(e).__name__} errno={e.errno}: {e}")
+            ok &= e.errno == errno.EROFS
+    for ctx, cl in ((a_ctx, a_cluster), (b_ctx, b_cluster)):
+        ctx.close()
+        cl.shutdown()
+    say("handover: all checks hold" if ok else "handover: CHECK FAILED")
+    return ok
+
+
 def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ("io", "blocklist", "takeover", "hold"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("io", "blocklist", "takeover", "handover", "hold"):
         sys.exit(__doc__)
     mode, image = sys.argv[1:]
     if mode == "io":
         check_io(image)
     elif mode == "hold":
         hold(image)
-    elif not {"blocklist": check_blocklist, "takeover": check_takeover}[mode](image):
+    elif not {"blocklist": check_blocklist, "takeover": check_takeover, "handover": check_handover}[mode](image):
         sys.exit(1)
 
 
