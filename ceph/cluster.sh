@@ -24,6 +24,8 @@
 set -euo pipefail
 
 DIR=${SNAPMV_CEPH_DIR:-/tmp/snapmv-ceph}
+# Absolute: the paths end up in ceph.conf, and the daemons chdir to / when they fork.
+DIR=$(realpath -m -- "$DIR")
 POOL=${SNAPMV_CEPH_POOL:-snapmv}
 OSD_SIZE=${SNAPMV_CEPH_OSD_SIZE:-8G}
 OSD_CACHE=${SNAPMV_CEPH_OSD_CACHE:-134217728}
@@ -102,7 +104,7 @@ daemon_pid() {
     [[ -s $f ]] || return 0
     pid=$(<"$f")
     # The pid must still be a ceph daemon started with our conf (pids are reused).
-    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$CONF"; then
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' '\n' <"/proc/$pid/cmdline" | grep -qxF -- "$CONF"; then
         echo "$pid"
     fi
 }
@@ -133,7 +135,7 @@ quiet() {
     return "$rc"
 }
 
-port_in_use() { ss -Htln "sport = :$1" 2>/dev/null | grep -q .; }
+port_in_use() { command -v ss >/dev/null && ss -Htln "sport = :$1" 2>/dev/null | grep -q .; }
 
 default_port() { # stable per directory, 20000-29999
     local sum
@@ -320,8 +322,8 @@ wait_for() { # WHAT NAME-OF-DAEMON-TO-BLAME CMD...
     done
 }
 
-osd_up() { ceph_ osd dump --format json | python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if any(o["up"] for o in d["osds"]) else 1)'; }
-mgr_up() { ceph_ mgr stat --format json | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin).get("available") else 1)'; }
+osd_up() { ceph_ osd dump --format json | /usr/bin/python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if any(o["up"] for o in d["osds"]) else 1)'; }
+mgr_up() { ceph_ mgr stat --format json | /usr/bin/python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin).get("available") else 1)'; }
 health_ok() { [[ $(ceph_ health 2>/dev/null) == HEALTH_OK* ]]; }
 
 # Serialise start/stop/destroy on one directory: tests running in parallel may all call
