@@ -2,10 +2,10 @@
 
 pub mod cli;
 pub mod cli_backup;
+pub mod daemon;
 pub mod export;
 pub mod nbd;
 pub mod rpc_server;
-pub mod serve;
 pub mod state;
 pub mod stream;
 pub mod vhost_blk;

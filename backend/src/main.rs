@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use snapmv::cli::{self, CliError, CreateArgs, Ctx};
+use snapmv::daemon::{serve, ServeConfig};
 use snapmv::rpc_server::SocketAccess;
-use snapmv::serve::{serve, ServeConfig};
 
 /// Default management socket.
 const DEFAULT_RPC_SOCKET: &str = "/run/snapmv/rpc.sock";
@@ -201,11 +201,11 @@ struct ServeArgs {
 }
 
 fn parse_group(s: &str) -> Result<u32, String> {
-    snapmv::serve::resolve_group(s)
+    snapmv::daemon::resolve_group(s)
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
-    snapmv::serve::parse_socket_mode(s)
+    snapmv::daemon::parse_socket_mode(s)
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -287,7 +287,7 @@ struct CreateCmd {
 }
 
 fn parse_mode_str(s: &str) -> Result<String, String> {
-    snapmv::serve::parse_socket_mode(s).map(|_| s.to_string())
+    snapmv::daemon::parse_socket_mode(s).map(|_| s.to_string())
 }
 
 fn main() -> ExitCode {
