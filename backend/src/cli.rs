@@ -7,8 +7,10 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::{json, Value};
-use snapmv_rpc::methods::{self as m, names};
+use snapmv_rpc::method::{self as rpc, Method};
+use snapmv_rpc::methods as m;
 use snapmv_rpc::{RpcClient, RpcError};
 
 /// Why a verb failed.
@@ -27,15 +29,6 @@ pub enum CliError {
         /// The OS error.
         #[source]
         source: std::io::Error,
-    },
-    /// The daemon's answer did not have the documented shape.
-    #[error("unexpected answer to {method}: {source}")]
-    Decode {
-        /// The method.
-        method: &'static str,
-        /// The decoder's error.
-        #[source]
-        source: serde_json::Error,
     },
     /// `check` could not run on the store.
     #[error("cannot check COW store {cow}: {source}")]
@@ -100,9 +93,7 @@ impl CliError {
         match self {
             CliError::Rpc(RpcError::Remote(e)) => e.code,
             CliError::Rpc(RpcError::Connect { .. } | RpcError::Io { .. }) => codes::IO_ERROR,
-            CliError::Rpc(_) | CliError::Decode { .. } | CliError::Wait { .. } => {
-                codes::INTERNAL_ERROR
-            }
+            CliError::Rpc(_) | CliError::Wait { .. } => codes::INTERNAL_ERROR,
             CliError::Path { .. } => codes::NOT_FOUND,
             CliError::Check { source, .. } => match source {
                 snapmv_engine::Error::Corrupt { .. } => codes::CORRUPT,
@@ -180,8 +171,17 @@ impl Ctx {
         Ok(RpcClient::connect(&self.rpc_socket)?)
     }
 
-    pub(crate) fn call(&self, method: &'static str, params: Value) -> Result<Value, CliError> {
-        Ok(self.client()?.call(method, params)?)
+    /// Calls method `M` on a new connection.
+    pub(crate) fn call<M: Method>(&self, params: &M::Params) -> Result<M::Result, CliError> {
+        Ok(self.client()?.call::<M>(params)?)
+    }
+
+    /// Prints a method's result as JSON (`--json`): the daemon's answer, keys sorted.
+    pub(crate) fn print_result<R: Serialize>(&self, r: &R) {
+        match serde_json::to_value(r) {
+            Ok(v) => self.print_json(&v),
+            Err(e) => eprintln!("snapmv: the result could not be encoded: {e}"),
+        }
     }
 
     pub(crate) fn print_json(&self, v: &Value) {
@@ -190,13 +190,6 @@ impl Ctx {
             serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
         );
     }
-}
-
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(
-    method: &'static str,
-    v: Value,
-) -> Result<T, CliError> {
-    serde_json::from_value(v).map_err(|source| CliError::Decode { method, source })
 }
 
 /// Makes a path absolute against the current directory (the daemon has another one).
@@ -256,66 +249,58 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
         Some(s) => Some(absolute("socket", s)?),
         None => None,
     };
-    let (method, params) = match a.tag {
-        None => (
-            names::ORIGIN_CREATE,
-            serde_json::to_value(m::OriginCreateParams {
-                name: a.name,
-                origin,
-                cow,
-                origin_id: a.origin_id,
-                bind: a.bind,
-                format: a.format,
-                force_format: a.force_format,
-                chunk_size: a.chunk_size,
-                num_queues: a.num_queues,
-                queue_size: a.queue_size,
-                readonly: a.readonly,
-                direct: a.direct,
-                socket,
-                socket_group: a.socket_group,
-                socket_mode: a.socket_mode,
-                protocol: a.nbd.then(|| "nbd".to_string()),
-            }),
-        ),
-        Some(tag) => (
-            names::SNAPSHOT_EXPORT,
-            serde_json::to_value(m::SnapshotExportParams {
-                name: a.name,
-                origin_id: a.origin_id,
-                origin: Some(origin),
-                cow,
-                tag,
-                num_queues: a.num_queues,
-                queue_size: a.queue_size,
-                readonly: a.readonly,
-                direct: a.direct,
-                socket,
-                socket_group: a.socket_group,
-                socket_mode: a.socket_mode,
-                protocol: a.nbd.then(|| "nbd".to_string()),
-            }),
-        ),
+    let protocol = a.nbd.then(|| m::PROTOCOL_NBD.to_string());
+    let e = match a.tag {
+        None => ctx.call::<rpc::OriginCreate>(&m::OriginCreateParams {
+            name: a.name,
+            origin,
+            cow,
+            origin_id: a.origin_id,
+            bind: a.bind,
+            format: a.format,
+            force_format: a.force_format,
+            chunk_size: a.chunk_size,
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            readonly: a.readonly,
+            direct: a.direct,
+            socket,
+            socket_group: a.socket_group,
+            socket_mode: a.socket_mode,
+            protocol,
+        })?,
+        Some(tag) => ctx.call::<rpc::SnapshotExport>(&m::SnapshotExportParams {
+            name: a.name,
+            origin_id: a.origin_id,
+            origin: Some(origin),
+            cow,
+            tag,
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            readonly: a.readonly,
+            direct: a.direct,
+            socket,
+            socket_group: a.socket_group,
+            socket_mode: a.socket_mode,
+            protocol,
+        })?,
     };
-    let params = params.map_err(|source| CliError::Decode { method, source })?;
-    let v = ctx.call(method, params)?;
     if ctx.json {
-        ctx.print_json(&v);
+        ctx.print_result(&e);
         return Ok(());
     }
-    let e: m::ExportInfo = decode(method, v)?;
     println!("export {} serves {} on {}", e.name, e.volume, e.socket);
     Ok(())
 }
 
 /// `snapmv remove NAME [--force]`: `export_remove`.
 pub fn remove(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
-    let v = ctx.call(
-        names::EXPORT_REMOVE,
-        json!({ "name": name, "force": force }),
-    )?;
+    let r = ctx.call::<rpc::ExportRemove>(&m::ExportRemoveParams {
+        name: name.into(),
+        force,
+    })?;
     if ctx.json {
-        ctx.print_json(&v);
+        ctx.print_result(&r);
     } else {
         println!("export {name} removed");
     }
@@ -324,14 +309,13 @@ pub fn remove(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
 
 /// `snapmv snapshot NAME [-m MEMO]`: `snapshot_create`.
 pub fn snapshot(ctx: &Ctx, name: &str, memo: Option<&str>) -> Result<(), CliError> {
-    let v = ctx.call(
-        names::SNAPSHOT_CREATE,
-        json!({ "name": name, "memo": memo.unwrap_or("") }),
-    )?;
+    let r = ctx.call::<rpc::SnapshotCreate>(&m::SnapshotCreateParams {
+        name: name.into(),
+        memo: memo.unwrap_or("").into(),
+    })?;
     if ctx.json {
-        ctx.print_json(&v);
+        ctx.print_result(&r);
     } else {
-        let r: m::SnapshotCreateResult = decode(names::SNAPSHOT_CREATE, v)?;
         println!("snapshot {} of export {name} created", r.tag);
     }
     Ok(())
@@ -340,15 +324,18 @@ pub fn snapshot(ctx: &Ctx, name: &str, memo: Option<&str>) -> Result<(), CliErro
 /// `snapmv delete NAME [TAG]`: `snapshot_delete`, or `origin_delete` without a tag (`force`:
 /// even while a guest is connected to the export).
 pub fn delete(ctx: &Ctx, name: &str, tag: Option<u32>, force: bool) -> Result<(), CliError> {
-    let v = match tag {
-        Some(tag) => ctx.call(names::SNAPSHOT_DELETE, json!({ "name": name, "tag": tag }))?,
-        None => ctx.call(
-            names::ORIGIN_DELETE,
-            json!({ "name": name, "force": force }),
-        )?,
+    let r = match tag {
+        Some(tag) => ctx.call::<rpc::SnapshotDelete>(&m::SnapshotDeleteParams {
+            name: name.into(),
+            tag,
+        })?,
+        None => ctx.call::<rpc::OriginDelete>(&m::ExportRemoveParams {
+            name: name.into(),
+            force,
+        })?,
     };
     if ctx.json {
-        ctx.print_json(&v);
+        ctx.print_result(&r);
     } else {
         match tag {
             Some(tag) => println!("snapshot {tag} of export {name} deleted"),
@@ -362,14 +349,14 @@ pub fn delete(ctx: &Ctx, name: &str, tag: Option<u32>, force: bool) -> Result<()
 /// unless `background`.
 pub fn rollback(ctx: &Ctx, name: &str, tag: u32, background: bool) -> Result<(), CliError> {
     if background {
-        let v = ctx.call(
-            names::SNAPSHOT_ROLLBACK,
-            json!({ "name": name, "tag": tag, "wait": false }),
-        )?;
+        let r = ctx.call::<rpc::SnapshotRollback>(&m::SnapshotRollbackParams {
+            name: name.into(),
+            tag,
+            wait: false,
+        })?;
         if ctx.json {
-            ctx.print_json(&v);
+            ctx.print_result(&r);
         } else {
-            let r: m::SnapshotRollbackResult = decode(names::SNAPSHOT_ROLLBACK, v)?;
             if r.done {
                 println!("export {name} rolled back to snapshot {tag}");
             } else {
@@ -381,10 +368,11 @@ pub fn rollback(ctx: &Ctx, name: &str, tag: u32, background: bool) -> Result<(),
     let mut waiter = ctx.client()?;
     let name_w = name.to_string();
     let handle = std::thread::spawn(move || {
-        waiter.call(
-            names::SNAPSHOT_ROLLBACK,
-            json!({ "name": name_w, "tag": tag, "wait": true }),
-        )
+        waiter.call::<rpc::SnapshotRollback>(&m::SnapshotRollbackParams {
+            name: name_w,
+            tag,
+            wait: true,
+        })
     });
     let show = std::io::stderr().is_terminal() && !ctx.json;
     let mut status_client = None;
@@ -400,10 +388,9 @@ pub fn rollback(ctx: &Ctx, name: &str, tag: u32, background: bool) -> Result<(),
         let Some(c) = status_client.as_mut() else {
             continue;
         };
-        let Ok(v) = c.call(names::STATUS, json!({ "name": name })) else {
-            continue;
-        };
-        let Ok(st) = serde_json::from_value::<m::Status>(v) else {
+        let Ok(st) = c.call::<rpc::Status>(&m::OptionalNameParams {
+            name: Some(name.into()),
+        }) else {
             continue;
         };
         if let Some(r) = st
@@ -426,12 +413,12 @@ pub fn rollback(ctx: &Ctx, name: &str, tag: u32, background: bool) -> Result<(),
     if shown {
         eprintln!("\rrolling {name} back to snapshot {tag}: finished{:30}", "");
     }
-    let v = handle.join().map_err(|_| CliError::Wait {
+    let r = handle.join().map_err(|_| CliError::Wait {
         name: name.to_string(),
         what: "the waiting thread panicked".into(),
     })??;
     if ctx.json {
-        ctx.print_json(&v);
+        ctx.print_result(&r);
     } else {
         println!("export {name} rolled back to snapshot {tag}");
     }
@@ -615,11 +602,12 @@ pub fn render_list(l: &m::SnapshotList) -> String {
 
 /// `snapmv list [NAME]`: `snapshot_list`.
 pub fn list(ctx: &Ctx, name: Option<&str>) -> Result<(), CliError> {
-    let v = ctx.call(names::SNAPSHOT_LIST, json!({ "name": name }))?;
+    let l = ctx.call::<rpc::SnapshotList>(&m::OptionalNameParams {
+        name: name.map(str::to_string),
+    })?;
     if ctx.json {
-        ctx.print_json(&v);
+        ctx.print_result(&l);
     } else {
-        let l: m::SnapshotList = decode(names::SNAPSHOT_LIST, v)?;
         print!("{}", render_list(&l));
     }
     Ok(())
@@ -663,11 +651,10 @@ pub fn render_exports(l: &m::ExportList) -> String {
 
 /// `snapmv exports`: `export_list`.
 pub fn exports(ctx: &Ctx) -> Result<(), CliError> {
-    let v = ctx.call(names::EXPORT_LIST, Value::Null)?;
+    let l = ctx.call::<rpc::ExportList>(&m::NoParams {})?;
     if ctx.json {
-        ctx.print_json(&v);
+        ctx.print_result(&l);
     } else {
-        let l: m::ExportList = decode(names::EXPORT_LIST, v)?;
         print!("{}", render_exports(&l));
     }
     Ok(())
@@ -763,11 +750,12 @@ pub fn render_status(s: &m::Status) -> String {
 
 /// `snapmv status [NAME]`: `status`.
 pub fn status(ctx: &Ctx, name: Option<&str>) -> Result<(), CliError> {
-    let v = ctx.call(names::STATUS, json!({ "name": name }))?;
+    let s = ctx.call::<rpc::Status>(&m::OptionalNameParams {
+        name: name.map(str::to_string),
+    })?;
     if ctx.json {
-        ctx.print_json(&v);
+        ctx.print_result(&s);
     } else {
-        let s: m::Status = decode(names::STATUS, v)?;
         print!("{}", render_status(&s));
     }
     Ok(())

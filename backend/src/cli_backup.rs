@@ -10,9 +10,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
-use snapmv_rpc::methods::{self as m, names};
+use snapmv_rpc::method as rpc;
+use snapmv_rpc::methods as m;
 
-use crate::cli::{absolute, decode, format_size, CliError, Ctx};
+use crate::cli::{absolute, format_size, CliError, Ctx};
 use crate::stream::{Header, Record, StreamError, StreamReader, KIND_DATA, KIND_ZERO};
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
@@ -37,15 +38,15 @@ fn version_name(tag: Option<u32>) -> String {
 
 /// `snapmv diff NAME FROM [TO]`: `snapshot_diff`.
 pub fn diff(ctx: &Ctx, name: &str, from: u32, to: Option<u32>) -> Result<(), CliError> {
-    let v = ctx.call(
-        names::SNAPSHOT_DIFF,
-        json!({ "name": name, "from": from, "to": to }),
-    )?;
+    let r = ctx.call::<rpc::SnapshotDiff>(&m::SnapshotDiffParams {
+        name: name.into(),
+        from,
+        to,
+    })?;
     if ctx.json {
-        ctx.print_json(&v);
+        ctx.print_result(&r);
         return Ok(());
     }
-    let r: m::SnapshotDiffResult = decode(names::SNAPSHOT_DIFF, v)?;
     let bytes: u64 = r.extents.iter().map(|e| e.length).sum();
     println!(
         "{} changed between snapshot {from} and {} of export {name}: {} in {} extent(s) of {} (chunk size {})",
@@ -155,18 +156,15 @@ fn with_stream<T: Send + 'static>(
         let f = File::open(&fpath).map_err(io_err(format!("opening {}", fpath.display())))?;
         consume(f)
     });
-    let call = ctx.call(
-        names::SNAPSHOT_STREAM,
-        json!({
-            "name": name,
-            "from": from,
-            "to": to,
-            "fifo": fifo.path.to_string_lossy().into_owned(),
-        }),
-    );
+    let call = ctx.call::<rpc::SnapshotStream>(&m::SnapshotStreamParams {
+        name: name.into(),
+        from,
+        to,
+        fifo: Some(fifo.path.to_string_lossy().into_owned()),
+        fd_socket: None,
+    });
     match call {
-        Ok(v) => {
-            let r: m::SnapshotStreamResult = decode(names::SNAPSHOT_STREAM, v)?;
+        Ok(r) => {
             let t = reader
                 .join()
                 .map_err(|_| CliError::Refused("the stream reader panicked".into()))??;
@@ -247,15 +245,13 @@ fn export_direct(
         }
         Ok(())
     });
-    let v = ctx.call(
-        names::SNAPSHOT_STREAM,
-        json!({
-            "name": name,
-            "to": tag,
-            "fd_socket": sock.to_string_lossy().into_owned(),
-        }),
-    )?;
-    let r: m::SnapshotStreamResult = decode(names::SNAPSHOT_STREAM, v)?;
+    let r = ctx.call::<rpc::SnapshotStream>(&m::SnapshotStreamParams {
+        name: name.into(),
+        from: None,
+        to: Some(tag),
+        fifo: None,
+        fd_socket: Some(sock.to_string_lossy().into_owned()),
+    })?;
     if let Ok(Err(e)) = sender.join() {
         return Err(io_err(format!("handing {what} to the daemon"))(e));
     }

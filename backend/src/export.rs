@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use snapmv_rpc::limits;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -24,10 +25,8 @@ use crate::rpc_server::SocketAccess;
 use crate::vhost_blk::config::MAX_QUEUES;
 use crate::vhost_blk::{BlkBackend, BlockDisk, DeviceOptions};
 
-/// Default number of queues of an export.
-pub const DEFAULT_NUM_QUEUES: u16 = 4;
-/// Default (and recommended) largest queue size.
-pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+/// Defaults of an export's queues (the RPC's, `snapmv_rpc::limits`).
+pub use snapmv_rpc::limits::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
 
 /// What to export and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,13 +165,13 @@ fn validate(cfg: &ExportConfig) -> Result<(), ExportError> {
     if cfg.name.is_empty() {
         return Err(bad("the export name is empty".into()));
     }
-    if cfg.num_queues == 0 || cfg.num_queues > MAX_QUEUES {
+    if !limits::num_queues_ok(cfg.num_queues) {
         return Err(bad(format!(
             "num_queues {} is out of range 1..={MAX_QUEUES}",
             cfg.num_queues
         )));
     }
-    if !cfg.queue_size.is_power_of_two() {
+    if !limits::queue_size_ok(cfg.queue_size) {
         return Err(bad(format!(
             "queue_size {} is not a power of two (1..=32768)",
             cfg.queue_size

@@ -516,21 +516,21 @@ mod tests {
         let path = start(d.path());
         let mut c = RpcClient::connect(&path).unwrap();
         assert_eq!(
-            c.call("echo", serde_json::json!({"a": 1})).unwrap(),
+            c.call_raw("echo", serde_json::json!({"a": 1})).unwrap(),
             serde_json::json!({"a": 1})
         );
         assert_eq!(
-            c.call("nope", Value::Null).unwrap_err().code(),
+            c.call_raw("nope", Value::Null).unwrap_err().code(),
             Some(codes::METHOD_NOT_FOUND)
         );
         assert_eq!(
-            c.call("panic", Value::Null).unwrap_err().code(),
+            c.call_raw("panic", Value::Null).unwrap_err().code(),
             Some(codes::INTERNAL_ERROR)
         );
         // A notification gets no answer: the next answer is for the next call.
         c.send_raw(b"{\"jsonrpc\":\"2.0\",\"method\":\"echo\"}\n\n")
             .unwrap();
-        assert_eq!(c.call("echo", Value::Null).unwrap(), Value::Null);
+        assert_eq!(c.call_raw("echo", Value::Null).unwrap(), Value::Null);
         // Garbage, then a batch.
         c.send_raw(b"{oops\n").unwrap();
         assert_eq!(c.read_raw().unwrap()["error"]["code"], codes::PARSE_ERROR);
@@ -563,7 +563,7 @@ mod tests {
         assert_eq!(v["error"]["code"], codes::INVALID_REQUEST);
         // The stalled client does not block anyone.
         let mut c = RpcClient::connect(&path).unwrap();
-        assert_eq!(c.call("echo", Value::Null).unwrap(), Value::Null);
+        assert_eq!(c.call_raw("echo", Value::Null).unwrap(), Value::Null);
     }
 
     #[test]
@@ -580,7 +580,7 @@ mod tests {
         let s = RpcServer::bind(RpcServerConfig::new(stale.clone())).unwrap();
         std::thread::spawn(move || s.run(Arc::new(Echo)));
         let mut c = RpcClient::connect(&stale).unwrap();
-        assert_eq!(c.call("echo", Value::Null).unwrap(), Value::Null);
+        assert_eq!(c.call_raw("echo", Value::Null).unwrap(), Value::Null);
         // A regular file in the way is never replaced.
         let file = d.path().join("file");
         fs::write(&file, b"data").unwrap();

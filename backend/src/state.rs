@@ -154,6 +154,34 @@ impl State {
     pub fn store(&self, cow: &str) -> Option<&StoreRecord> {
         self.stores.iter().find(|s| s.path == cow)
     }
+
+    /// Records store `cow` unless it is recorded already (with its own `direct`).
+    pub fn record_store(&mut self, cow: &str, direct: bool) {
+        if self.store(cow).is_none() {
+            self.stores.push(StoreRecord {
+                path: cow.to_string(),
+                direct,
+            });
+        }
+    }
+
+    /// The names of the exports of origin `origin_id` of store `cow` (`tag` `None`) or of its
+    /// snapshot `tag`, in the state's order.
+    pub fn exported_as(&self, cow: &str, origin_id: &str, tag: Option<u32>) -> Vec<String> {
+        self.exports
+            .iter()
+            .filter(|e| e.cow == cow && e.origin_id == origin_id && e.tag == tag)
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// Puts the state in its saved form: exports sorted by name, only the stores they use.
+    pub fn normalise(&mut self) {
+        self.exports.sort_by(|a, b| a.name.cmp(&b.name));
+        let exports = &self.exports;
+        self.stores
+            .retain(|s| exports.iter().any(|e| e.cow == s.path));
+    }
 }
 
 /// The locked state directory.

@@ -7,7 +7,8 @@
 //!
 //! Modules (dependencies point down the list; `methods/*` use everything above them):
 //! * [`error`]: [`MethodError`] and its JSON-RPC code, in one place;
-//! * [`validate`]: checks of parameters (names, paths, roles, sockets, queues, chunk sizes);
+//! * [`validate`]: checks of parameters against the limits and the state, with no I/O;
+//! * [`paths`]: checks that look at the filesystem (paths, roles of files, sockets, groups);
 //! * [`registry`]: the open stores and origins, opened exclusively;
 //! * [`live`]: the exports being served (vhost-user-blk or NBD);
 //! * [`convert`]: engine and state → RPC result types;
@@ -19,6 +20,7 @@ mod error;
 mod lifecycle;
 mod live;
 mod methods;
+mod paths;
 mod registry;
 #[cfg(test)]
 mod tests;
@@ -33,7 +35,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use snapmv_engine::{Origin, Store};
-use snapmv_rpc::methods::names;
+use snapmv_rpc::method::{self, Method};
 use snapmv_rpc::{codes, ErrorObject};
 
 use crate::export::ExportManager;
@@ -43,20 +45,18 @@ use crate::state::{State, StateDir};
 use convert::describe;
 pub use error::{MResult, MethodError};
 pub use lifecycle::{serve, ServeError};
-use validate::canonical_socket_path;
-pub use validate::{default_origin_id, parse_socket_mode, resolve_group};
+use paths::canonical_socket_path;
+pub use paths::resolve_group;
+pub use validate::{default_origin_id, parse_socket_mode};
 
-pub use crate::export::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
-/// Largest number of virtqueues accepted.
-pub const MAX_NUM_QUEUES: u16 = crate::vhost_blk::config::MAX_QUEUES;
+pub use snapmv_rpc::limits::{
+    DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE, MAX_NUM_QUEUES, MAX_QUEUE_SIZE, PAGE_SIZE,
+};
+// The RPC limit is the device's.
+const _: () = assert!(MAX_NUM_QUEUES == crate::vhost_blk::config::MAX_QUEUES);
 /// Directory of the state directory where exports keep their guest's cache mode.
 const CACHE_MODE_DIR: &str = "cache-mode";
-/// `protocol` value of an NBD export.
-pub const PROTOCOL_NBD: &str = "nbd";
-/// `protocol` value of a vhost-user-blk export (the default).
-pub const PROTOCOL_VHOST: &str = "vhost-user-blk";
-/// Page size `chunk_size` counts in.
-pub const PAGE_SIZE: u32 = 4096;
+pub use snapmv_rpc::methods::{PROTOCOL_NBD, PROTOCOL_VHOST};
 
 /// Daemon settings (from `snapmv serve`'s command line).
 #[derive(Debug, Clone)]
@@ -165,9 +165,7 @@ impl Daemon {
     }
 
     pub(crate) fn save(&self, inner: &mut Inner, what: impl Into<String>) -> MResult<()> {
-        inner.state.exports.sort_by(|a, b| a.name.cmp(&b.name));
-        let used: Vec<String> = inner.state.exports.iter().map(|e| e.cow.clone()).collect();
-        inner.state.stores.retain(|s| used.contains(&s.path));
+        inner.state.normalise();
         inner
             .state_dir
             .save(&inner.state)
@@ -222,7 +220,7 @@ impl Daemon {
     }
 }
 
-fn decode<P: DeserializeOwned + Default>(method: &str, params: Value) -> MResult<P> {
+fn decode<P: DeserializeOwned>(method: &str, params: Value) -> MResult<P> {
     match params {
         Value::Null => serde_json::from_value(Value::Object(Default::default())).map_err(|e| {
             MethodError::InvalidParams(format!("method {method} needs parameters: {e}"))
@@ -250,6 +248,39 @@ fn encode<R: Serialize>(r: MResult<R>) -> MResult<Value> {
     })
 }
 
+/// A method's entry in the dispatch table: decodes the parameters, runs the handler, encodes
+/// the result.
+type Route = fn(&Daemon, &str, Value) -> MResult<Value>;
+
+/// The dispatch table, built from the method types of `snapmv_rpc::method`: each handler must
+/// take the method's `Params` and return its `Result`, or this does not compile.
+macro_rules! routes {
+    ($($method:ty => $handler:ident,)*) => {
+        const ROUTES: &[(&str, Route)] = &[$((
+            <$method as Method>::NAME,
+            |d: &Daemon, name: &str, params: Value| {
+                let params: <$method as Method>::Params = decode(name, params)?;
+                encode::<<$method as Method>::Result>(d.$handler(params))
+            },
+        )),*];
+    };
+}
+
+routes! {
+    method::OriginCreate => origin_create,
+    method::SnapshotExport => snapshot_export,
+    method::ExportRemove => export_remove,
+    method::SnapshotCreate => snapshot_create,
+    method::SnapshotDelete => snapshot_delete,
+    method::OriginDelete => origin_delete,
+    method::SnapshotRollback => snapshot_rollback,
+    method::SnapshotList => snapshot_list,
+    method::ExportList => export_list,
+    method::Status => status,
+    method::SnapshotDiff => snapshot_diff,
+    method::SnapshotStream => snapshot_stream,
+}
+
 impl Daemon {
     fn dispatch(&self, method: &str, params: Value) -> MResult<Value> {
         let result = self.dispatch_method(method, params);
@@ -259,20 +290,9 @@ impl Daemon {
     }
 
     fn dispatch_method(&self, method: &str, params: Value) -> MResult<Value> {
-        match method {
-            names::ORIGIN_CREATE => encode(self.origin_create(decode(method, params)?)),
-            names::SNAPSHOT_EXPORT => encode(self.snapshot_export(decode(method, params)?)),
-            names::EXPORT_REMOVE => encode(self.export_remove(decode(method, params)?)),
-            names::SNAPSHOT_CREATE => encode(self.snapshot_create(decode(method, params)?)),
-            names::SNAPSHOT_DELETE => encode(self.snapshot_delete(decode(method, params)?)),
-            names::ORIGIN_DELETE => encode(self.origin_delete(decode(method, params)?)),
-            names::SNAPSHOT_ROLLBACK => encode(self.snapshot_rollback(decode(method, params)?)),
-            names::SNAPSHOT_LIST => encode(self.snapshot_list(decode(method, params)?)),
-            names::EXPORT_LIST => encode(self.export_list(decode(method, params)?)),
-            names::STATUS => encode(self.status(decode(method, params)?)),
-            names::SNAPSHOT_DIFF => encode(self.snapshot_diff(decode(method, params)?)),
-            names::SNAPSHOT_STREAM => encode(self.snapshot_stream(decode(method, params)?)),
-            other => Err(MethodError::NoMethod(other.to_string())),
+        match ROUTES.iter().find(|(name, _)| *name == method) {
+            Some((_, route)) => route(self, method, params),
+            None => Err(MethodError::NoMethod(method.to_string())),
         }
     }
 }

@@ -177,21 +177,6 @@ impl Daemon {
         self.origin_of(inner, &rec)
     }
 
-    pub(crate) fn exported_as(
-        inner: &Inner,
-        cow: &str,
-        origin_id: &str,
-        tag: Option<u32>,
-    ) -> Vec<String> {
-        inner
-            .state
-            .exports
-            .iter()
-            .filter(|e| e.cow == cow && e.origin_id == origin_id && e.tag == tag)
-            .map(|e| e.name.clone())
-            .collect()
-    }
-
     /// Records an origin given by path for `snapshot_export` (not saved until an export uses it).
     pub(crate) fn remember_origin(
         &self,

@@ -2,7 +2,7 @@
 
 use super::*;
 use serde_json::json;
-use std::path::Path;
+use snapmv_rpc::methods::names;
 
 /// Random parameters for every method never panic the daemon and always get a success or
 /// a documented error code. Paths are drawn from files inside a scratch directory only.
@@ -138,15 +138,4 @@ fn random_params_never_panic() {
         .collect();
     names.sort();
     assert_eq!(names, ["c1", "c2", "o1", "o2", "sockets", "state"]);
-}
-
-#[test]
-fn default_origin_ids() {
-    assert_eq!(default_origin_id(Path::new("/a/disk.img")), "disk.img");
-    assert_eq!(default_origin_id(Path::new("/a/d isk:1")), "d_isk_1");
-    assert_eq!(default_origin_id(Path::new("/")), "origin");
-    assert_eq!(
-        default_origin_id(Path::new(&format!("/{}", "x".repeat(100)))).len(),
-        64
-    );
 }

@@ -1,187 +1,171 @@
-//! Checks of RPC parameters: names, paths, roles, sockets, queues, chunk sizes, protocols.
+//! Checks of parameters against the limits and the recorded state, with no I/O: names, queues,
+//! chunk sizes, protocols, socket modes, origin ids and the conflicts between a new export and
+//! the recorded ones. The checks that look at the filesystem are in [`super::paths`].
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use snapmv_rpc::limits;
 use snapmv_rpc::methods as m;
 
 use super::error::{MResult, MethodError};
-use super::registry::{file_id, FileId};
-use super::{
-    Daemon, Inner, DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE, MAX_NUM_QUEUES, PROTOCOL_NBD,
-    PROTOCOL_VHOST,
-};
+use super::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE, MAX_NUM_QUEUES, PROTOCOL_NBD, PROTOCOL_VHOST};
+use crate::state::State;
 
-impl Daemon {
-    /// Checks and canonicalises a path given over RPC.
-    pub(crate) fn check_path(&self, what: &str, p: &str) -> MResult<(String, FileId)> {
-        if p.is_empty() {
-            return Err(MethodError::InvalidParams(format!("{what} path is empty")));
-        }
-        require_absolute(what, p)?;
-        let canon = std::fs::canonicalize(p).map_err(lookup_error(what, p, "resolved"))?;
-        let meta = std::fs::metadata(&canon).map_err(|e| {
-            MethodError::InvalidParams(format!("{what} {p} cannot be examined: {e}"))
-        })?;
-        let ft = meta.file_type();
-        if !(ft.is_file() || ft.is_block_device()) {
-            return Err(MethodError::InvalidParams(format!(
-                "{what} {p} is not a regular file or a block device"
-            )));
-        }
-        if canon.starts_with(&self.state_dir_canon) {
-            return Err(MethodError::InvalidParams(format!(
-                "{what} {p} is inside the daemon's state directory {}",
-                self.state_dir_canon.display()
-            )));
-        }
-        let mut lock = self.rpc_socket.as_os_str().to_owned();
-        lock.push(".lock");
-        if file_id(Path::new(&lock)) == Some((meta.dev(), meta.ino())) {
-            return Err(MethodError::InvalidParams(format!(
-                "{what} {p} is the daemon's RPC lock file"
-            )));
-        }
-        let s = canon
-            .to_str()
-            .map(str::to_string)
-            .ok_or_else(|| MethodError::InvalidParams(format!("{what} {p} is not valid UTF-8")))?;
-        Ok((s, (meta.dev(), meta.ino())))
+/// Checks the name of a new export: valid, and not taken.
+pub(crate) fn new_export_name(state: &State, name: &str) -> MResult<()> {
+    m::validate_name("export name", name).map_err(MethodError::InvalidParams)?;
+    if state.export(name).is_some() {
+        return Err(MethodError::AlreadyExists(format!(
+            "export {name} already exists"
+        )));
     }
+    Ok(())
+}
 
-    /// Refuses `id` as an origin if it is a known store, and as a store if it is a known
-    /// origin.
-    pub(crate) fn check_roles(
-        &self,
-        inner: &Inner,
-        origin: (&str, FileId),
-        cow: (&str, FileId),
-    ) -> MResult<()> {
-        if origin.1 == cow.1 {
-            return Err(MethodError::InvalidParams(format!(
-                "origin {} and COW store {} are the same file",
-                origin.0, cow.0
-            )));
-        }
-        let stores = inner
-            .stores
-            .keys()
-            .cloned()
-            .chain(inner.state.origins.iter().map(|o| o.cow.clone()));
-        for s in stores {
-            if file_id(Path::new(&s)) == Some(origin.1) {
-                return Err(MethodError::AlreadyExists(format!(
-                    "origin {} is the COW store {s} in use by this daemon",
-                    origin.0
-                )));
-            }
-        }
-        for o in &inner.state.origins {
-            if file_id(Path::new(&o.path)) == Some(cow.1) {
-                return Err(MethodError::AlreadyExists(format!(
-                    "COW store {} is the origin {} (id {} in {}) known to this daemon",
-                    cow.0, o.path, o.origin_id, o.cow
-                )));
-            }
-        }
-        Ok(())
+/// The queue count and size of export `name`: the given ones or the defaults, within the
+/// limits.
+pub(crate) fn queues(
+    name: &str,
+    num_queues: Option<u16>,
+    queue_size: Option<u16>,
+) -> MResult<(u16, u16)> {
+    let nq = num_queues.unwrap_or(DEFAULT_NUM_QUEUES);
+    if !limits::num_queues_ok(nq) {
+        return Err(MethodError::InvalidParams(format!(
+            "num_queues {nq} of export {name} must be 1 to {MAX_NUM_QUEUES}"
+        )));
     }
+    let qs = queue_size.unwrap_or(DEFAULT_QUEUE_SIZE);
+    if !limits::queue_size_ok(qs) {
+        return Err(MethodError::InvalidParams(format!(
+            "queue_size {qs} of export {name} must be a power of two up to {}",
+            limits::MAX_QUEUE_SIZE
+        )));
+    }
+    Ok((nq, qs))
+}
 
-    pub(crate) fn check_new_name(&self, inner: &Inner, name: &str) -> MResult<()> {
-        m::validate_name("export name", name).map_err(MethodError::InvalidParams)?;
-        if inner.state.export(name).is_some() {
+/// Checks the formatting options of `origin_create` for export `name` on store `cow`; returns
+/// the chunk size in pages (used only when formatting).
+pub(crate) fn format_options(name: &str, cow: &str, p: &m::OriginCreateParams) -> MResult<u32> {
+    let format = p.format || p.force_format;
+    if format && !p.bind {
+        return Err(MethodError::InvalidParams(format!(
+            "export {name}: formatting COW store {cow} needs bind (a fresh store has no origin to open)"
+        )));
+    }
+    if p.chunk_size.is_some() && !format {
+        return Err(MethodError::InvalidParams(format!(
+            "export {name}: chunk_size is only used when formatting COW store {cow}"
+        )));
+    }
+    let pages = p.chunk_size.unwrap_or(limits::DEFAULT_CHUNK_PAGES);
+    if !limits::chunk_pages_ok(pages) {
+        return Err(MethodError::InvalidParams(format!(
+            "chunk_size {pages} for COW store {cow} must be a power of two from 1 to {} pages of 4 KiB",
+            limits::MAX_CHUNK_PAGES
+        )));
+    }
+    Ok(pages)
+}
+
+/// The origin id of origin `origin` in store `cow`: the given one (checked), else the one the
+/// state records for that path, else [`default_origin_id`].
+pub(crate) fn origin_id(
+    state: &State,
+    cow: &str,
+    origin: &str,
+    given: Option<&str>,
+) -> MResult<String> {
+    match given {
+        Some(id) => {
+            m::validate_name("origin id", id).map_err(MethodError::InvalidParams)?;
+            Ok(id.to_string())
+        }
+        None => Ok(state
+            .origins
+            .iter()
+            .find(|o| o.cow == cow && o.path == origin)
+            .map(|o| o.origin_id.clone())
+            .unwrap_or_else(|| default_origin_id(Path::new(origin)))),
+    }
+}
+
+/// Refuses origin `origin` as id `origin_id` of store `cow` if the state knows that file under
+/// another store or id, or that id as another file. `is_origin` tells whether a recorded path
+/// is the same file as `origin`.
+pub(crate) fn origin_identity(
+    state: &State,
+    cow: &str,
+    origin: &str,
+    origin_id: &str,
+    is_origin: impl Fn(&str) -> bool,
+) -> MResult<()> {
+    for o in &state.origins {
+        let same_file = is_origin(&o.path);
+        if same_file && (o.cow != cow || o.origin_id != origin_id) {
             return Err(MethodError::AlreadyExists(format!(
-                "export {name} already exists"
+                "origin {origin} is already known as origin id {} of COW store {}",
+                o.origin_id, o.cow
             )));
         }
-        Ok(())
-    }
-
-    pub(crate) fn socket_path(
-        &self,
-        inner: &Inner,
-        name: &str,
-        socket: Option<&str>,
-    ) -> MResult<String> {
-        let path = match socket {
-            None => self.socket_dir.join(format!("{name}.sock")),
-            Some(s) => {
-                let p = Path::new(s);
-                if !p.is_absolute() {
-                    return Err(MethodError::InvalidParams(format!(
-                        "socket path {s:?} of export {name} must be absolute"
-                    )));
-                }
-                let (Some(parent), Some(file)) = (p.parent(), p.file_name()) else {
-                    return Err(MethodError::InvalidParams(format!(
-                        "socket path {s:?} of export {name} has no file name"
-                    )));
-                };
-                let parent = std::fs::canonicalize(parent).map_err(|e| {
-                    MethodError::NotFound(format!(
-                        "directory {} of socket {s} for export {name} cannot be used: {e}",
-                        parent.display()
-                    ))
-                })?;
-                parent.join(file)
-            }
-        };
-        let s = path.to_str().map(str::to_string).ok_or_else(|| {
-            MethodError::InvalidParams(format!("socket path of export {name} is not UTF-8"))
-        })?;
-        if path == self.rpc_socket {
-            return Err(MethodError::InvalidParams(format!(
-                "socket {s} of export {name} is the daemon's RPC socket"
-            )));
-        }
-        if path.starts_with(&self.state_dir_canon) {
-            return Err(MethodError::InvalidParams(format!(
-                "socket {s} of export {name} is inside the daemon's state directory"
-            )));
-        }
-        if let Some(other) = inner.state.exports.iter().find(|e| e.socket == s) {
+        if o.cow == cow && o.origin_id == origin_id && !same_file {
             return Err(MethodError::AlreadyExists(format!(
-                "socket {s} is already used by export {}",
-                other.name
+                "origin id {origin_id} of COW store {cow} is already the origin {}",
+                o.path
             )));
         }
-        match std::fs::symlink_metadata(&path) {
-            Err(_) => {}
-            Ok(meta) if meta.file_type().is_socket() => {
-                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                    return Err(MethodError::AlreadyExists(format!(
-                        "socket {s} for export {name} is in use by another process"
-                    )));
-                }
-            }
-            Ok(_) => {
-                return Err(MethodError::AlreadyExists(format!(
-                    "socket path {s} for export {name} exists and is not a socket; refusing to replace it"
-                )))
-            }
-        }
-        Ok(s)
     }
+    Ok(())
+}
 
-    pub(crate) fn queues(
-        name: &str,
-        num_queues: Option<u16>,
-        queue_size: Option<u16>,
-    ) -> MResult<(u16, u16)> {
-        let nq = num_queues.unwrap_or(DEFAULT_NUM_QUEUES);
-        if nq == 0 || nq > MAX_NUM_QUEUES {
-            return Err(MethodError::InvalidParams(format!(
-                "num_queues {nq} of export {name} must be 1 to {MAX_NUM_QUEUES}"
-            )));
-        }
-        let qs = queue_size.unwrap_or(DEFAULT_QUEUE_SIZE);
-        if !qs.is_power_of_two() || qs > 32768 {
-            return Err(MethodError::InvalidParams(format!(
-                "queue_size {qs} of export {name} must be a power of two up to 32768"
-            )));
-        }
-        Ok((nq, qs))
+/// Refuses a second export of the same version: origin `origin_id` of store `cow` (`tag`
+/// `None`) or its snapshot `tag`.
+pub(crate) fn not_exported(
+    state: &State,
+    cow: &str,
+    origin_id: &str,
+    tag: Option<u32>,
+) -> MResult<()> {
+    let Some(e) = state
+        .exports
+        .iter()
+        .find(|e| e.cow == cow && e.origin_id == origin_id && e.tag == tag)
+    else {
+        return Ok(());
+    };
+    Err(MethodError::AlreadyExists(match tag {
+        None => format!(
+            "origin {origin_id} of COW store {cow} is already exported as {}",
+            e.name
+        ),
+        Some(t) => format!(
+            "snapshot {t} of origin {origin_id} in COW store {cow} is already exported as {}",
+            e.name
+        ),
+    }))
+}
+
+/// Refuses to format store `cow` while an export uses it or it is still open (`open`).
+pub(crate) fn formattable(state: &State, cow: &str, open: bool) -> MResult<()> {
+    let users: Vec<String> = state
+        .exports
+        .iter()
+        .filter(|e| e.cow == cow)
+        .map(|e| e.name.clone())
+        .collect();
+    if !users.is_empty() {
+        return Err(MethodError::Busy(format!(
+            "COW store {cow} is in use by exports {}; remove them before formatting it",
+            users.join(", ")
+        )));
     }
+    if open {
+        return Err(MethodError::Busy(format!(
+            "COW store {cow} is still open (a rollback runs in it or a call waits on it); try again when it has finished"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a `protocol` parameter; `None` for the default.
@@ -219,56 +203,6 @@ pub fn default_origin_id(origin: &Path) -> String {
     id
 }
 
-/// Refuses a relative path given over RPC (the daemon's working directory means nothing to
-/// the caller).
-pub(crate) fn require_absolute(what: &str, p: &str) -> MResult<()> {
-    if Path::new(p).is_absolute() {
-        Ok(())
-    } else {
-        Err(MethodError::InvalidParams(format!(
-            "{what} path {p:?} must be absolute"
-        )))
-    }
-}
-
-/// Maps a failed look-up of `what` at `p`: not found, or why it could not be `done`.
-pub(crate) fn lookup_error<'a>(
-    what: &'a str,
-    p: &'a str,
-    done: &'a str,
-) -> impl FnOnce(std::io::Error) -> MethodError + 'a {
-    move |e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            MethodError::NotFound(format!("{what} {p} does not exist"))
-        } else {
-            MethodError::InvalidParams(format!("{what} {p} cannot be {done}: {e}"))
-        }
-    }
-}
-
-/// `path` with its directory canonicalised (the socket itself may not exist yet).
-pub(crate) fn canonical_socket_path(path: &Path) -> PathBuf {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    match (std::fs::canonicalize(parent), path.file_name()) {
-        (Ok(dir), Some(name)) => dir.join(name),
-        _ => path.to_path_buf(),
-    }
-}
-
-pub(crate) fn socket_access_params(
-    name: &str,
-    group: Option<&str>,
-    mode: Option<&str>,
-) -> MResult<(Option<u32>, Option<u32>)> {
-    let bad = |e: String| MethodError::InvalidParams(format!("export {name}: {e}"));
-    let group = group.map(resolve_group).transpose().map_err(bad)?;
-    let mode = mode.map(parse_socket_mode).transpose().map_err(bad)?;
-    Ok((group, mode))
-}
-
 /// Parses an octal socket mode ("0660"): owner read-write required, no bits beyond 0o777.
 pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -281,21 +215,6 @@ pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
-/// Resolves a group name (from /etc/group) or a numeric gid.
-pub fn resolve_group(g: &str) -> Result<u32, String> {
-    if let Ok(gid) = g.parse::<u32>() {
-        return Ok(gid);
-    }
-    let groups = std::fs::read_to_string("/etc/group")
-        .map_err(|e| format!("socket group {g}: cannot read /etc/group: {e}"))?;
-    groups
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            let name = f.next()?;
-            let gid = f.nth(1)?.parse::<u32>().ok()?;
-            (name == g).then_some(gid)
-        })
-        .next()
-        .ok_or_else(|| format!("socket group {g} is not in /etc/group (give a numeric gid)"))
-}
+#[cfg(test)]
+#[path = "validate_tests.rs"]
+mod tests;

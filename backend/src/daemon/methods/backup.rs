@@ -5,7 +5,7 @@ use std::os::unix::fs::FileTypeExt;
 use snapmv_rpc::methods as m;
 
 use crate::daemon::error::{MResult, MethodError};
-use crate::daemon::validate::{lookup_error, require_absolute};
+use crate::daemon::paths::{lookup_error, require_absolute};
 use crate::daemon::Daemon;
 
 impl Daemon {

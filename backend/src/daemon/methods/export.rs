@@ -6,19 +6,20 @@ use log::info;
 use snapmv_rpc::methods as m;
 
 use crate::daemon::error::{MResult, MethodError};
+use crate::daemon::paths::socket_access_params;
 use crate::daemon::registry::{check_origin_size, file_id};
-use crate::daemon::validate::{default_origin_id, protocol_param, socket_access_params};
+use crate::daemon::validate::{self, default_origin_id};
 use crate::daemon::Daemon;
-use crate::state::{ExportRecord, StoreRecord};
+use crate::state::ExportRecord;
 
 impl Daemon {
     pub(crate) fn snapshot_export(&self, p: m::SnapshotExportParams) -> MResult<m::ExportInfo> {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        self.check_new_name(inner, &p.name)?;
+        validate::new_export_name(&inner.state, &p.name)?;
         let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
         let cow = Self::known_store_path(inner, cow, cow_fid);
-        let (num_queues, queue_size) = Self::queues(&p.name, p.num_queues, p.queue_size)?;
+        let (num_queues, queue_size) = validate::queues(&p.name, p.num_queues, p.queue_size)?;
         let (socket_group, socket_mode) =
             socket_access_params(&p.name, p.socket_group.as_deref(), p.socket_mode.as_deref())?;
         let origin_id = match (&p.origin_id, &p.origin) {
@@ -60,17 +61,7 @@ impl Daemon {
                 }
             }
         };
-        if let Some(e) = inner
-            .state
-            .exports
-            .iter()
-            .find(|e| e.cow == cow && e.origin_id == origin_id && e.tag == Some(p.tag))
-        {
-            return Err(MethodError::AlreadyExists(format!(
-                "snapshot {} of origin {origin_id} in COW store {cow} is already exported as {}",
-                p.tag, e.name
-            )));
-        }
+        validate::not_exported(&inner.state, &cow, &origin_id, Some(p.tag))?;
         let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
         // An origin already open must still have the size it was bound with.
         if let (Some(o), Some(r)) = (
@@ -98,18 +89,13 @@ impl Daemon {
             readonly: p.readonly,
             socket_group,
             socket_mode,
-            protocol: protocol_param(p.protocol.as_deref())?,
+            protocol: validate::protocol_param(p.protocol.as_deref())?,
         };
         if let Err(e) = self.add_export(&rec, volume) {
             self.forget_unused_origin(inner, &cow, &origin_id);
             return Err(e);
         }
-        if inner.state.store(&cow).is_none() {
-            inner.state.stores.push(StoreRecord {
-                path: cow.clone(),
-                direct: p.direct,
-            });
-        }
+        inner.state.record_store(&cow, p.direct);
         inner.state.exports.push(rec.clone());
         inner.failed.remove(&rec.name);
         info!(

@@ -7,12 +7,13 @@ use snapmv_engine::{FormatOptions, OpenMode, Storage, Store};
 use snapmv_rpc::methods::{self as m, names};
 
 use crate::daemon::error::{MResult, MethodError};
+use crate::daemon::paths::socket_access_params;
 use crate::daemon::registry::{
     check_origin_size, file_id, open_file, open_origin_file, open_store, Access,
 };
-use crate::daemon::validate::{default_origin_id, protocol_param, socket_access_params};
+use crate::daemon::validate;
 use crate::daemon::{Daemon, PAGE_SIZE};
-use crate::state::{ExportRecord, OriginRecord, StoreRecord};
+use crate::state::{ExportRecord, OriginRecord};
 
 impl Daemon {
     pub(crate) fn origin_create(&self, p: m::OriginCreateParams) -> MResult<m::ExportInfo> {
@@ -20,94 +21,26 @@ impl Daemon {
         let inner = &mut *guard;
         // Everything is checked, and the origin opened, before the store is formatted:
         // formatting is the last step that can fail for a reason an operator can fix.
-        self.check_new_name(inner, &p.name)?;
+        validate::new_export_name(&inner.state, &p.name)?;
         let (origin, origin_fid) = self.check_path("origin", &p.origin)?;
         let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
         let cow = Self::known_store_path(inner, cow, cow_fid);
         self.check_roles(inner, (&origin, origin_fid), (&cow, cow_fid))?;
-        let (num_queues, queue_size) = Self::queues(&p.name, p.num_queues, p.queue_size)?;
+        let (num_queues, queue_size) = validate::queues(&p.name, p.num_queues, p.queue_size)?;
         let (socket_group, socket_mode) =
             socket_access_params(&p.name, p.socket_group.as_deref(), p.socket_mode.as_deref())?;
         let format = p.format || p.force_format;
-        if format && !p.bind {
-            return Err(MethodError::InvalidParams(format!(
-                "export {}: formatting COW store {cow} needs bind (a fresh store has no origin to open)",
-                p.name
-            )));
-        }
-        if p.chunk_size.is_some() && !format {
-            return Err(MethodError::InvalidParams(format!(
-                "export {}: chunk_size is only used when formatting COW store {cow}",
-                p.name
-            )));
-        }
-        let pages = p.chunk_size.unwrap_or(1);
-        if !pages.is_power_of_two() || pages > 256 {
-            return Err(MethodError::InvalidParams(format!(
-                "chunk_size {pages} for COW store {cow} must be a power of two from 1 to 256 pages of 4 KiB"
-            )));
-        }
-        let origin_id = match &p.origin_id {
-            Some(id) => {
-                m::validate_name("origin id", id).map_err(MethodError::InvalidParams)?;
-                id.clone()
-            }
-            None => inner
-                .state
-                .origins
-                .iter()
-                .find(|o| o.cow == cow && o.path == origin)
-                .map(|o| o.origin_id.clone())
-                .unwrap_or_else(|| default_origin_id(Path::new(&origin))),
-        };
+        let pages = validate::format_options(&p.name, &cow, &p)?;
+        let origin_id = validate::origin_id(&inner.state, &cow, &origin, p.origin_id.as_deref())?;
         // The origin must not be served or known under another store or id.
-        for o in &inner.state.origins {
-            let same_file = file_id(Path::new(&o.path)) == Some(origin_fid);
-            if same_file && (o.cow != cow || o.origin_id != origin_id) {
-                return Err(MethodError::AlreadyExists(format!(
-                    "origin {origin} is already known as origin id {} of COW store {}",
-                    o.origin_id, o.cow
-                )));
-            }
-            if o.cow == cow && o.origin_id == origin_id && !same_file {
-                return Err(MethodError::AlreadyExists(format!(
-                    "origin id {origin_id} of COW store {cow} is already the origin {}",
-                    o.path
-                )));
-            }
-        }
-        if let Some(e) = inner
-            .state
-            .exports
-            .iter()
-            .find(|e| e.cow == cow && e.origin_id == origin_id && e.tag.is_none())
-        {
-            return Err(MethodError::AlreadyExists(format!(
-                "origin {origin_id} of COW store {cow} is already exported as {}",
-                e.name
-            )));
-        }
+        validate::origin_identity(&inner.state, &cow, &origin, &origin_id, |path| {
+            file_id(Path::new(path)) == Some(origin_fid)
+        })?;
+        validate::not_exported(&inner.state, &cow, &origin_id, None)?;
         let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
         let key = (cow.clone(), origin_id.clone());
         if format {
-            let users: Vec<String> = inner
-                .state
-                .exports
-                .iter()
-                .filter(|e| e.cow == cow)
-                .map(|e| e.name.clone())
-                .collect();
-            if !users.is_empty() {
-                return Err(MethodError::Busy(format!(
-                    "COW store {cow} is in use by exports {}; remove them before formatting it",
-                    users.join(", ")
-                )));
-            }
-            if inner.stores.contains_key(&cow) {
-                return Err(MethodError::Busy(format!(
-                    "COW store {cow} is still open (a rollback runs in it or a call waits on it); try again when it has finished"
-                )));
-            }
+            validate::formattable(&inner.state, &cow, inner.stores.contains_key(&cow))?;
         }
         // The origin: already open here (then it must not have changed size and must be
         // writable if this export writes it), or opened now — before any format.
@@ -230,7 +163,7 @@ impl Daemon {
             readonly: p.readonly,
             socket_group,
             socket_mode,
-            protocol: protocol_param(p.protocol.as_deref())?,
+            protocol: validate::protocol_param(p.protocol.as_deref())?,
         };
         if let Err(e) = self.add_export(&rec, origin_h.volume()) {
             if bound_now {
@@ -251,12 +184,7 @@ impl Daemon {
                 direct: p.direct,
             });
         }
-        if inner.state.store(&cow).is_none() {
-            inner.state.stores.push(StoreRecord {
-                path: cow.clone(),
-                direct: p.direct,
-            });
-        }
+        inner.state.record_store(&cow, p.direct);
         inner.state.exports.push(rec.clone());
         inner.failed.remove(&rec.name);
         info!(

@@ -33,7 +33,9 @@ impl Daemon {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let (rec, origin) = self.origin_export(inner, &p.name, names::SNAPSHOT_DELETE)?;
-        let users = Self::exported_as(inner, &rec.cow, &rec.origin_id, Some(p.tag));
+        let users = inner
+            .state
+            .exported_as(&rec.cow, &rec.origin_id, Some(p.tag));
         if !users.is_empty() {
             return Err(MethodError::Busy(format!(
                 "snapshot {} of origin {} is exported as {}; remove that export first",
@@ -138,7 +140,7 @@ impl Daemon {
                         .origin(&cow, &id)
                         .map(|r| r.path.clone())
                         .unwrap_or_default(),
-                    exported_as: Self::exported_as(inner, &cow, &id, None),
+                    exported_as: inner.state.exported_as(&cow, &id, None),
                     origin_id: id,
                     cow,
                     open: false,
@@ -156,7 +158,7 @@ impl Daemon {
                     .map(|r| r.path.clone())
                     .unwrap_or_default(),
                 cow: cow.clone(),
-                exported_as: Self::exported_as(inner, &cow, &id, None),
+                exported_as: inner.state.exported_as(&cow, &id, None),
                 open: true,
                 snapshots: snaps
                     .into_iter()
@@ -166,7 +168,7 @@ impl Daemon {
                         memo: s.memo.clone(),
                         birth_unix_secs: s.birth_unix_secs,
                         exclusive_chunks: s.exclusive_chunks,
-                        exported_as: Self::exported_as(inner, &cow, &id, Some(s.tag)),
+                        exported_as: inner.state.exported_as(&cow, &id, Some(s.tag)),
                     })
                     .collect(),
             });

@@ -65,7 +65,7 @@ impl Daemon {
                             .origin(&cow, &id)
                             .map(|r| r.path.clone())
                             .unwrap_or_default(),
-                        exported_as: Self::exported_as(inner, &cow, &id, None),
+                        exported_as: inner.state.exported_as(&cow, &id, None),
                         origin_id: id,
                         size: 0,
                         snapshots: 0,
