@@ -150,9 +150,23 @@ impl State {
             .find(|o| o.cow == cow && o.origin_id == origin_id)
     }
 
+    /// The path of origin `origin_id` of store `cow`; empty if it is not recorded.
+    pub fn origin_path(&self, cow: &str, origin_id: &str) -> String {
+        self.origin(cow, origin_id)
+            .map(|o| o.path.clone())
+            .unwrap_or_default()
+    }
+
     /// The store record for `cow`.
     pub fn store(&self, cow: &str) -> Option<&StoreRecord> {
         self.stores.iter().find(|s| s.path == cow)
+    }
+
+    /// Records an origin unless its store and id are recorded already.
+    pub fn record_origin(&mut self, rec: OriginRecord) {
+        if self.origin(&rec.cow, &rec.origin_id).is_none() {
+            self.origins.push(rec);
+        }
     }
 
     /// Records store `cow` unless it is recorded already (with its own `direct`).

@@ -1,9 +1,10 @@
 //! `origin_create` and `origin_delete`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use log::{error, info, warn};
-use snapmv_engine::{FormatOptions, OpenMode, Storage, Store};
+use snapmv_engine::{FileStorage, FormatOptions, OpenMode, Origin, Storage, Store};
 use snapmv_rpc::methods::{self as m, names};
 
 use crate::daemon::error::{MResult, MethodError};
@@ -12,7 +13,7 @@ use crate::daemon::registry::{
     check_origin_size, file_id, open_file, open_origin_file, open_store, Access,
 };
 use crate::daemon::validate;
-use crate::daemon::{Daemon, PAGE_SIZE};
+use crate::daemon::{Daemon, Inner, PAGE_SIZE};
 use crate::state::{ExportRecord, OriginRecord};
 
 impl Daemon {
@@ -42,116 +43,15 @@ impl Daemon {
         if format {
             validate::formattable(&inner.state, &cow, inner.stores.contains_key(&cow))?;
         }
-        // The origin: already open here (then it must not have changed size and must be
-        // writable if this export writes it), or opened now — before any format.
-        let opened = match inner.origins.get(&key) {
-            Some(o) => {
-                if p.bind {
-                    return Err(MethodError::AlreadyExists(format!(
-                        "origin {origin_id} is already bound to COW store {cow}; create the export without -b (bind)"
-                    )));
-                }
-                check_origin_size(o, &origin)?;
-                if !p.readonly && inner.readonly_origins.contains(&key) {
-                    return Err(MethodError::InvalidState(format!(
-                        "origin {origin} is open read-only (its other exports are read-only, or its file is not writable); export it read-only (-r), or remove those exports first"
-                    )));
-                }
-                None
-            }
-            None => {
-                let access = if p.readonly {
-                    Access::ReadOnly
-                } else {
-                    Access::Write
-                };
-                let (storage, readonly) = open_origin_file(&origin, p.direct, access)?;
-                if p.bind {
-                    let size = storage.len().map_err(|source| MethodError::Open {
-                        what: format!("cannot read the size of origin {origin}"),
-                        source,
-                    })?;
-                    if size == 0 || size % 512 != 0 {
-                        return Err(MethodError::InvalidParams(format!(
-                            "origin {origin} is {size} bytes; it must be a non-empty multiple of 512 bytes"
-                        )));
-                    }
-                }
-                Some((storage, readonly))
-            }
-        };
+        // The origin: already open here, or opened now — before any format.
+        let opened = Self::origin_file_for_create(inner, &key, &origin, &p)?;
         let store = if format {
-            let storage = open_file(
-                "COW store",
-                &cow,
-                OpenMode {
-                    direct: p.direct,
-                    readonly: false,
-                },
-            )?;
-            Store::format_storage(
-                storage.as_ref(),
-                &FormatOptions {
-                    chunk_size: pages * PAGE_SIZE,
-                    force: p.force_format,
-                },
-            )
-            .map_err(|e| match e {
-                snapmv_engine::Error::AlreadyExists(_) => MethodError::AlreadyExists(format!(
-                    "COW store {cow} already holds a snapmv store; give -F (force_format) to format over it, destroying its snapshots"
-                )),
-                e => MethodError::Engine {
-                    what: format!("cannot format COW store {cow}"),
-                    source: e,
-                },
-            })?;
-            info!("formatted COW store {cow} with {pages}-page chunks");
-            // Whatever was bound before is gone.
-            inner.state.origins.retain(|o| o.cow != cow);
-            let store = open_store(&cow, storage)?;
-            inner.stores.insert(cow.clone(), store.clone());
-            store
+            self.format_store(inner, &cow, pages, &p)?
         } else {
             self.store_for(inner, &cow, p.direct)?
         };
-        let (origin_h, bound_now) = match opened {
-            None => (
-                inner.origins.get(&key).cloned().ok_or_else(|| {
-                    MethodError::InvalidState(format!(
-                        "origin {origin_id} of {cow} is no longer open"
-                    ))
-                })?,
-                false,
-            ),
-            Some((storage, readonly)) => {
-                let o = if p.bind {
-                    store.bind_origin_storage(&origin_id, storage)
-                } else {
-                    store.open_origin_storage(&origin_id, storage)
-                };
-                let o = o.map_err(|e| match e {
-                    snapmv_engine::Error::NotFound(_) => MethodError::NotFound(format!(
-                        "origin {origin_id} is not bound to COW store {cow}; give -b (bind) to bind it"
-                    )),
-                    e => MethodError::Engine {
-                        what: if p.bind {
-                            format!("cannot bind origin {origin} as id {origin_id} to COW store {cow}")
-                        } else {
-                            format!("cannot open origin {origin} (id {origin_id}) in COW store {cow}")
-                        },
-                        source: e,
-                    },
-                })?;
-                // Recorded at once: the engine keeps it open (and its file locked) from now on.
-                inner.origins.insert(key.clone(), o.clone());
-                if readonly {
-                    inner.readonly_origins.insert(key.clone());
-                } else {
-                    inner.readonly_origins.remove(&key);
-                }
-                (o, p.bind)
-            }
-        };
+        let (origin_h, bound_now) =
+            Self::attach_origin(inner, &store, &key, &origin, opened, p.bind)?;
         let rec = ExportRecord {
             name: p.name.clone(),
             socket,
@@ -176,14 +76,12 @@ impl Daemon {
             }
             return Err(e);
         }
-        if inner.state.origin(&cow, &origin_id).is_none() {
-            inner.state.origins.push(OriginRecord {
-                cow: cow.clone(),
-                origin_id: origin_id.clone(),
-                path: origin.clone(),
-                direct: p.direct,
-            });
-        }
+        inner.state.record_origin(OriginRecord {
+            cow: cow.clone(),
+            origin_id: origin_id.clone(),
+            path: origin.clone(),
+            direct: p.direct,
+        });
         inner.state.record_store(&cow, p.direct);
         inner.state.exports.push(rec.clone());
         inner.failed.remove(&rec.name);
@@ -193,6 +91,148 @@ impl Daemon {
         );
         self.save(inner, format!("export {} was created", rec.name))?;
         Ok(self.export_info(inner, &rec))
+    }
+
+    /// The origin's file for `origin_create`: `None` if the origin is open here already (then
+    /// it must not have changed size, must not be bound again, and must be writable if this
+    /// export writes it), else its file opened now (and whether read-only).
+    fn origin_file_for_create(
+        inner: &Inner,
+        key: &(String, String),
+        origin: &str,
+        p: &m::OriginCreateParams,
+    ) -> MResult<Option<(Arc<FileStorage>, bool)>> {
+        let (cow, origin_id) = key;
+        let opened = match inner.origins.get(key) {
+            Some(o) => {
+                if p.bind {
+                    return Err(MethodError::AlreadyExists(format!(
+                    "origin {origin_id} is already bound to COW store {cow}; create the export without -b (bind)"
+                )));
+                }
+                check_origin_size(o, origin)?;
+                if !p.readonly && inner.readonly_origins.contains(key) {
+                    return Err(MethodError::InvalidState(format!(
+                    "origin {origin} is open read-only (its other exports are read-only, or its file is not writable); export it read-only (-r), or remove those exports first"
+                )));
+                }
+                None
+            }
+            None => {
+                let access = if p.readonly {
+                    Access::ReadOnly
+                } else {
+                    Access::Write
+                };
+                let (storage, readonly) = open_origin_file(origin, p.direct, access)?;
+                if p.bind {
+                    let size = storage.len().map_err(|source| MethodError::Open {
+                        what: format!("cannot read the size of origin {origin}"),
+                        source,
+                    })?;
+                    if size == 0 || size % 512 != 0 {
+                        return Err(MethodError::InvalidParams(format!(
+                            "origin {origin} is {size} bytes; it must be a non-empty multiple of 512 bytes"
+                        )));
+                    }
+                }
+                Some((storage, readonly))
+            }
+        };
+        Ok(opened)
+    }
+
+    /// Formats store `cow` with `pages`-page chunks and opens it; every origin recorded in it
+    /// is forgotten.
+    fn format_store(
+        &self,
+        inner: &mut Inner,
+        cow: &str,
+        pages: u32,
+        p: &m::OriginCreateParams,
+    ) -> MResult<Store> {
+        let storage = open_file(
+            "COW store",
+            cow,
+            OpenMode {
+                direct: p.direct,
+                readonly: false,
+            },
+        )?;
+        Store::format_storage(
+            storage.as_ref(),
+            &FormatOptions {
+                chunk_size: pages * PAGE_SIZE,
+                force: p.force_format,
+            },
+        )
+        .map_err(|e| match e {
+            snapmv_engine::Error::AlreadyExists(_) => MethodError::AlreadyExists(format!(
+                "COW store {cow} already holds a snapmv store; give -F (force_format) to format over it, destroying its snapshots"
+            )),
+            e => MethodError::Engine {
+                what: format!("cannot format COW store {cow}"),
+                source: e,
+            },
+        })?;
+        info!("formatted COW store {cow} with {pages}-page chunks");
+        // Whatever was bound before is gone.
+        inner.state.origins.retain(|o| o.cow != cow);
+        let store = open_store(cow, storage)?;
+        inner.stores.insert(cow.to_string(), store.clone());
+        Ok(store)
+    }
+
+    /// The origin `key` as an engine handle: the open one (`opened` `None`), or bound (`bind`)
+    /// or opened in `store` on its file. Returns it and whether it was bound now.
+    fn attach_origin(
+        inner: &mut Inner,
+        store: &Store,
+        key: &(String, String),
+        origin: &str,
+        opened: Option<(Arc<FileStorage>, bool)>,
+        bind: bool,
+    ) -> MResult<(Origin, bool)> {
+        let (cow, origin_id) = key;
+        let attached = match opened {
+            None => (
+                inner.origins.get(key).cloned().ok_or_else(|| {
+                    MethodError::InvalidState(format!(
+                        "origin {origin_id} of {cow} is no longer open"
+                    ))
+                })?,
+                false,
+            ),
+            Some((storage, readonly)) => {
+                let o = if bind {
+                    store.bind_origin_storage(origin_id, storage)
+                } else {
+                    store.open_origin_storage(origin_id, storage)
+                };
+                let o = o.map_err(|e| match e {
+                    snapmv_engine::Error::NotFound(_) => MethodError::NotFound(format!(
+                        "origin {origin_id} is not bound to COW store {cow}; give -b (bind) to bind it"
+                    )),
+                    e => MethodError::Engine {
+                        what: if bind {
+                            format!("cannot bind origin {origin} as id {origin_id} to COW store {cow}")
+                        } else {
+                            format!("cannot open origin {origin} (id {origin_id}) in COW store {cow}")
+                        },
+                        source: e,
+                    },
+                })?;
+                // Recorded at once: the engine keeps it open (and its file locked) from now on.
+                inner.origins.insert(key.clone(), o.clone());
+                if readonly {
+                    inner.readonly_origins.insert(key.clone());
+                } else {
+                    inner.readonly_origins.remove(key);
+                }
+                (o, bind)
+            }
+        };
+        Ok(attached)
     }
 
     pub(crate) fn origin_delete(&self, p: m::ExportRemoveParams) -> MResult<m::Done> {

@@ -4,7 +4,7 @@ use log::info;
 use snapmv_rpc::methods::{self as m, names};
 
 use crate::daemon::error::{MResult, MethodError};
-use crate::daemon::Daemon;
+use crate::daemon::{convert, Daemon};
 
 impl Daemon {
     pub(crate) fn snapshot_create(
@@ -101,11 +101,7 @@ impl Daemon {
         Ok(m::SnapshotRollbackResult {
             tag: p.tag,
             done: progress.is_none(),
-            progress: progress.map(|r| m::RollbackProgress {
-                tag: r.tag,
-                chunks_done: r.chunks_done,
-                chunks_total: r.chunks_total,
-            }),
+            progress: progress.as_ref().map(convert::rollback_progress),
         })
     }
 
@@ -135,11 +131,7 @@ impl Daemon {
         for (cow, id) in keys {
             let Some(o) = inner.origins.get(&(cow.clone(), id.clone())) else {
                 origins.push(m::OriginSnapshots {
-                    origin: inner
-                        .state
-                        .origin(&cow, &id)
-                        .map(|r| r.path.clone())
-                        .unwrap_or_default(),
+                    origin: inner.state.origin_path(&cow, &id),
                     exported_as: inner.state.exported_as(&cow, &id, None),
                     origin_id: id,
                     cow,
@@ -152,24 +144,13 @@ impl Daemon {
             snaps.sort_by_key(|s| s.tag);
             origins.push(m::OriginSnapshots {
                 origin_id: id.clone(),
-                origin: inner
-                    .state
-                    .origin(&cow, &id)
-                    .map(|r| r.path.clone())
-                    .unwrap_or_default(),
+                origin: inner.state.origin_path(&cow, &id),
                 cow: cow.clone(),
                 exported_as: inner.state.exported_as(&cow, &id, None),
                 open: true,
                 snapshots: snaps
-                    .into_iter()
-                    .map(|s| m::SnapshotInfo {
-                        tag: s.tag,
-                        parent: s.parent,
-                        memo: s.memo.clone(),
-                        birth_unix_secs: s.birth_unix_secs,
-                        exclusive_chunks: s.exclusive_chunks,
-                        exported_as: inner.state.exported_as(&cow, &id, Some(s.tag)),
-                    })
+                    .iter()
+                    .map(|s| convert::snapshot_info(&inner.state, &cow, &id, s))
                     .collect(),
             });
         }

@@ -3,7 +3,7 @@
 use snapmv_rpc::methods as m;
 
 use crate::daemon::error::MResult;
-use crate::daemon::Daemon;
+use crate::daemon::{convert, Daemon};
 
 impl Daemon {
     pub(crate) fn status(&self, p: m::OptionalNameParams) -> MResult<m::Status> {
@@ -45,11 +45,7 @@ impl Daemon {
                     origin: o.origin_path.clone(),
                     size: o.size,
                     snapshots: o.snapshots as u64,
-                    rollback: o.rollback.map(|r| m::RollbackProgress {
-                        tag: r.tag,
-                        chunks_done: r.chunks_done,
-                        chunks_total: r.chunks_total,
-                    }),
+                    rollback: o.rollback.as_ref().map(convert::rollback_progress),
                     reclaim_pending_chunks: o.reclaim_pending_chunks,
                     exported_as,
                     open: true,
@@ -60,11 +56,7 @@ impl Daemon {
                 dormant.sort();
                 for id in dormant {
                     origins.push(m::OriginStatus {
-                        origin: inner
-                            .state
-                            .origin(&cow, &id)
-                            .map(|r| r.path.clone())
-                            .unwrap_or_default(),
+                        origin: inner.state.origin_path(&cow, &id),
                         exported_as: inner.state.exported_as(&cow, &id, None),
                         origin_id: id,
                         size: 0,
