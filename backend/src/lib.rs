@@ -1,7 +1,6 @@
 //! snapmv backend library: the vhost-user-blk device and the export manager used by the daemon.
 
 pub mod cli;
-pub mod cli_backup;
 pub mod daemon;
 pub mod export;
 pub mod nbd;

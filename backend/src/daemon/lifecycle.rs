@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use log::info;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use super::{Daemon, ServeConfig};
 use crate::rpc_server::{RpcLock, RpcServerConfig, ServerError};
@@ -34,9 +36,9 @@ pub enum ServeError {
 
 /// Runs the daemon until killed.
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
-    // Before any thread exists, so that every thread inherits the mask and only the signal
-    // thread receives SIGTERM/SIGINT.
-    let signals = block_stop_signals().map_err(ServeError::Signals)?;
+    // Registered first: a SIGTERM/SIGINT that comes while the exports are being restored is
+    // kept and handled once the signal thread runs.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
     let mut rcfg = RpcServerConfig::new(cfg.rpc_socket.clone());
     rcfg.allowed_uids = cfg.allowed_uids.clone();
     if let Some(parent) = cfg.rpc_socket.parent() {
@@ -63,7 +65,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     std::thread::Builder::new()
         .name("snapmv-signals".into())
         .spawn(move || {
-            let sig = wait_signal(&signals);
+            let Some(sig) = signals.forever().next() else {
+                return;
+            };
             info!("signal {sig} received: stopping every export and closing the stores");
             for_signals.shutdown();
             let _ = std::fs::remove_file(&rpc_socket);
@@ -73,33 +77,4 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .map_err(ServeError::Signals)?;
     server.run(daemon)?;
     Ok(())
-}
-
-/// Blocks SIGTERM and SIGINT in the calling thread (and the threads it starts later).
-fn block_stop_signals() -> std::io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, exclusively borrowed sigset_t; the signal numbers are valid.
-    let rc = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
-    }
-    Ok(set)
-}
-
-/// Waits for one of the signals in `set` (blocked in every thread) and returns it.
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    loop {
-        let mut sig = 0;
-        // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
-        let rc = unsafe { libc::sigwait(set, &mut sig) };
-        if rc == 0 {
-            return sig;
-        }
-    }
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use snapmv_rpc::limits;
 use snapmv_rpc::methods as m;
+pub use snapmv_rpc::methods::parse_socket_mode;
 
 use super::error::{MResult, MethodError};
 use super::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE, MAX_NUM_QUEUES, PROTOCOL_NBD, PROTOCOL_VHOST};
@@ -201,18 +202,6 @@ pub fn default_origin_id(origin: &Path) -> String {
         id = "origin".into();
     }
     id
-}
-
-/// Parses an octal socket mode ("0660"): owner read-write required, no bits beyond 0o777.
-pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
-    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .map_err(|_| format!("socket mode {s:?} is not an octal number such as 0660"))?;
-    if mode > 0o777 || mode & 0o600 != 0o600 {
-        return Err(format!(
-            "socket mode {s} must be at most 0777 and give its owner read and write (e.g. 0600, 0660)"
-        ));
-    }
-    Ok(mode)
 }
 
 #[cfg(test)]

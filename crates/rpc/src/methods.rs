@@ -436,6 +436,18 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Parses an octal socket mode ("0660"): owner read-write required, no bits beyond 0o777.
+pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("socket mode {s:?} is not an octal number such as 0660"))?;
+    if mode > 0o777 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "socket mode {s} must be at most 0777 and give its owner read and write (e.g. 0600, 0660)"
+        ));
+    }
+    Ok(mode)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

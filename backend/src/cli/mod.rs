@@ -3,7 +3,11 @@
 //! Each verb is one or two RPC calls; output is a readable table, or the method's JSON result
 //! with `--json`.
 
-use std::io::{IsTerminal, Write};
+pub mod args;
+pub mod backup;
+pub mod render;
+
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,6 +16,9 @@ use serde_json::{json, Value};
 use snapmv_rpc::method::{self as rpc, Method};
 use snapmv_rpc::methods as m;
 use snapmv_rpc::{RpcClient, RpcError};
+
+pub use args::{CreateArgs, Out};
+pub use render::{format_size, format_time, render_exports, render_list, render_status, table};
 
 /// Why a verb failed.
 #[derive(Debug, thiserror::Error)]
@@ -202,45 +209,6 @@ pub fn absolute(what: &'static str, p: &Path) -> Result<String, CliError> {
     Ok(abs.to_string_lossy().into_owned())
 }
 
-/// Options of `snapmv create`.
-#[derive(Debug, Clone, Default)]
-pub struct CreateArgs {
-    /// Export name.
-    pub name: String,
-    /// Origin path.
-    pub origin: PathBuf,
-    /// Store path.
-    pub cow: PathBuf,
-    /// Snapshot tag (exports a snapshot).
-    pub tag: Option<u32>,
-    /// Bind.
-    pub bind: bool,
-    /// Format.
-    pub format: bool,
-    /// Force format.
-    pub force_format: bool,
-    /// Chunk size in pages.
-    pub chunk_size: Option<u32>,
-    /// Origin id.
-    pub origin_id: Option<String>,
-    /// Queues.
-    pub num_queues: Option<u16>,
-    /// Queue size.
-    pub queue_size: Option<u16>,
-    /// Read-only.
-    pub readonly: bool,
-    /// O_DIRECT.
-    pub direct: bool,
-    /// Socket path.
-    pub socket: Option<PathBuf>,
-    /// Socket group (name or gid).
-    pub socket_group: Option<String>,
-    /// Socket mode (octal).
-    pub socket_mode: Option<String>,
-    /// Serve over NBD instead of vhost-user-blk.
-    pub nbd: bool,
-}
-
 /// `snapmv create`: `origin_create`, or `snapshot_export` when a tag is given.
 pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
     let origin = absolute("origin", &a.origin)?;
@@ -374,14 +342,23 @@ pub fn rollback(ctx: &Ctx, name: &str, tag: u32, background: bool) -> Result<(),
             wait: true,
         })
     });
-    let show = std::io::stderr().is_terminal() && !ctx.json;
+    // Progress on a terminal, from `status` on a second connection.
+    let bar = (std::io::stderr().is_terminal() && !ctx.json).then(|| {
+        let pb = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} chunks ({percent}%) eta {eta}",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_message(format!("rolling {name} back to snapshot {tag}"));
+        pb
+    });
     let mut status_client = None;
-    let mut shown = false;
     while !handle.is_finished() {
         std::thread::sleep(Duration::from_millis(200));
-        if !show {
+        let Some(pb) = &bar else {
             continue;
-        }
+        };
         if status_client.is_none() {
             status_client = ctx.client().ok();
         }
@@ -399,19 +376,12 @@ pub fn rollback(ctx: &Ctx, name: &str, tag: u32, background: bool) -> Result<(),
             .flat_map(|s| s.origins.iter())
             .find_map(|o| o.rollback.clone())
         {
-            let pct = (r.chunks_done * 100)
-                .checked_div(r.chunks_total)
-                .unwrap_or(100);
-            eprint!(
-                "\rrolling {name} back to snapshot {}: {}/{} chunks ({pct}%)   ",
-                r.tag, r.chunks_done, r.chunks_total
-            );
-            let _ = std::io::stderr().flush();
-            shown = true;
+            pb.set_length(r.chunks_total);
+            pb.set_position(r.chunks_done);
         }
     }
-    if shown {
-        eprintln!("\rrolling {name} back to snapshot {tag}: finished{:30}", "");
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
     }
     let r = handle.join().map_err(|_| CliError::Wait {
         name: name.to_string(),
@@ -423,181 +393,6 @@ pub fn rollback(ctx: &Ctx, name: &str, tag: u32, background: bool) -> Result<(),
         println!("export {name} rolled back to snapshot {tag}");
     }
     Ok(())
-}
-
-/// Formats rows as a table with a header, columns padded to their widest cell.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            if i < widths.len() {
-                widths[i] = widths[i].max(c.chars().count());
-            }
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let mut l = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(c);
-            } else {
-                l.push_str(&format!(
-                    "{c:<w$}  ",
-                    w = widths.get(i).copied().unwrap_or(0)
-                ));
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for r in rows {
-        line(r.iter().map(String::as_str).collect());
-    }
-    out
-}
-
-/// `YYYY-MM-DD HH:MM:SS` (UTC) for seconds since the epoch.
-pub fn format_time(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if mo <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{mo:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// A size in bytes, human-readable (binary units).
-pub fn format_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 || v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
-/// A memo on one line: control characters (newlines, escapes) become spaces.
-fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
-fn dash_if_empty(v: &[String]) -> String {
-    if v.is_empty() {
-        "-".into()
-    } else {
-        v.join(",")
-    }
-}
-
-/// Renders `snapshot_list` as one tree table per origin.
-pub fn render_list(l: &m::SnapshotList) -> String {
-    let mut out = String::new();
-    for o in &l.origins {
-        if !o.open {
-            let path = if o.origin.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", o.origin)
-            };
-            out.push_str(&format!(
-                "origin {}{path} in {}, bound but not open: export it to list its snapshots\n",
-                o.origin_id, o.cow
-            ));
-            continue;
-        }
-        out.push_str(&format!(
-            "origin {} ({}) in {}, exported as {}\n",
-            o.origin_id,
-            o.origin,
-            o.cow,
-            dash_if_empty(&o.exported_as)
-        ));
-        // Depth-first from the origin's children, so the tree reads top-down.
-        let mut rows = Vec::new();
-        let mut stack: Vec<(Option<u32>, usize)> = vec![(None, 0)];
-        let mut visited = std::collections::HashSet::new();
-        while let Some((parent, depth)) = stack.pop() {
-            if let Some(p) = parent {
-                if !visited.insert(p) {
-                    continue;
-                }
-                if let Some(s) = o.snapshots.iter().find(|s| s.tag == p) {
-                    rows.push(vec![
-                        format!("{}{}", "  ".repeat(depth.saturating_sub(1)), s.tag),
-                        s.parent.map_or("origin".into(), |p| p.to_string()),
-                        format_time(s.birth_unix_secs),
-                        s.exclusive_chunks.to_string(),
-                        dash_if_empty(&s.exported_as),
-                        one_line(&s.memo),
-                    ]);
-                }
-            }
-            let mut children: Vec<u32> = o
-                .snapshots
-                .iter()
-                .filter(|s| s.parent == parent)
-                .map(|s| s.tag)
-                .collect();
-            children.sort_unstable_by(|a, b| b.cmp(a));
-            for c in children {
-                stack.push((Some(c), depth + 1));
-            }
-        }
-        // Snapshots whose parent is unknown (not expected) still get listed.
-        for s in &o.snapshots {
-            if !visited.contains(&s.tag) {
-                rows.push(vec![
-                    s.tag.to_string(),
-                    s.parent.map_or("origin".into(), |p| p.to_string()),
-                    format_time(s.birth_unix_secs),
-                    s.exclusive_chunks.to_string(),
-                    dash_if_empty(&s.exported_as),
-                    one_line(&s.memo),
-                ]);
-            }
-        }
-        if rows.is_empty() {
-            out.push_str("  (no snapshots)\n");
-        } else {
-            for line in table(
-                &["TAG", "PARENT", "BORN", "EXCLUSIVE", "EXPORTED-AS", "MEMO"],
-                &rows,
-            )
-            .lines()
-            {
-                out.push_str("  ");
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    if l.origins.is_empty() {
-        out.push_str("no origins\n");
-    }
-    out
 }
 
 /// `snapmv list [NAME]`: `snapshot_list`.
@@ -613,42 +408,6 @@ pub fn list(ctx: &Ctx, name: Option<&str>) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Renders `export_list`.
-pub fn render_exports(l: &m::ExportList) -> String {
-    if l.exports.is_empty() {
-        return "no exports\n".into();
-    }
-    let rows: Vec<Vec<String>> = l
-        .exports
-        .iter()
-        .map(|e| {
-            vec![
-                e.name.clone(),
-                e.volume.clone(),
-                if e.size > 0 {
-                    format_size(e.size)
-                } else {
-                    "-".into()
-                },
-                e.num_queues.to_string(),
-                if e.readonly { "ro" } else { "rw" }.into(),
-                e.socket.clone(),
-                match &e.error {
-                    Some(err) => format!("FAILED: {}", one_line(err)),
-                    None if e.connected => "connected".into(),
-                    None => "waiting".into(),
-                },
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "NAME", "VOLUME", "SIZE", "QUEUES", "MODE", "SOCKET", "STATE",
-        ],
-        &rows,
-    )
-}
-
 /// `snapmv exports`: `export_list`.
 pub fn exports(ctx: &Ctx) -> Result<(), CliError> {
     let l = ctx.call::<rpc::ExportList>(&m::NoParams {})?;
@@ -658,94 +417,6 @@ pub fn exports(ctx: &Ctx) -> Result<(), CliError> {
         print!("{}", render_exports(&l));
     }
     Ok(())
-}
-
-/// Renders `status`.
-pub fn render_status(s: &m::Status) -> String {
-    let mut out = String::new();
-    for st in &s.stores {
-        let pct = (st.chunks_used * 100)
-            .checked_div(st.chunks_total)
-            .unwrap_or(0);
-        out.push_str(&format!(
-            "store {}: chunk {}, {} chunks, {} used ({pct}%), {} free\n",
-            st.cow,
-            format_size(u64::from(st.chunk_size)),
-            st.chunks_total,
-            st.chunks_used,
-            st.chunks_free
-        ));
-        let rows: Vec<Vec<String>> = st
-            .origins
-            .iter()
-            .map(|o| {
-                if !o.open {
-                    return vec![
-                        o.origin_id.clone(),
-                        "?".into(),
-                        "?".into(),
-                        "-".into(),
-                        "?".into(),
-                        "(not open)".into(),
-                        if o.origin.is_empty() {
-                            "?".into()
-                        } else {
-                            o.origin.clone()
-                        },
-                    ];
-                }
-                vec![
-                    o.origin_id.clone(),
-                    format_size(o.size),
-                    o.snapshots.to_string(),
-                    match &o.rollback {
-                        Some(r) => format!(
-                            "to {}: {}/{} ({}%)",
-                            r.tag,
-                            r.chunks_done,
-                            r.chunks_total,
-                            (r.chunks_done * 100)
-                                .checked_div(r.chunks_total)
-                                .unwrap_or(100)
-                        ),
-                        None => "-".into(),
-                    },
-                    o.reclaim_pending_chunks.to_string(),
-                    dash_if_empty(&o.exported_as),
-                    o.origin.clone(),
-                ]
-            })
-            .collect();
-        if rows.is_empty() {
-            out.push_str("  (no origins)\n");
-        } else {
-            for line in table(
-                &[
-                    "ORIGIN",
-                    "SIZE",
-                    "SNAPSHOTS",
-                    "ROLLBACK",
-                    "RECLAIM-PENDING",
-                    "EXPORTED-AS",
-                    "PATH",
-                ],
-                &rows,
-            )
-            .lines()
-            {
-                out.push_str("  ");
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    for u in &s.unavailable {
-        out.push_str(&format!("store {}: UNAVAILABLE: {}\n", u.cow, u.error));
-    }
-    if s.stores.is_empty() && s.unavailable.is_empty() {
-        out.push_str("no stores open\n");
-    }
-    out
 }
 
 /// `snapmv status [NAME]`: `status`.
@@ -825,74 +496,5 @@ pub fn check(ctx: &Ctx, cow: &Path, repair: bool) -> Result<(), CliError> {
                 "; `snapmv check --repair` repairs what can be rebuilt"
             },
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times() {
-        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00 UTC");
-        assert_eq!(format_time(1_795_000_000), "2026-11-18 11:06:40 UTC");
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(format_size(512), "512 B");
-        assert_eq!(format_size(4096), "4 KiB");
-        assert_eq!(format_size(1536), "1.5 KiB");
-        assert_eq!(format_size(10 << 30), "10 GiB");
-    }
-
-    #[test]
-    fn tables_align() {
-        let t = table(
-            &["A", "BB"],
-            &[
-                vec!["xxx".into(), "1".into()],
-                vec!["y".into(), "22".into()],
-            ],
-        );
-        assert_eq!(t, "A    BB\nxxx  1\ny    22\n");
-    }
-
-    #[test]
-    fn list_is_a_tree() {
-        let s = |tag, parent| m::SnapshotInfo {
-            tag,
-            parent,
-            memo: format!("m{tag}\n"),
-            birth_unix_secs: 0,
-            exclusive_chunks: 0,
-            exported_as: vec![],
-        };
-        let l = m::SnapshotList {
-            origins: vec![m::OriginSnapshots {
-                origin_id: "o".into(),
-                origin: "/o".into(),
-                cow: "/c".into(),
-                exported_as: vec!["vol".into()],
-                open: true,
-                snapshots: vec![s(1, None), s(2, Some(1)), s(3, None)],
-            }],
-        };
-        let out = render_list(&l);
-        let tags: Vec<&str> = out
-            .lines()
-            .skip(2)
-            .map(|l| l.split("  ").find(|x| !x.is_empty()).unwrap_or(""))
-            .collect();
-        assert!(
-            out.starts_with("origin o (/o) in /c, exported as vol\n"),
-            "{out}"
-        );
-        // 1, then its child 2 (indented), then 3.
-        assert_eq!(tags.len(), 3, "{out}");
-        assert_eq!(out.lines().count(), 5, "memos stay on their line:\n{out}");
-        let pos = |needle: &str| out.find(needle).unwrap();
-        assert!(pos("m1") < pos("m2") && pos("m2") < pos("m3"), "{out}");
     }
 }
