@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -535,13 +534,11 @@ fn stop_export(mut export: Export) {
     }
     // Wake a serving thread blocked in accept(): on Linux, shutdown() of a listening socket
     // makes accept() fail with EINVAL. `wake` is our own duplicate, so the fd is valid.
-    // SAFETY: shutdown(2) on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::shutdown(export.wake.as_raw_fd(), libc::SHUT_RDWR) };
-    if rc != 0 {
+    if let Err(e) = rustix::net::shutdown(&export.wake, rustix::net::Shutdown::Both) {
         log::warn!(
             "export {}: shutdown of the listening socket failed: {}",
             export.cfg.name,
-            io::Error::last_os_error()
+            io::Error::from(e)
         );
     }
     if let Some(t) = export.thread.take() {

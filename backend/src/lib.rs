@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod export;
+pub mod lockfile;
 pub mod nbd;
 pub mod rpc_server;
 pub mod state;

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::lockfile::{lock_exclusive, LockError};
+
 /// Version of the state file format.
 pub const STATE_VERSION: u32 = 1;
 
@@ -224,23 +226,16 @@ impl StateDir {
             .mode(0o700)
             .create(dir)
             .map_err(io_err("creating the directory"))?;
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(dir.join("lock"))
-            .map_err(io_err("opening the lock file"))?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
+        let lock = match lock_exclusive(&dir.join("lock")) {
+            Ok(f) => f,
+            Err(LockError::Held) => {
                 return Err(StateError::Locked {
                     dir: dir.to_path_buf(),
                 })
             }
-            Err(e) => return Err(io_err("locking the lock file")(e.into())),
-        }
+            Err(LockError::Open(e)) => return Err(io_err("opening the lock file")(e)),
+            Err(LockError::Lock(e)) => return Err(io_err("locking the lock file")(e)),
+        };
         let file = dir.join("state.json");
         let state = match fs::read(&file) {
             Ok(bytes) => {

@@ -68,61 +68,29 @@ pub fn diff(ctx: &Ctx, name: &str, from: u32, to: Option<u32>) -> Result<(), Cli
 
 /// A private directory holding one FIFO; removed on drop.
 struct Fifo {
-    dir: PathBuf,
+    /// A private directory (0700), removed with everything in it when dropped.
+    dir: tempfile::TempDir,
     path: PathBuf,
 }
 
 impl Fifo {
     fn new() -> Result<Fifo, CliError> {
-        let base = std::env::temp_dir();
-        let mut last = None;
-        for _ in 0..16 {
-            let dir = base.join(format!(
-                "snapmv-stream-{}-{:016x}",
-                std::process::id(),
-                fastrand_u64()
-            ));
-            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => {
-                    let path = dir.join("stream");
-                    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-                        .map_err(|e| io_err("FIFO path")(std::io::Error::other(e)))?;
-                    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-                    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
-                    if rc != 0 {
-                        let e = std::io::Error::last_os_error();
-                        let _ = std::fs::remove_dir(&dir);
-                        return Err(io_err(format!("creating a FIFO in {}", dir.display()))(e));
-                    }
-                    return Ok(Fifo { dir, path });
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(io_err(format!(
-            "creating a private directory in {}",
-            base.display()
-        ))(
-            last.unwrap_or_else(|| std::io::Error::other("no attempt")),
-        ))
+        let dir = tempfile::Builder::new()
+            .prefix("snapmv-stream-")
+            .tempdir()
+            .map_err(io_err(format!(
+                "creating a private directory in {}",
+                std::env::temp_dir().display()
+            )))?;
+        let path = dir.path().join("stream");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| io_err(format!("creating a FIFO in {}", dir.path().display()))(e.into()))?;
+        Ok(Fifo { dir, path })
     }
-}
-
-use std::os::unix::fs::DirBuilderExt;
-
-impl Drop for Fifo {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_file(self.dir.join("fd.sock"));
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-fn fastrand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id() as u64);
-    h.finish()
 }
 
 /// A progress bar on a terminal (stderr), nothing otherwise.
@@ -209,7 +177,7 @@ fn export_direct(
     use std::mem::MaybeUninit;
     use std::os::fd::AsFd;
     let dir = Fifo::new()?;
-    let sock = dir.dir.join("fd.sock");
+    let sock = dir.dir.path().join("fd.sock");
     let l = std::os::unix::net::UnixListener::bind(&sock)
         .map_err(io_err(format!("listening on {}", sock.display())))?;
     let pb = progress(ctx, 0, format!("export {name} snapshot {tag}"));

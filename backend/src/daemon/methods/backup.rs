@@ -150,7 +150,6 @@ pub(crate) fn receive_file(path: &str) -> MResult<(std::os::unix::net::UnixStrea
 /// file on a client's behalf. Waits up to 30 s for the reader to open its end.
 pub(crate) fn open_fifo(path: &str) -> MResult<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::io::AsRawFd;
     use std::time::Duration;
     require_absolute("fifo", path)?;
     let md = std::fs::metadata(path).map_err(lookup_error("fifo", path, "examined"))?;
@@ -182,16 +181,11 @@ pub(crate) fn open_fifo(path: &str) -> MResult<std::fs::File> {
             }
         }
     };
-    let fd = f.as_raw_fd();
-    // SAFETY: `fd` is an open descriptor owned by `f`, alive for these calls; F_GETFL/F_SETFL
-    // and F_SETPIPE_SZ take integer arguments and touch no memory of ours.
-    unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        if fl >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
-        }
-        // A larger pipe buffer means fewer wake-ups; failure is harmless.
-        libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20);
+    // Blocking from now on (the open only had to not wait for a reader).
+    if let Ok(fl) = rustix::fs::fcntl_getfl(&f) {
+        let _ = rustix::fs::fcntl_setfl(&f, fl - rustix::fs::OFlags::NONBLOCK);
     }
+    // A larger pipe buffer means fewer wake-ups; failure is harmless.
+    let _ = rustix::pipe::fcntl_setpipe_size(&f, 1 << 20);
     Ok(f)
 }
