@@ -2,7 +2,7 @@
 
 use snapmv_rpc::methods as m;
 
-use super::{Daemon, Inner};
+use super::core::{Daemon, Inner};
 use crate::state::{ExportRecord, State};
 
 impl Daemon {

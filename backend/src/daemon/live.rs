@@ -9,7 +9,9 @@ use log::warn;
 use snapmv_engine::Volume;
 
 use super::error::{MResult, MethodError};
-use super::{Daemon, CACHE_MODE_DIR, PROTOCOL_NBD};
+use snapmv_rpc::methods::PROTOCOL_NBD;
+
+use super::core::{Daemon, CACHE_MODE_DIR};
 use crate::export::{ExportConfig, ExportError};
 use crate::rpc_server::SocketAccess;
 use crate::state::ExportRecord;

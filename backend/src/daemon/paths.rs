@@ -1,15 +1,16 @@
 //! Checks of parameters that look at the filesystem: paths (absolute, existing, a file or a
 //! block device, not the daemon's own), the roles of files (an origin is not a store), socket
 //! paths, and socket groups (from /etc/group). The checks that need only the parameters and
-//! the state are in [`super::validate`].
+//! the state are in `validate.rs`.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use snapmv_rpc::methods::parse_socket_mode;
+
+use super::core::{Daemon, Inner};
 use super::error::{MResult, MethodError};
 use super::registry::{file_id, FileId};
-use super::validate::parse_socket_mode;
-use super::{Daemon, Inner};
 
 impl Daemon {
     /// Checks and canonicalises a path given over RPC.

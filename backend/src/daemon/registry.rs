@@ -9,8 +9,8 @@ use log::warn;
 use snapmv_engine::{FileStorage, OpenMode, Origin, Storage, Store, Volume};
 use snapmv_rpc::methods as m;
 
+use super::core::{Daemon, Inner};
 use super::error::{MResult, MethodError};
-use super::{Daemon, Inner};
 use crate::state::{ExportRecord, OriginRecord};
 
 /// Identity of a file: device and inode.

@@ -1,6 +1,9 @@
 //! Unit tests of the daemon without a socket.
 
+use std::collections::HashMap;
+
 use super::*;
+use crate::rpc_server::SocketAccess;
 use serde_json::json;
 use snapmv_rpc::methods::names;
 

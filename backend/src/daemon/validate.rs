@@ -1,6 +1,6 @@
 //! Checks of parameters against the limits and the recorded state, with no I/O: names, queues,
 //! chunk sizes, protocols, socket modes, origin ids and the conflicts between a new export and
-//! the recorded ones. The checks that look at the filesystem are in [`super::paths`].
+//! the recorded ones. The checks that look at the filesystem are in `paths.rs`.
 
 use std::path::Path;
 
@@ -9,8 +9,9 @@ use snapmv_rpc::methods as m;
 pub use snapmv_rpc::methods::parse_socket_mode;
 
 use super::error::{MResult, MethodError};
-use super::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE, MAX_NUM_QUEUES, PROTOCOL_NBD, PROTOCOL_VHOST};
 use crate::state::State;
+use snapmv_rpc::limits::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE, MAX_NUM_QUEUES};
+use snapmv_rpc::methods::{PROTOCOL_NBD, PROTOCOL_VHOST};
 
 /// Checks the name of a new export: valid, and not taken.
 pub(crate) fn new_export_name(state: &State, name: &str) -> MResult<()> {

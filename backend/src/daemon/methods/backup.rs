@@ -4,9 +4,9 @@ use std::os::unix::fs::FileTypeExt;
 
 use snapmv_rpc::methods as m;
 
+use crate::daemon::core::Daemon;
 use crate::daemon::error::{MResult, MethodError};
 use crate::daemon::paths::{lookup_error, require_absolute};
-use crate::daemon::Daemon;
 
 impl Daemon {
     pub(crate) fn snapshot_diff(&self, p: m::SnapshotDiffParams) -> MResult<m::SnapshotDiffResult> {

@@ -5,11 +5,11 @@ use std::path::Path;
 use log::info;
 use snapmv_rpc::methods as m;
 
+use crate::daemon::core::Daemon;
 use crate::daemon::error::{MResult, MethodError};
 use crate::daemon::paths::socket_access_params;
 use crate::daemon::registry::{check_origin_size, file_id};
 use crate::daemon::validate::{self, default_origin_id};
-use crate::daemon::Daemon;
 use crate::state::ExportRecord;
 
 impl Daemon {

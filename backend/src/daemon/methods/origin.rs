@@ -5,15 +5,16 @@ use std::sync::Arc;
 
 use log::{error, info, warn};
 use snapmv_engine::{FileStorage, FormatOptions, OpenMode, Origin, Storage, Store};
+use snapmv_rpc::limits::PAGE_SIZE;
 use snapmv_rpc::methods::{self as m, names};
 
+use crate::daemon::core::{Daemon, Inner};
 use crate::daemon::error::{MResult, MethodError};
 use crate::daemon::paths::socket_access_params;
 use crate::daemon::registry::{
     check_origin_size, file_id, open_file, open_origin_file, open_store, Access,
 };
 use crate::daemon::validate;
-use crate::daemon::{Daemon, Inner, PAGE_SIZE};
 use crate::state::{ExportRecord, OriginRecord};
 
 impl Daemon {

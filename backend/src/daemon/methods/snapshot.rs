@@ -3,8 +3,9 @@
 use log::info;
 use snapmv_rpc::methods::{self as m, names};
 
+use crate::daemon::convert;
+use crate::daemon::core::Daemon;
 use crate::daemon::error::{MResult, MethodError};
-use crate::daemon::{convert, Daemon};
 
 impl Daemon {
     pub(crate) fn snapshot_create(

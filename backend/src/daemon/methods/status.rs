@@ -2,8 +2,9 @@
 
 use snapmv_rpc::methods as m;
 
+use crate::daemon::convert;
+use crate::daemon::core::Daemon;
 use crate::daemon::error::MResult;
-use crate::daemon::{convert, Daemon};
 
 impl Daemon {
     pub(crate) fn status(&self, p: m::OptionalNameParams) -> MResult<m::Status> {
