@@ -245,7 +245,7 @@ enum Outcome {
 }
 
 fn call(rpc: &mut RpcClient, method: &str, params: Value) -> Outcome {
-    match rpc.call(method, params) {
+    match rpc.call_raw(method, params) {
         Ok(v) => Outcome::Ok(v),
         Err(RpcError::Remote(e)) => Outcome::Refused(e.code, e.message),
         Err(_) => Outcome::Lost,
@@ -507,7 +507,7 @@ fn kill9_under_load() {
         thread::sleep(Duration::from_millis(rng.u64(20..400)));
         let mid_rollback = RpcClient::connect(&d.rpc_socket)
             .ok()
-            .and_then(|mut c| c.call("status", json!({"name": "vol"})).ok())
+            .and_then(|mut c| c.call_raw("status", json!({"name": "vol"})).ok())
             .and_then(|st| st["stores"][0]["origins"][0].get("rollback").cloned())
             .is_some();
         d.kill();

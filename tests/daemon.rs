@@ -217,7 +217,7 @@ impl Daemon {
 
     /// One call on a fresh connection.
     pub fn call(&self, method: &str, params: Value) -> Result<Value, RpcError> {
-        self.client().call(method, params)
+        self.client().call_raw(method, params)
     }
 
     /// One call that must succeed.

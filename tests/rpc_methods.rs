@@ -679,7 +679,7 @@ fn snapshot_list_export_list_and_status() {
 fn protocol_errors() {
     let f = fixture("proto");
     let mut c = f.d.client();
-    let e = c.call("no_such_method", Value::Null).unwrap_err();
+    let e = c.call_raw("no_such_method", Value::Null).unwrap_err();
     assert_eq!(e.code(), Some(codes::METHOD_NOT_FOUND));
     assert!(e.to_string().contains("no_such_method"));
     c.send_raw(b"this is not json\n").unwrap();
@@ -699,9 +699,9 @@ fn protocol_errors() {
     // A notification gets no answer.
     c.send_raw(b"{\"jsonrpc\":\"2.0\",\"method\":\"status\"}\n")
         .unwrap();
-    assert!(c.call("export_list", Value::Null).is_ok());
+    assert!(c.call_raw("export_list", Value::Null).is_ok());
     // The connection still works after all that.
-    assert!(c.call("status", Value::Null).is_ok());
+    assert!(c.call_raw("status", Value::Null).is_ok());
 }
 
 #[test]
@@ -853,7 +853,7 @@ fn concurrent_conflicting_operations() {
                         4 => ("origin_delete", json!({"name": "vol"})),
                         _ => ("status", json!({"name": "vol"})),
                     };
-                    match c.call(method, params.clone()) {
+                    match c.call_raw(method, params.clone()) {
                         Ok(v) => match method {
                             "snapshot_create" => {
                                 live.lock().unwrap().insert(v["tag"].as_u64().unwrap());
@@ -1031,7 +1031,7 @@ fn too_many_clients_are_refused_then_served() {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let mut refused = None;
     while refused.is_none() {
-        match f.d.client().call("export_list", Value::Null) {
+        match f.d.client().call_raw("export_list", Value::Null) {
             Err(e) => {
                 assert_eq!(e.code(), Some(codes::BUSY), "{e}");
                 refused = Some(e.to_string());
@@ -1046,7 +1046,7 @@ fn too_many_clients_are_refused_then_served() {
     assert!(refused.unwrap().contains("64 clients"));
     idle.truncate(10);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while f.d.client().call("export_list", Value::Null).is_err() {
+    while f.d.client().call_raw("export_list", Value::Null).is_err() {
         assert!(std::time::Instant::now() < deadline, "never served again");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use snapmv_rpc::limits;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -24,10 +24,8 @@ use crate::rpc_server::SocketAccess;
 use crate::vhost_blk::config::MAX_QUEUES;
 use crate::vhost_blk::{BlkBackend, BlockDisk, DeviceOptions};
 
-/// Default number of queues of an export.
-pub const DEFAULT_NUM_QUEUES: u16 = 4;
-/// Default (and recommended) largest queue size.
-pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+/// Defaults of an export's queues (the RPC's, `snapmv_rpc::limits`).
+pub use snapmv_rpc::limits::{DEFAULT_NUM_QUEUES, DEFAULT_QUEUE_SIZE};
 
 /// What to export and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,13 +164,13 @@ fn validate(cfg: &ExportConfig) -> Result<(), ExportError> {
     if cfg.name.is_empty() {
         return Err(bad("the export name is empty".into()));
     }
-    if cfg.num_queues == 0 || cfg.num_queues > MAX_QUEUES {
+    if !limits::num_queues_ok(cfg.num_queues) {
         return Err(bad(format!(
             "num_queues {} is out of range 1..={MAX_QUEUES}",
             cfg.num_queues
         )));
     }
-    if !cfg.queue_size.is_power_of_two() {
+    if !limits::queue_size_ok(cfg.queue_size) {
         return Err(bad(format!(
             "queue_size {} is not a power of two (1..=32768)",
             cfg.queue_size
@@ -536,13 +534,11 @@ fn stop_export(mut export: Export) {
     }
     // Wake a serving thread blocked in accept(): on Linux, shutdown() of a listening socket
     // makes accept() fail with EINVAL. `wake` is our own duplicate, so the fd is valid.
-    // SAFETY: shutdown(2) on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::shutdown(export.wake.as_raw_fd(), libc::SHUT_RDWR) };
-    if rc != 0 {
+    if let Err(e) = rustix::net::shutdown(&export.wake, rustix::net::Shutdown::Both) {
         log::warn!(
             "export {}: shutdown of the listening socket failed: {}",
             export.cfg.name,
-            io::Error::last_os_error()
+            io::Error::from(e)
         );
     }
     if let Some(t) = export.thread.take() {

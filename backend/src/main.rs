@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
-use snapmv::cli::{self, CliError, CreateArgs, Ctx};
+use snapmv::cli::{self, CliError, CreateArgs, Ctx, Out};
+use snapmv::daemon::{serve, ServeConfig};
 use snapmv::rpc_server::SocketAccess;
-use snapmv::serve::{serve, ServeConfig};
 
 /// Default management socket.
 const DEFAULT_RPC_SOCKET: &str = "/run/snapmv/rpc.sock";
@@ -35,20 +35,12 @@ struct Cli {
     command: Command,
 }
 
-/// Output options of the client verbs.
-#[derive(Args, Debug, Clone, Copy)]
-struct Out {
-    /// Print JSON (the daemon's result; errors as {"error":{...}}) instead of text.
-    #[arg(long)]
-    json: bool,
-}
-
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the daemon: serve the management socket and every recorded export.
     Serve(ServeArgs),
     /// Export an origin (dms co), or with TAG a snapshot of it (dms cs).
-    Create(CreateCmd),
+    Create(CreateArgs),
     /// Stop serving an export; data untouched (dms remove). Refused while a guest is connected.
     Remove {
         /// Export name.
@@ -201,93 +193,11 @@ struct ServeArgs {
 }
 
 fn parse_group(s: &str) -> Result<u32, String> {
-    snapmv::serve::resolve_group(s)
+    snapmv::daemon::resolve_group(s)
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
-    snapmv::serve::parse_socket_mode(s)
-}
-
-fn parse_queue_size(s: &str) -> Result<u16, String> {
-    let n: u16 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number from 1 to 32768"))?;
-    if !n.is_power_of_two() || n > 32768 {
-        return Err(format!("{n} is not a power of two from 1 to 32768"));
-    }
-    Ok(n)
-}
-
-fn parse_chunk(s: &str) -> Result<u32, String> {
-    let n: u32 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of 4 KiB pages"))?;
-    if !n.is_power_of_two() || n > 256 {
-        return Err(format!("{n} is not a power of two from 1 to 256"));
-    }
-    Ok(n)
-}
-
-#[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("fmt").args(["format", "force_format"]).multiple(false)))]
-struct CreateCmd {
-    /// Export name: 1 to 64 of A-Z a-z 0-9 . _ -
-    name: String,
-    /// Origin file or block device.
-    origin: PathBuf,
-    /// COW store file or block device.
-    cow: PathBuf,
-    /// Export snapshot TAG instead of the origin (dms cs); 1 or more.
-    #[arg(
-        conflicts_with_all = ["bind", "format", "force_format", "chunk_size"],
-        value_parser = clap::value_parser!(u32).range(1..)
-    )]
-    tag: Option<u32>,
-    /// Bind the origin to the store (a new binding).
-    #[arg(short = 'b', long)]
-    bind: bool,
-    /// Format the store first (refused if it already holds one); done last, after every check.
-    #[arg(short = 'f', long, requires = "bind")]
-    format: bool,
-    /// Format the store even if it already holds one (destroys its snapshots).
-    #[arg(short = 'F', long, requires = "bind")]
-    force_format: bool,
-    /// Chunk size in 4 KiB pages (power of two, 1..=256) when formatting [default: 1]
-    #[arg(short = 'c', long, value_name = "PAGES", requires = "fmt", value_parser = parse_chunk)]
-    chunk_size: Option<u32>,
-    /// Origin id inside the store [default: the origin's file name]
-    #[arg(long, value_name = "ID")]
-    origin_id: Option<String>,
-    /// Number of virtqueues, 1..=64 [default: 4]
-    #[arg(short = 'q', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
-    num_queues: Option<u16>,
-    /// Largest virtqueue size, a power of two up to 32768 [default: 1024]
-    #[arg(long, value_name = "N", value_parser = parse_queue_size)]
-    queue_size: Option<u16>,
-    /// Serve read-only (an origin is then opened read-only: a 0444 file or read-only mount works).
-    #[arg(short = 'r', long)]
-    readonly: bool,
-    /// Open the files with O_DIRECT.
-    #[arg(long)]
-    direct: bool,
-    /// vhost-user socket path [default: the daemon's socket directory/NAME.sock]
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
-    /// Group of the socket, name or gid [default: the daemon's --socket-group]
-    #[arg(long, value_name = "GROUP")]
-    socket_group: Option<String>,
-    /// Mode of the socket, octal, e.g. 0660 [default: the daemon's --socket-mode]
-    #[arg(long, value_name = "MODE", value_parser = parse_mode_str)]
-    socket_mode: Option<String>,
-    /// Serve the export over NBD (export name NAME) instead of vhost-user-blk (docs/nbd.md).
-    #[arg(long)]
-    nbd: bool,
-    #[command(flatten)]
-    out: Out,
-}
-
-fn parse_mode_str(s: &str) -> Result<String, String> {
-    snapmv::serve::parse_socket_mode(s).map(|_| s.to_string())
+    snapmv::daemon::parse_socket_mode(s)
 }
 
 fn main() -> ExitCode {
@@ -362,31 +272,7 @@ fn main() -> ExitCode {
         }
         Command::Create(c) => {
             let ctx = ctx(c.out);
-            (
-                ctx.json,
-                cli::create(
-                    &ctx,
-                    CreateArgs {
-                        name: c.name,
-                        origin: c.origin,
-                        cow: c.cow,
-                        tag: c.tag,
-                        bind: c.bind,
-                        format: c.format,
-                        force_format: c.force_format,
-                        chunk_size: c.chunk_size,
-                        origin_id: c.origin_id,
-                        num_queues: c.num_queues,
-                        queue_size: c.queue_size,
-                        readonly: c.readonly,
-                        direct: c.direct,
-                        socket: c.socket,
-                        socket_group: c.socket_group,
-                        socket_mode: c.socket_mode,
-                        nbd: c.nbd,
-                    },
-                ),
-            )
+            (ctx.json, cli::create(&ctx, c))
         }
         Command::Remove { name, force, out } => {
             let ctx = ctx(out);
@@ -433,7 +319,7 @@ fn main() -> ExitCode {
             out,
         } => {
             let ctx = ctx(out);
-            (ctx.json, snapmv::cli_backup::diff(&ctx, &name, from, to))
+            (ctx.json, snapmv::cli::backup::diff(&ctx, &name, from, to))
         }
         Command::Export {
             name,
@@ -444,7 +330,7 @@ fn main() -> ExitCode {
             let ctx = ctx(out);
             (
                 ctx.json,
-                snapmv::cli_backup::export(&ctx, &name, tag, &file),
+                snapmv::cli::backup::export(&ctx, &name, tag, &file),
             )
         }
         Command::ExportDiff {
@@ -457,14 +343,14 @@ fn main() -> ExitCode {
             let ctx = ctx(out);
             (
                 ctx.json,
-                snapmv::cli_backup::export_diff(&ctx, &name, from, to, &file),
+                snapmv::cli::backup::export_diff(&ctx, &name, from, to, &file),
             )
         }
         Command::ImportDiff { file, target, out } => {
             let ctx = ctx(out);
             (
                 ctx.json,
-                snapmv::cli_backup::import_diff(&ctx, &file, &target),
+                snapmv::cli::backup::import_diff(&ctx, &file, &target),
             )
         }
         Command::Check { cow, repair, out } => {

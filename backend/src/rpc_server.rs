@@ -10,9 +10,9 @@
 //!   closed; an idle client is dropped after [`RpcServerConfig::idle_timeout`].
 //! * A panic in a handler becomes an internal error for that request; the daemon goes on.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufReader, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +25,8 @@ use snapmv_rpc::protocol::{
     codes, parse_line, read_line_limited, Incoming, LineRead, Request, Response,
 };
 use snapmv_rpc::{ErrorObject, MAX_LINE_LEN};
+
+use crate::lockfile::{lock_exclusive, LockError};
 
 /// Something that answers method calls.
 pub trait Handler: Send + Sync + 'static {
@@ -222,28 +224,21 @@ impl RpcLock {
         let mut lock_name = path.as_os_str().to_owned();
         lock_name.push(".lock");
         let lock_path = PathBuf::from(lock_name);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err(&path, format!("opening {}", lock_path.display())))?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
+        let lock = match lock_exclusive(&lock_path) {
+            Ok(f) => f,
+            Err(LockError::Held) => {
                 return Err(ServerError::InUse {
                     path,
                     why: "its lock file is held",
                 })
             }
-            Err(e) => {
-                return Err(io_err(&path, format!("locking {}", lock_path.display()))(
-                    e.into(),
-                ))
+            Err(LockError::Open(e)) => {
+                return Err(io_err(&path, format!("opening {}", lock_path.display()))(e))
             }
-        }
+            Err(LockError::Lock(e)) => {
+                return Err(io_err(&path, format!("locking {}", lock_path.display()))(e))
+            }
+        };
         check_socket_free(&path)?;
         Ok(RpcLock { cfg, lock })
     }
@@ -494,11 +489,10 @@ mod tests {
     #[test]
     fn socket_is_private_whatever_the_umask() {
         let d = tempfile::tempdir().unwrap();
-        // SAFETY: umask only changes this process's file creation mask; the test restores it.
-        let old = unsafe { libc::umask(0) };
+        // Only this process's file creation mask; restored below.
+        let old = rustix::process::umask(rustix::fs::Mode::empty());
         let path = start(d.path());
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
+        rustix::process::umask(old);
         let m = fs::symlink_metadata(&path).unwrap();
         assert!(m.file_type().is_socket());
         assert_eq!(m.permissions().mode() & 0o777, 0o600);
@@ -516,21 +510,21 @@ mod tests {
         let path = start(d.path());
         let mut c = RpcClient::connect(&path).unwrap();
         assert_eq!(
-            c.call("echo", serde_json::json!({"a": 1})).unwrap(),
+            c.call_raw("echo", serde_json::json!({"a": 1})).unwrap(),
             serde_json::json!({"a": 1})
         );
         assert_eq!(
-            c.call("nope", Value::Null).unwrap_err().code(),
+            c.call_raw("nope", Value::Null).unwrap_err().code(),
             Some(codes::METHOD_NOT_FOUND)
         );
         assert_eq!(
-            c.call("panic", Value::Null).unwrap_err().code(),
+            c.call_raw("panic", Value::Null).unwrap_err().code(),
             Some(codes::INTERNAL_ERROR)
         );
         // A notification gets no answer: the next answer is for the next call.
         c.send_raw(b"{\"jsonrpc\":\"2.0\",\"method\":\"echo\"}\n\n")
             .unwrap();
-        assert_eq!(c.call("echo", Value::Null).unwrap(), Value::Null);
+        assert_eq!(c.call_raw("echo", Value::Null).unwrap(), Value::Null);
         // Garbage, then a batch.
         c.send_raw(b"{oops\n").unwrap();
         assert_eq!(c.read_raw().unwrap()["error"]["code"], codes::PARSE_ERROR);
@@ -563,7 +557,7 @@ mod tests {
         assert_eq!(v["error"]["code"], codes::INVALID_REQUEST);
         // The stalled client does not block anyone.
         let mut c = RpcClient::connect(&path).unwrap();
-        assert_eq!(c.call("echo", Value::Null).unwrap(), Value::Null);
+        assert_eq!(c.call_raw("echo", Value::Null).unwrap(), Value::Null);
     }
 
     #[test]
@@ -580,7 +574,7 @@ mod tests {
         let s = RpcServer::bind(RpcServerConfig::new(stale.clone())).unwrap();
         std::thread::spawn(move || s.run(Arc::new(Echo)));
         let mut c = RpcClient::connect(&stale).unwrap();
-        assert_eq!(c.call("echo", Value::Null).unwrap(), Value::Null);
+        assert_eq!(c.call_raw("echo", Value::Null).unwrap(), Value::Null);
         // A regular file in the way is never replaced.
         let file = d.path().join("file");
         fs::write(&file, b"data").unwrap();

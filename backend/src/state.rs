@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::lockfile::{lock_exclusive, LockError};
+
 /// Version of the state file format.
 pub const STATE_VERSION: u32 = 1;
 
@@ -150,9 +152,51 @@ impl State {
             .find(|o| o.cow == cow && o.origin_id == origin_id)
     }
 
+    /// The path of origin `origin_id` of store `cow`; empty if it is not recorded.
+    pub fn origin_path(&self, cow: &str, origin_id: &str) -> String {
+        self.origin(cow, origin_id)
+            .map(|o| o.path.clone())
+            .unwrap_or_default()
+    }
+
     /// The store record for `cow`.
     pub fn store(&self, cow: &str) -> Option<&StoreRecord> {
         self.stores.iter().find(|s| s.path == cow)
+    }
+
+    /// Records an origin unless its store and id are recorded already.
+    pub fn record_origin(&mut self, rec: OriginRecord) {
+        if self.origin(&rec.cow, &rec.origin_id).is_none() {
+            self.origins.push(rec);
+        }
+    }
+
+    /// Records store `cow` unless it is recorded already (with its own `direct`).
+    pub fn record_store(&mut self, cow: &str, direct: bool) {
+        if self.store(cow).is_none() {
+            self.stores.push(StoreRecord {
+                path: cow.to_string(),
+                direct,
+            });
+        }
+    }
+
+    /// The names of the exports of origin `origin_id` of store `cow` (`tag` `None`) or of its
+    /// snapshot `tag`, in the state's order.
+    pub fn exported_as(&self, cow: &str, origin_id: &str, tag: Option<u32>) -> Vec<String> {
+        self.exports
+            .iter()
+            .filter(|e| e.cow == cow && e.origin_id == origin_id && e.tag == tag)
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// Puts the state in its saved form: exports sorted by name, only the stores they use.
+    pub fn normalise(&mut self) {
+        self.exports.sort_by(|a, b| a.name.cmp(&b.name));
+        let exports = &self.exports;
+        self.stores
+            .retain(|s| exports.iter().any(|e| e.cow == s.path));
     }
 }
 
@@ -182,23 +226,16 @@ impl StateDir {
             .mode(0o700)
             .create(dir)
             .map_err(io_err("creating the directory"))?;
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(dir.join("lock"))
-            .map_err(io_err("opening the lock file"))?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
+        let lock = match lock_exclusive(&dir.join("lock")) {
+            Ok(f) => f,
+            Err(LockError::Held) => {
                 return Err(StateError::Locked {
                     dir: dir.to_path_buf(),
                 })
             }
-            Err(e) => return Err(io_err("locking the lock file")(e.into())),
-        }
+            Err(LockError::Open(e)) => return Err(io_err("opening the lock file")(e)),
+            Err(LockError::Lock(e)) => return Err(io_err("locking the lock file")(e)),
+        };
         let file = dir.join("state.json");
         let state = match fs::read(&file) {
             Ok(bytes) => {

@@ -134,7 +134,7 @@ impl Snapmv {
     /// Calls an RPC method.
     pub fn call(&mut self, method: &str, params: Value) -> Result<Value> {
         self.rpc
-            .call(method, params)
+            .call_raw(method, params)
             .map_err(|source| BenchError::Rpc {
                 method: method.into(),
                 source,

@@ -5,10 +5,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use serde_json::Value;
 
+use crate::method::Method;
 use crate::protocol::{read_line_limited, ErrorObject, LineRead, Request, Response};
 
 /// Longest response line the client accepts (large `snapshot_list` answers fit easily).
@@ -121,8 +120,29 @@ impl RpcClient {
             })
     }
 
-    /// Calls `method` with `params` (an object, or null for none) and returns the result.
-    pub fn call(&mut self, method: &str, params: Value) -> Result<Value, RpcError> {
+    /// Calls method `M` and decodes its result. Parameters that encode to an empty object are
+    /// sent as none (no `params` member).
+    pub fn call<M: Method>(&mut self, params: &M::Params) -> Result<M::Result, RpcError> {
+        let params = serde_json::to_value(params).map_err(|source| RpcError::Json {
+            method: M::NAME.into(),
+            what: "encoding the parameters",
+            source,
+        })?;
+        let params = match params {
+            Value::Object(o) if o.is_empty() => Value::Null,
+            p => p,
+        };
+        let v = self.call_raw(M::NAME, params)?;
+        serde_json::from_value(v).map_err(|source| RpcError::Json {
+            method: M::NAME.into(),
+            what: "decoding the result",
+            source,
+        })
+    }
+
+    /// Calls `method` with `params` (an object, or null for none) and returns the raw result
+    /// (for methods the caller builds by hand, and tests of malformed input).
+    pub fn call_raw(&mut self, method: &str, params: Value) -> Result<Value, RpcError> {
         let id = self.next_id;
         self.next_id += 1;
         let req = Request {
@@ -169,25 +189,6 @@ impl RpcClient {
             (None, Some(e)) => Err(RpcError::Remote(e)),
             _ => Err(self.protocol(method, "neither exactly one of result and error".into())),
         }
-    }
-
-    /// Calls `method` with typed parameters and decodes the result.
-    pub fn call_typed<P: Serialize, R: DeserializeOwned>(
-        &mut self,
-        method: &str,
-        params: &P,
-    ) -> Result<R, RpcError> {
-        let params = serde_json::to_value(params).map_err(|source| RpcError::Json {
-            method: method.into(),
-            what: "encoding the parameters",
-            source,
-        })?;
-        let v = self.call(method, params)?;
-        serde_json::from_value(v).map_err(|source| RpcError::Json {
-            method: method.into(),
-            what: "decoding the result",
-            source,
-        })
     }
 
     /// Writes raw bytes to the socket (for tests of malformed input).
@@ -274,7 +275,7 @@ mod tests {
     #[test]
     fn result_and_error() {
         let (_d, path) = serve(|req| {
-            if req.method == "ok" {
+            if req.method == "snapshot_create" {
                 serde_json::to_string(&Response::ok(
                     req.id.unwrap(),
                     serde_json::json!({"tag": 4}),
@@ -289,10 +290,14 @@ mod tests {
             }
         });
         let mut c = RpcClient::connect(&path).unwrap();
-        let r: crate::methods::SnapshotCreateResult =
-            c.call_typed("ok", &crate::methods::NoParams {}).unwrap();
+        let r = c
+            .call::<crate::method::SnapshotCreate>(&crate::methods::SnapshotCreateParams {
+                name: "x".into(),
+                memo: String::new(),
+            })
+            .unwrap();
         assert_eq!(r.tag, 4);
-        let e = c.call("bad", Value::Null).unwrap_err();
+        let e = c.call_raw("bad", Value::Null).unwrap_err();
         assert_eq!(e.code(), Some(codes::NOT_FOUND));
         assert!(e.to_string().contains("export x not found"));
     }
@@ -302,7 +307,7 @@ mod tests {
         let (_d, path) = serve(|_| r#"{"jsonrpc":"2.0","result":1,"id":999}"#.into());
         let mut c = RpcClient::connect(&path).unwrap();
         assert!(matches!(
-            c.call("x", Value::Null),
+            c.call_raw("x", Value::Null),
             Err(RpcError::Protocol { .. })
         ));
     }

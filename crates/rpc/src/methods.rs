@@ -1,5 +1,7 @@
 //! Parameters and results of every management method (see `docs/rpc.md`).
 //!
+//! Defaults and limits of the parameters are in [`crate::limits`].
+//!
 //! Parameter structs reject unknown fields, so a misspelt parameter is an `invalid params`
 //! error rather than a silently ignored option.
 
@@ -51,6 +53,11 @@ pub mod names {
     ];
 }
 
+/// `protocol` value of a vhost-user-blk export (the default).
+pub const PROTOCOL_VHOST: &str = "vhost-user-blk";
+/// `protocol` value of an NBD export.
+pub const PROTOCOL_NBD: &str = "nbd";
+
 /// `origin_create` parameters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,13 +81,14 @@ pub struct OriginCreateParams {
     /// Format the store first even if it already holds one (destroys its snapshots).
     #[serde(default)]
     pub force_format: bool,
-    /// Chunk size when formatting, in 4 KiB pages (a power of two, 1..=256); default 1.
+    /// Chunk size when formatting, in 4 KiB pages: a power of two from 1 to 256, default 1
+    /// ([`crate::limits`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_size: Option<u32>,
-    /// Number of virtqueues offered to the guest (default 1).
+    /// Number of virtqueues offered to the guest: 1 to 64, default 4 ([`crate::limits`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_queues: Option<u16>,
-    /// Virtqueue size (default 256).
+    /// Largest virtqueue size: a power of two up to 32768, default 1024 ([`crate::limits`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_size: Option<u16>,
     /// Serve the volume read-only.
@@ -122,10 +130,10 @@ pub struct SnapshotExportParams {
     pub cow: String,
     /// The snapshot's tag.
     pub tag: u32,
-    /// Number of virtqueues offered to the guest (default 1).
+    /// Number of virtqueues offered to the guest: 1 to 64, default 4 ([`crate::limits`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_queues: Option<u16>,
-    /// Virtqueue size (default 256).
+    /// Largest virtqueue size: a power of two up to 32768, default 1024 ([`crate::limits`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_size: Option<u16>,
     /// Serve the snapshot read-only.
@@ -426,6 +434,18 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
         return Err(format!("{what} {name:?} is not allowed"));
     }
     Ok(())
+}
+
+/// Parses an octal socket mode ("0660"): owner read-write required, no bits beyond 0o777.
+pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("socket mode {s:?} is not an octal number such as 0660"))?;
+    if mode > 0o777 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "socket mode {s} must be at most 0777 and give its owner read and write (e.g. 0600, 0660)"
+        ));
+    }
+    Ok(mode)
 }
 
 #[cfg(test)]

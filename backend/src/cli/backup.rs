@@ -10,9 +10,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
-use snapmv_rpc::methods::{self as m, names};
+use snapmv_rpc::method as rpc;
+use snapmv_rpc::methods as m;
 
-use crate::cli::{absolute, decode, format_size, CliError, Ctx};
+use crate::cli::{absolute, format_size, CliError, Ctx};
 use crate::stream::{Header, Record, StreamError, StreamReader, KIND_DATA, KIND_ZERO};
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
@@ -37,15 +38,15 @@ fn version_name(tag: Option<u32>) -> String {
 
 /// `snapmv diff NAME FROM [TO]`: `snapshot_diff`.
 pub fn diff(ctx: &Ctx, name: &str, from: u32, to: Option<u32>) -> Result<(), CliError> {
-    let v = ctx.call(
-        names::SNAPSHOT_DIFF,
-        json!({ "name": name, "from": from, "to": to }),
-    )?;
+    let r = ctx.call::<rpc::SnapshotDiff>(&m::SnapshotDiffParams {
+        name: name.into(),
+        from,
+        to,
+    })?;
     if ctx.json {
-        ctx.print_json(&v);
+        ctx.print_result(&r);
         return Ok(());
     }
-    let r: m::SnapshotDiffResult = decode(names::SNAPSHOT_DIFF, v)?;
     let bytes: u64 = r.extents.iter().map(|e| e.length).sum();
     println!(
         "{} changed between snapshot {from} and {} of export {name}: {} in {} extent(s) of {} (chunk size {})",
@@ -67,61 +68,29 @@ pub fn diff(ctx: &Ctx, name: &str, from: u32, to: Option<u32>) -> Result<(), Cli
 
 /// A private directory holding one FIFO; removed on drop.
 struct Fifo {
-    dir: PathBuf,
+    /// A private directory (0700), removed with everything in it when dropped.
+    dir: tempfile::TempDir,
     path: PathBuf,
 }
 
 impl Fifo {
     fn new() -> Result<Fifo, CliError> {
-        let base = std::env::temp_dir();
-        let mut last = None;
-        for _ in 0..16 {
-            let dir = base.join(format!(
-                "snapmv-stream-{}-{:016x}",
-                std::process::id(),
-                fastrand_u64()
-            ));
-            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => {
-                    let path = dir.join("stream");
-                    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-                        .map_err(|e| io_err("FIFO path")(std::io::Error::other(e)))?;
-                    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-                    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
-                    if rc != 0 {
-                        let e = std::io::Error::last_os_error();
-                        let _ = std::fs::remove_dir(&dir);
-                        return Err(io_err(format!("creating a FIFO in {}", dir.display()))(e));
-                    }
-                    return Ok(Fifo { dir, path });
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(io_err(format!(
-            "creating a private directory in {}",
-            base.display()
-        ))(
-            last.unwrap_or_else(|| std::io::Error::other("no attempt")),
-        ))
+        let dir = tempfile::Builder::new()
+            .prefix("snapmv-stream-")
+            .tempdir()
+            .map_err(io_err(format!(
+                "creating a private directory in {}",
+                std::env::temp_dir().display()
+            )))?;
+        let path = dir.path().join("stream");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| io_err(format!("creating a FIFO in {}", dir.path().display()))(e.into()))?;
+        Ok(Fifo { dir, path })
     }
-}
-
-use std::os::unix::fs::DirBuilderExt;
-
-impl Drop for Fifo {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_file(self.dir.join("fd.sock"));
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-fn fastrand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id() as u64);
-    h.finish()
 }
 
 /// A progress bar on a terminal (stderr), nothing otherwise.
@@ -155,18 +124,15 @@ fn with_stream<T: Send + 'static>(
         let f = File::open(&fpath).map_err(io_err(format!("opening {}", fpath.display())))?;
         consume(f)
     });
-    let call = ctx.call(
-        names::SNAPSHOT_STREAM,
-        json!({
-            "name": name,
-            "from": from,
-            "to": to,
-            "fifo": fifo.path.to_string_lossy().into_owned(),
-        }),
-    );
+    let call = ctx.call::<rpc::SnapshotStream>(&m::SnapshotStreamParams {
+        name: name.into(),
+        from,
+        to,
+        fifo: Some(fifo.path.to_string_lossy().into_owned()),
+        fd_socket: None,
+    });
     match call {
-        Ok(v) => {
-            let r: m::SnapshotStreamResult = decode(names::SNAPSHOT_STREAM, v)?;
+        Ok(r) => {
             let t = reader
                 .join()
                 .map_err(|_| CliError::Refused("the stream reader panicked".into()))??;
@@ -211,7 +177,7 @@ fn export_direct(
     use std::mem::MaybeUninit;
     use std::os::fd::AsFd;
     let dir = Fifo::new()?;
-    let sock = dir.dir.join("fd.sock");
+    let sock = dir.dir.path().join("fd.sock");
     let l = std::os::unix::net::UnixListener::bind(&sock)
         .map_err(io_err(format!("listening on {}", sock.display())))?;
     let pb = progress(ctx, 0, format!("export {name} snapshot {tag}"));
@@ -247,15 +213,13 @@ fn export_direct(
         }
         Ok(())
     });
-    let v = ctx.call(
-        names::SNAPSHOT_STREAM,
-        json!({
-            "name": name,
-            "to": tag,
-            "fd_socket": sock.to_string_lossy().into_owned(),
-        }),
-    )?;
-    let r: m::SnapshotStreamResult = decode(names::SNAPSHOT_STREAM, v)?;
+    let r = ctx.call::<rpc::SnapshotStream>(&m::SnapshotStreamParams {
+        name: name.into(),
+        from: None,
+        to: Some(tag),
+        fifo: None,
+        fd_socket: Some(sock.to_string_lossy().into_owned()),
+    })?;
     if let Ok(Err(e)) = sender.join() {
         return Err(io_err(format!("handing {what} to the daemon"))(e));
     }

@@ -1,0 +1,160 @@
+//! `snapshot_create`, `snapshot_delete`, `snapshot_rollback` and `snapshot_list`.
+
+use log::info;
+use snapmv_rpc::methods::{self as m, names};
+
+use crate::daemon::convert;
+use crate::daemon::core::Daemon;
+use crate::daemon::error::{MResult, MethodError};
+
+impl Daemon {
+    pub(crate) fn snapshot_create(
+        &self,
+        p: m::SnapshotCreateParams,
+    ) -> MResult<m::SnapshotCreateResult> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let rec = self.find_export(inner, &p.name)?;
+        let origin = self.origin_of(inner, &rec)?;
+        let what = match rec.tag {
+            None => format!("origin {} (export {})", rec.origin_id, rec.name),
+            Some(t) => format!(
+                "snapshot {t} of origin {} (export {})",
+                rec.origin_id, rec.name
+            ),
+        };
+        let tag = origin
+            .create_snapshot(rec.tag, &p.memo)
+            .map_err(MethodError::engine(format!("cannot snapshot {what}")))?;
+        info!("snapshot {tag} taken of {what}");
+        Ok(m::SnapshotCreateResult { tag })
+    }
+
+    pub(crate) fn snapshot_delete(&self, p: m::SnapshotDeleteParams) -> MResult<m::Done> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let (rec, origin) = self.origin_export(inner, &p.name, names::SNAPSHOT_DELETE)?;
+        let users = inner
+            .state
+            .exported_as(&rec.cow, &rec.origin_id, Some(p.tag));
+        if !users.is_empty() {
+            return Err(MethodError::Busy(format!(
+                "snapshot {} of origin {} is exported as {}; remove that export first",
+                p.tag,
+                rec.origin_id,
+                users.join(", ")
+            )));
+        }
+        origin
+            .delete_snapshot(p.tag)
+            .map_err(MethodError::engine(format!(
+                "cannot delete snapshot {} of origin {} (export {})",
+                p.tag, rec.origin_id, rec.name
+            )))?;
+        info!("snapshot {} of origin {} deleted", p.tag, rec.origin_id);
+        Ok(m::Done { name: rec.name })
+    }
+
+    pub(crate) fn snapshot_rollback(
+        &self,
+        p: m::SnapshotRollbackParams,
+    ) -> MResult<m::SnapshotRollbackResult> {
+        let (rec, origin) = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let (rec, origin) = self.origin_export(inner, &p.name, names::SNAPSHOT_ROLLBACK)?;
+            if inner
+                .readonly_origins
+                .contains(&(rec.cow.clone(), rec.origin_id.clone()))
+            {
+                return Err(MethodError::InvalidState(format!(
+                    "cannot roll origin {} (export {}) back: it is open read-only, and a rollback writes the origin",
+                    rec.origin_id, rec.name
+                )));
+            }
+            origin.rollback(p.tag).map_err(MethodError::engine(format!(
+                "cannot roll origin {} (export {}) back to snapshot {}",
+                rec.origin_id, rec.name, p.tag
+            )))?;
+            info!(
+                "rollback of origin {} to snapshot {} started",
+                rec.origin_id, p.tag
+            );
+            if p.wait {
+                *inner.waiters.entry(rec.cow.clone()).or_insert(0) += 1;
+            }
+            (rec, origin)
+        };
+        if p.wait {
+            let waited = origin.wait_rollback();
+            {
+                let mut inner = self.lock();
+                if let Some(n) = inner.waiters.get_mut(&rec.cow) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            waited.map_err(MethodError::engine(format!(
+                "rollback of origin {} (export {}) to snapshot {} failed",
+                rec.origin_id, rec.name, p.tag
+            )))?;
+        }
+        let progress = origin.rollback_progress();
+        Ok(m::SnapshotRollbackResult {
+            tag: p.tag,
+            done: progress.is_none(),
+            progress: progress.as_ref().map(convert::rollback_progress),
+        })
+    }
+
+    pub(crate) fn snapshot_list(&self, p: m::OptionalNameParams) -> MResult<m::SnapshotList> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let keys: Vec<(String, String)> = match &p.name {
+            Some(name) => {
+                let rec = self.find_export(inner, name)?;
+                self.origin_of(inner, &rec)?;
+                vec![(rec.cow, rec.origin_id)]
+            }
+            None => {
+                // Every origin of every open store: opened ones and those only bound.
+                let mut k: Vec<_> = inner.origins.keys().cloned().collect();
+                for (cow, store) in &inner.stores {
+                    for id in store.status().dormant_origins {
+                        k.push((cow.clone(), id));
+                    }
+                }
+                k.sort();
+                k.dedup();
+                k
+            }
+        };
+        let mut origins = Vec::new();
+        for (cow, id) in keys {
+            let Some(o) = inner.origins.get(&(cow.clone(), id.clone())) else {
+                origins.push(m::OriginSnapshots {
+                    origin: inner.state.origin_path(&cow, &id),
+                    exported_as: inner.state.exported_as(&cow, &id, None),
+                    origin_id: id,
+                    cow,
+                    open: false,
+                    snapshots: Vec::new(),
+                });
+                continue;
+            };
+            let mut snaps = o.snapshots();
+            snaps.sort_by_key(|s| s.tag);
+            origins.push(m::OriginSnapshots {
+                origin_id: id.clone(),
+                origin: inner.state.origin_path(&cow, &id),
+                cow: cow.clone(),
+                exported_as: inner.state.exported_as(&cow, &id, None),
+                open: true,
+                snapshots: snaps
+                    .iter()
+                    .map(|s| convert::snapshot_info(&inner.state, &cow, &id, s))
+                    .collect(),
+            });
+        }
+        Ok(m::SnapshotList { origins })
+    }
+}
