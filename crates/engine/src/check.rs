@@ -1,9 +1,9 @@
 //! `check` and `repair` of a store that no process has open.
 
 use crate::error::{Error, Result};
-use crate::format::{self, Superblock, SB_SLOT};
+use crate::ondisk::{self, Superblock, SB_SLOT};
+use crate::recovery::{load_meta, read_superblock};
 use crate::storage::{FileStorage, OpenMode, Storage};
-use crate::store::{load_meta, read_superblock};
 use std::path::Path;
 
 /// What `check` found and what `repair` changed.
@@ -61,7 +61,7 @@ pub fn check_storage(storage: &dyn Storage, repair: bool) -> Result<CheckReport>
         storage
             .read_at(&mut buf, slot as u64 * SB_SLOT)
             .map_err(|e| Error::io(format!("reading COW store {name}"), e))?;
-        magic[slot] = buf.starts_with(format::SB_MAGIC);
+        magic[slot] = buf.starts_with(ondisk::SB_MAGIC);
         if buf.iter().all(|&b| b == 0) {
             // A store formatted by snapmv before both slots were written at format time: one
             // copy only until its second checkpoint. Repair writes both.
@@ -115,7 +115,7 @@ pub fn check_storage(storage: &dyn Storage, repair: bool) -> Result<CheckReport>
         let remaining = meta.validate();
         if remaining.is_empty() {
             // Write the repaired state as a new checkpoint, and both superblock slots.
-            let ck = format::encode_checkpoint(&meta);
+            let ck = ondisk::encode_checkpoint(&meta);
             let slot = 1 - sb.ckpt_slot;
             let w = |buf: &[u8], off: u64| {
                 storage

@@ -7,10 +7,12 @@
 
 mod check;
 mod error;
-mod format;
 mod gate;
+mod iov;
 mod meta;
+mod ondisk;
 mod origin;
+mod recovery;
 mod storage;
 mod store;
 #[cfg(feature = "test-support")]

@@ -130,7 +130,7 @@ impl OriginCore {
         for c in self.chunks(offset, len) {
             let start = (c * self.cs).max(offset);
             let end = ((c + 1) * self.cs).min(offset + len);
-            let mut piece = crate::volume::piece_mut(bufs, done as usize, (end - start) as usize);
+            let mut piece = crate::iov::piece_mut(bufs, done as usize, (end - start) as usize);
             done += end - start;
             let within = (start - c * self.cs) as usize;
             if self.overlay_flag[c as usize].load(SeqCst) {
@@ -210,7 +210,7 @@ impl OriginCore {
         for c in self.chunks(offset, len) {
             let start = (c * self.cs).max(offset);
             let end = ((c + 1) * self.cs).min(offset + len);
-            let piece = crate::volume::piece(bufs, done as usize, (end - start) as usize);
+            let piece = crate::iov::piece(bufs, done as usize, (end - start) as usize);
             done += end - start;
             if in_place(c, self.store.durable_epoch.load(SeqCst)) {
                 write_all(&piece, start)?;
@@ -228,7 +228,7 @@ impl OriginCore {
             let within = (start - c * self.cs) as usize;
             let plen = (end - start) as usize;
             let overlay_store = lock(&self.overlays).get_mut(&c).map(|ov| {
-                crate::volume::gather(&piece, &mut ov.data[within..within + plen]);
+                crate::iov::gather(&piece, &mut ov.data[within..within + plen]);
                 ov.epoch = ov.epoch.max(e);
                 ov.store
             });
@@ -271,7 +271,7 @@ impl OriginCore {
                     self.origin.read_at(&mut data, c * self.cs),
                 )
                 .and_then(|_| {
-                    crate::volume::gather(&piece, &mut data[within..within + plen]);
+                    crate::iov::gather(&piece, &mut data[within..within + plen]);
                     self.io(
                         || format!("writing COW store {} chunk {s}", self.store.name),
                         self.store.storage.write_at(&data, self.store_off(s)),
@@ -327,7 +327,7 @@ impl OriginCore {
             let start = (c * self.cs).max(offset);
             let end = ((c + 1) * self.cs).min(offset + len);
             if self.overlay_flag[c as usize].load(SeqCst) {
-                let piece = crate::volume::piece(bufs, done as usize, (end - start) as usize);
+                let piece = crate::iov::piece(bufs, done as usize, (end - start) as usize);
                 wait_records |= self.fix_up_direct(c, start, end - start, &piece)?;
             }
             done += end - start;
@@ -355,7 +355,7 @@ impl OriginCore {
         let _g = self.stripe(c);
         let within = (start - c * self.cs) as usize;
         let store = lock(&self.overlays).get_mut(&c).map(|ov| {
-            crate::volume::gather(piece, &mut ov.data[within..within + len as usize]);
+            crate::iov::gather(piece, &mut ov.data[within..within + len as usize]);
             ov.store
         });
         match store {
@@ -395,7 +395,7 @@ impl OriginCore {
         for c in self.chunks(offset, len) {
             let start = (c * self.cs).max(offset);
             let end = ((c + 1) * self.cs).min(offset + len);
-            let mut piece = crate::volume::piece_mut(bufs, done as usize, (end - start) as usize);
+            let mut piece = crate::iov::piece_mut(bufs, done as usize, (end - start) as usize);
             self.read_view(leaf, c, start - c * self.cs, &mut piece)?;
             done += end - start;
         }
@@ -435,7 +435,7 @@ impl OriginCore {
         for c in self.chunks(offset, len) {
             let start = (c * self.cs).max(offset);
             let end = ((c + 1) * self.cs).min(offset + len);
-            let piece = crate::volume::piece(bufs, done as usize, (end - start) as usize);
+            let piece = crate::iov::piece(bufs, done as usize, (end - start) as usize);
             r = self.snap_write_chunk(leaf, c, start - c * self.cs, &piece, &mut spare);
             if r.is_err() {
                 break;
@@ -498,7 +498,7 @@ impl OriginCore {
                     &mut [std::io::IoSliceMut::new(&mut buf[..clen])],
                 )?;
             }
-            crate::volume::gather(piece, &mut buf[within as usize..within as usize + plen]);
+            crate::iov::gather(piece, &mut buf[within as usize..within as usize + plen]);
             self.io(
                 || format!("writing COW store {} chunk {s}", self.store.name),
                 self.store.storage.write_at(&buf, self.store_off(s)),

@@ -2,9 +2,9 @@
 //! operations, live rollback and reclaim. `docs/design.md` explains the rules.
 
 use crate::error::{Error, Result};
-use crate::format::{Record, MAX_MEMO};
 use crate::gate::IoGate;
 use crate::meta::{bit_get, NodeKind, NodeMeta, OriginMeta, RollbackMeta, ROOT};
+use crate::meta::{Record, MAX_MEMO};
 use crate::storage::Storage;
 use crate::store::{MetaCore, StoreCore};
 use arc_swap::ArcSwapOption;
