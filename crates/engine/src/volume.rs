@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::origin::{OriginCore, SnapRt};
 use crate::store::Guard;
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 /// A block device view of the origin or of one snapshot. Cheap to clone; use from any thread.
@@ -101,7 +102,7 @@ impl Volume {
         match &self.snap {
             None => self.core.origin_flush(),
             Some(s) => {
-                if s.deleted.load(std::sync::atomic::Ordering::SeqCst) {
+                if s.deleted.load(SeqCst) {
                     return Err(Error::Deleted(self.name()));
                 }
                 self.core.check_alive()?;
@@ -125,5 +126,35 @@ impl Volume {
     /// Discards a range: it reads back as zeroes.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(offset, len)
+    }
+}
+
+impl Volume {
+    /// The byte ranges that may differ between snapshot `from` and this volume (see
+    /// [`crate::Origin::diff`]).
+    pub fn changed_since(&self, from: u32) -> Result<Vec<(u64, u64)>> {
+        self.core
+            .diff_extents(Some(from), self.snap.as_ref().map(|s| s.tag))
+    }
+}
+
+impl Volume {
+    /// [`crate::Volume::read`] for large sequential reads (exports, backups): a snapshot reads
+    /// each run of chunks it shares with the origin device in one request.
+    pub fn read_bulk(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(s) = &self.snap else {
+            return self.read(offset, buf);
+        };
+        let len = buf.len() as u64;
+        if offset % 512 != 0
+            || len % 512 != 0
+            || offset.checked_add(len).is_none_or(|e| e > self.core.size)
+        {
+            return self.read(offset, buf);
+        }
+        if s.deleted.load(SeqCst) {
+            return Err(Error::Deleted(self.name()));
+        }
+        self.core.snap_read_bulk(s, offset, buf)
     }
 }

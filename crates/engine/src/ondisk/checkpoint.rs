@@ -2,6 +2,7 @@
 
 use super::journal::{decode_node, encode_node};
 use super::*;
+use crate::storage::Storage;
 
 /// Encodes a checkpoint of the whole metadata.
 pub fn encode_checkpoint(m: &MetaState) -> Vec<u8> {
@@ -189,4 +190,73 @@ pub fn decode_checkpoint(buf: &[u8], chunk_size: u32) -> Result<MetaState, Strin
         origins,
         next_slot,
     })
+}
+
+/// Why a checkpoint could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointWriteError {
+    /// The encoded metadata does not fit a checkpoint area.
+    #[error("metadata ({len} bytes) outgrew the checkpoint area ({area} bytes)")]
+    TooBig {
+        /// Bytes of the encoded checkpoint.
+        len: u64,
+        /// Bytes of one checkpoint area.
+        area: u64,
+    },
+    /// A write or sync failed.
+    #[error("{step}: {source}")]
+    Io {
+        /// What was being written or synced.
+        step: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes `state` as a checkpoint into the area superblock `sb` does not use, then the
+/// superblock naming it (generation + 1, a fresh journal pass at sequence 0, boot `boot`) into
+/// the slot its generation belongs to, syncing after each. Returns the new superblock. With
+/// `both_slots`, a second copy (generation + 2) goes to the other slot too, so that neither
+/// slot holds an older state (repair). The one checkpoint writer: the store and repair use it.
+pub fn write_checkpoint(
+    storage: &dyn Storage,
+    sb: &Superblock,
+    state: &MetaState,
+    boot: [u8; 16],
+    both_slots: bool,
+) -> Result<Superblock, CheckpointWriteError> {
+    let io = |step: &'static str| move |source| CheckpointWriteError::Io { step, source };
+    let ck = encode_checkpoint(state);
+    if ck.len() as u64 > sb.layout.ckpt_size {
+        return Err(CheckpointWriteError::TooBig {
+            len: ck.len() as u64,
+            area: sb.layout.ckpt_size,
+        });
+    }
+    let slot = 1 - sb.ckpt_slot;
+    storage
+        .write_at(&ck, sb.layout.ckpt_area(slot))
+        .map_err(io("writing checkpoint"))?;
+    storage.sync().map_err(io("syncing checkpoint"))?;
+    let mut new_sb = Superblock {
+        generation: sb.generation + 1,
+        layout: sb.layout,
+        ckpt_slot: slot,
+        ckpt_len: ck.len() as u64,
+        ckpt_crc: crc32c::crc32c(&ck),
+        journal_gen: sb.journal_gen.wrapping_add(1),
+        journal_seq: 0,
+        boot,
+    };
+    for copy in 0..if both_slots { 2 } else { 1 } {
+        if copy == 1 {
+            new_sb.generation += 1;
+        }
+        storage
+            .write_at(&new_sb.encode(), (new_sb.generation % 2) * SB_SLOT)
+            .map_err(io("writing superblock"))?;
+        storage.sync().map_err(io("syncing superblock"))?;
+    }
+    Ok(new_sb)
 }

@@ -123,21 +123,12 @@ impl OriginCore {
     }
 }
 
-impl crate::Volume {
-    /// The byte ranges that may differ between snapshot `from` and this volume (see
-    /// [`crate::Origin::diff`]).
-    pub fn changed_since(&self, from: u32) -> Result<Vec<(u64, u64)>> {
-        self.core
-            .diff_extents(Some(from), self.snap.as_ref().map(|s| s.tag))
-    }
-}
-
 impl OriginCore {
     /// Snapshot `snap`'s bytes `[off, off + buf.len())`, reading each run of chunks that the
     /// snapshot reads from the origin device with one read (a snapshot read otherwise costs one
     /// read per chunk). As in `read_view`, a chunk whose exceptions changed while its run was
     /// read (a copy-out raced the read) is read again on its own.
-    fn snap_read_bulk(&self, snap: &SnapRt, off: u64, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn snap_read_bulk(&self, snap: &SnapRt, off: u64, buf: &mut [u8]) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -204,26 +195,5 @@ impl OriginCore {
             c = d;
         }
         Ok(())
-    }
-}
-
-impl crate::Volume {
-    /// [`crate::Volume::read`] for large sequential reads (exports, backups): a snapshot reads
-    /// each run of chunks it shares with the origin device in one request.
-    pub fn read_bulk(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let Some(s) = &self.snap else {
-            return self.read(offset, buf);
-        };
-        let len = buf.len() as u64;
-        if offset % 512 != 0
-            || len % 512 != 0
-            || offset.checked_add(len).is_none_or(|e| e > self.core.size)
-        {
-            return self.read(offset, buf);
-        }
-        if s.deleted.load(SeqCst) {
-            return Err(crate::error::Error::Deleted(self.name()));
-        }
-        self.core.snap_read_bulk(s, offset, buf)
     }
 }

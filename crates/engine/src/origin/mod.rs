@@ -367,3 +367,30 @@ impl OriginCore {
 
     // ---- background work --------------------------------------------------------------
 }
+
+/// How the store's commit thread and worker reach an opened origin.
+impl crate::store::AttachedOrigin for OriginCore {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn to_meta(&self) -> OriginMeta {
+        OriginCore::to_meta(self)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.sync_origin()
+    }
+
+    fn drain_overlays(&self, wait: bool) {
+        OriginCore::drain_overlays(self, wait)
+    }
+
+    fn background_step(&self) -> Result<bool> {
+        OriginCore::background_step(self)
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+}

@@ -205,7 +205,7 @@ impl StoreCore {
             self.release_freed(epoch);
             self.set_durable(epoch);
             // Origin writes held back for this batch's copy-outs can go to the origins now.
-            let origins: Vec<Arc<OriginCore>> =
+            let origins: Vec<Arc<dyn AttachedOrigin>> =
                 self.lock_meta().origins.values().cloned().collect();
             for o in origins {
                 o.drain_overlays(false);
@@ -226,15 +226,16 @@ impl StoreCore {
             let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
             self.write_pending(&j)?;
             let mut m = self.lock_meta();
-            let origin_sync: Vec<Arc<OriginCore>> = std::mem::take(&mut m.pending_origin_sync)
-                .iter()
-                .filter_map(|s| m.origins.get(s).cloned())
-                .collect();
+            let origin_sync: Vec<Arc<dyn AttachedOrigin>> =
+                std::mem::take(&mut m.pending_origin_sync)
+                    .iter()
+                    .filter_map(|s| m.origins.get(s).cloned())
+                    .collect();
             (m.epoch - 1, m.sb.journal_gen, m.last_records, origin_sync)
         };
         for o in &origin_sync {
-            o.sync_origin()
-                .map_err(|e| format!("syncing origin {}: {e}", o.id))?;
+            o.sync_data()
+                .map_err(|e| format!("syncing origin {}: {e}", o.id()))?;
         }
         // Data first: the copies a record points at must be durable before a batch vouches
         // for the record.
@@ -301,50 +302,28 @@ impl StoreCore {
             m.pending.clear();
             let epoch = m.epoch;
             m.epoch += 1;
-            let origin_sync: Vec<Arc<OriginCore>> = std::mem::take(&mut m.pending_origin_sync)
-                .iter()
-                .filter_map(|s| m.origins.get(s).cloned())
-                .collect();
+            let origin_sync: Vec<Arc<dyn AttachedOrigin>> =
+                std::mem::take(&mut m.pending_origin_sync)
+                    .iter()
+                    .filter_map(|s| m.origins.get(s).cloned())
+                    .collect();
             (state, m.sb, epoch, origin_sync)
         };
         for o in &origin_sync {
-            o.sync_origin()
-                .map_err(|e| format!("syncing origin {}: {e}", o.id))?;
+            o.sync_data()
+                .map_err(|e| format!("syncing origin {}: {e}", o.id()))?;
         }
         self.storage
             .sync()
             .map_err(|e| format!("syncing data: {e}"))?;
-        let ck = ondisk::encode_checkpoint(&state);
-        if ck.len() as u64 > self.layout.ckpt_size {
-            return Err(format!(
-                "metadata ({} bytes) outgrew the checkpoint area ({} bytes)",
-                ck.len(),
-                self.layout.ckpt_size
-            ));
-        }
-        let slot = 1 - sb.ckpt_slot;
-        self.storage
-            .write_at(&ck, self.layout.ckpt_area(slot))
-            .map_err(|e| format!("writing checkpoint: {e}"))?;
-        self.storage
-            .sync()
-            .map_err(|e| format!("syncing checkpoint: {e}"))?;
-        let new_sb = Superblock {
-            generation: sb.generation + 1,
-            layout: sb.layout,
-            ckpt_slot: slot,
-            ckpt_len: ck.len() as u64,
-            ckpt_crc: crc32c::crc32c(&ck),
-            journal_gen: sb.journal_gen.wrapping_add(1),
-            journal_seq: 0,
-            boot: self.storage.boot_id(),
-        };
-        self.storage
-            .write_at(&new_sb.encode(), (new_sb.generation % 2) * SB_SLOT)
-            .map_err(|e| format!("writing superblock: {e}"))?;
-        self.storage
-            .sync()
-            .map_err(|e| format!("syncing superblock: {e}"))?;
+        let new_sb = ondisk::write_checkpoint(
+            self.storage.as_ref(),
+            &sb,
+            &state,
+            self.storage.boot_id(),
+            false,
+        )
+        .map_err(|e| e.to_string())?;
         {
             let mut m = self.lock_meta();
             m.sb = new_sb;
@@ -358,7 +337,7 @@ impl StoreCore {
         log::debug!(
             "COW store {}: checkpoint of {} bytes written",
             self.name,
-            ck.len()
+            new_sb.ckpt_len
         );
         Ok(())
     }

@@ -2,13 +2,11 @@
 //! background worker, and origin binding.
 
 use crate::error::{Error, Result};
+use crate::meta::Record;
 use crate::meta::{bit_get, bit_set, MetaState, OriginMeta};
-use crate::meta::{Record, MAX_ORIGIN_ID};
 use crate::ondisk::{self, Layout, Superblock, JOURNAL_ALIGN, SB_SLOT};
-use crate::origin::{OriginCore, OriginStatus};
 use crate::recovery::{corrupt, io_err, load_meta, read_superblock, Replay};
 use crate::storage::{FileStorage, Storage};
-use crate::Origin;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -18,10 +16,28 @@ use std::time::Duration;
 
 mod alloc;
 mod commit;
-mod registry;
 mod worker;
 
 use worker::worker_loop;
+
+/// What the store's threads need of an opened origin. `origin::OriginCore` implements it; the
+/// store never names that type, so this module does not depend on `origin`.
+pub(crate) trait AttachedOrigin: Send + Sync {
+    /// The origin's id, for messages.
+    fn id(&self) -> &str;
+    /// The origin's metadata, for a checkpoint (called with the metadata lock held).
+    fn to_meta(&self) -> OriginMeta;
+    /// Syncs the origin's data (before a batch that says restored chunks are on it).
+    fn sync_data(&self) -> std::io::Result<()>;
+    /// Writes out overlays whose copy-out is durable (after a commit round, and at close with
+    /// `wait`: take every chunk lock).
+    fn drain_overlays(&self, wait: bool);
+    /// One slice of background work (reclaim, rollback copy-back, origin sync); returns whether
+    /// more is waiting.
+    fn background_step(&self) -> Result<bool>;
+    /// For the registry above this module, which hands out the concrete origin.
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
+}
 
 /// How to format a store.
 #[derive(Debug, Clone)]
@@ -39,25 +55,6 @@ impl Default for FormatOptions {
             force: false,
         }
     }
-}
-
-/// Space and origins of a store.
-#[derive(Debug, Clone)]
-pub struct StoreStatus {
-    /// The store's name (path).
-    pub path: String,
-    /// Chunk size in bytes.
-    pub chunk_size: u32,
-    /// Data chunks in all.
-    pub chunks_total: u64,
-    /// Data chunks holding snapshot data.
-    pub chunks_used: u64,
-    /// Data chunks free (freed chunks count once their release is committed).
-    pub chunks_free: u64,
-    /// Origins opened by this process.
-    pub origins: Vec<OriginStatus>,
-    /// Ids of origins bound but not opened.
-    pub dormant_origins: Vec<String>,
 }
 
 /// State changed only under the metadata lock. Every mutation of metadata (in-memory maps,
@@ -85,7 +82,7 @@ pub(crate) struct MetaCore {
     /// Bound origins nobody has opened yet, with their metadata.
     pub dormant: BTreeMap<u32, OriginMeta>,
     /// Opened origins.
-    pub origins: BTreeMap<u32, Arc<OriginCore>>,
+    pub origins: BTreeMap<u32, Arc<dyn AttachedOrigin>>,
     pub sync_requested: bool,
 }
 
@@ -329,11 +326,12 @@ impl StoreCore {
         let _ = self.commit_sync();
         // Acknowledged origin writes still held in overlays go to their origins, and every
         // origin is synced: a clean close loses nothing.
-        let origins: Vec<Arc<OriginCore>> = self.lock_meta().origins.values().cloned().collect();
+        let origins: Vec<Arc<dyn AttachedOrigin>> =
+            self.lock_meta().origins.values().cloned().collect();
         for o in origins {
             o.drain_overlays(true);
-            if let Err(e) = o.sync_origin() {
-                log::error!("origin {}: sync at close: {e}", o.id);
+            if let Err(e) = o.sync_data() {
+                log::error!("origin {}: sync at close: {e}", o.id());
             }
         }
         // The records saying the overlays are on their origins.

@@ -9,7 +9,8 @@ pub(super) fn worker_loop(store: Weak<StoreCore>) {
         if core.shutdown.load(SeqCst) {
             return;
         }
-        let origins: Vec<Arc<OriginCore>> = core.lock_meta().origins.values().cloned().collect();
+        let origins: Vec<Arc<dyn AttachedOrigin>> =
+            core.lock_meta().origins.values().cloned().collect();
         let mut busy = false;
         for o in &origins {
             if core.shutdown.load(SeqCst) {
@@ -17,7 +18,7 @@ pub(super) fn worker_loop(store: Weak<StoreCore>) {
             }
             match o.background_step() {
                 Ok(more) => busy |= more,
-                Err(e) => log::error!("origin {}: background work failed: {e}", o.id),
+                Err(e) => log::error!("origin {}: background work failed: {e}", o.id()),
             }
         }
         drop(origins);

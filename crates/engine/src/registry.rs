@@ -1,6 +1,148 @@
-//! Binding, opening and unbinding origins, and the store's status.
+//! The store's registry of origins, above `store` and `origin`: binding, opening and
+//! unbinding origins, the store's status, and the public [`Origin`] handle.
 
-use super::*;
+use crate::error::{Error, Result};
+use crate::meta::{OriginMeta, Record, MAX_ORIGIN_ID};
+use crate::origin::{OriginCore, OriginStatus, RollbackProgress, SnapshotInfo};
+use crate::storage::{FileStorage, Storage};
+use crate::store::{AttachedOrigin, Guard, Store, StoreCore};
+use crate::volume::Volume;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Space and origins of a store.
+#[derive(Debug, Clone)]
+pub struct StoreStatus {
+    /// The store's name (path).
+    pub path: String,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Data chunks in all.
+    pub chunks_total: u64,
+    /// Data chunks holding snapshot data.
+    pub chunks_used: u64,
+    /// Data chunks free (freed chunks count once their release is committed).
+    pub chunks_free: u64,
+    /// Origins opened by this process.
+    pub origins: Vec<OriginStatus>,
+    /// Ids of origins bound but not opened.
+    pub dormant_origins: Vec<String>,
+}
+
+/// An origin bound to a store. Cheap to clone.
+#[derive(Clone)]
+pub struct Origin {
+    core: Arc<OriginCore>,
+    guard: Arc<Guard>,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Origin({})", self.core.id)
+    }
+}
+
+impl Origin {
+    pub(crate) fn new(core: Arc<OriginCore>, guard: Arc<Guard>) -> Self {
+        Origin { core, guard }
+    }
+
+    /// The origin id.
+    pub fn id(&self) -> &str {
+        &self.core.id
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.core.size
+    }
+
+    /// The origin as a volume.
+    pub fn volume(&self) -> Volume {
+        Volume {
+            core: self.core.clone(),
+            snap: None,
+            _guard: self.guard.clone(),
+        }
+    }
+
+    /// Snapshot `tag` as a volume.
+    pub fn snapshot_volume(&self, tag: u32) -> Result<Volume> {
+        Ok(Volume {
+            core: self.core.clone(),
+            snap: Some(self.core.snapshot_handle(tag)?),
+            _guard: self.guard.clone(),
+        })
+    }
+
+    /// Takes a snapshot of the origin (`of: None`) or of snapshot `of`; returns its tag.
+    /// Writes that completed before the call are in it, writes issued after it returned are
+    /// not. Durable when it returns.
+    pub fn create_snapshot(&self, of: Option<u32>, memo: &str) -> Result<u32> {
+        self.core.create_snapshot(of, memo)
+    }
+
+    /// Deletes snapshot `tag`. Its space is reclaimed in the background.
+    pub fn delete_snapshot(&self, tag: u32) -> Result<()> {
+        self.core.delete_snapshot(tag)
+    }
+
+    /// Rolls the origin back to snapshot `tag`. Takes effect when it returns; the copy-back
+    /// runs in the background and resumes after a restart.
+    pub fn rollback(&self, tag: u32) -> Result<()> {
+        self.core.rollback(tag)
+    }
+
+    /// Progress of a rollback in progress.
+    pub fn rollback_progress(&self) -> Option<RollbackProgress> {
+        self.core.rollback_progress()
+    }
+
+    /// Waits until no rollback is in progress. Fails with `NoSpace` if the copy-back is
+    /// stalled because the store is full (delete a snapshot to let it go on).
+    pub fn wait_rollback(&self) -> Result<()> {
+        while self.core.rollback_progress().is_some() {
+            self.core.check_alive()?;
+            if let Some(e) = self.core.rollback_stalled() {
+                return Err(e);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Live snapshots, by tag.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.core.snapshots()
+    }
+
+    /// The store's chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.core.chunk_size()
+    }
+
+    /// Byte ranges `(offset, length)`, sorted and merged, covering every chunk whose content
+    /// may differ between version `from` and version `to` (`None`: the origin as it is now),
+    /// computed from metadata: no data is read. Never omits a chunk that may differ; leaves
+    /// out every chunk both versions read from the same place.
+    pub fn diff(&self, from: Option<u32>, to: Option<u32>) -> Result<Vec<(u64, u64)>> {
+        self.core.diff_extents(from, to)
+    }
+
+    /// State of the origin.
+    pub fn status(&self) -> OriginStatus {
+        self.core.status()
+    }
+}
+
+/// The origin behind an entry of the store's map (this module is the only one that inserts,
+/// and inserts only `OriginCore`s).
+fn core_of(o: &Arc<dyn AttachedOrigin>) -> Arc<OriginCore> {
+    match o.clone().into_any().downcast::<OriginCore>() {
+        Ok(c) => c,
+        Err(_) => unreachable!("the store's origin map holds only OriginCore"),
+    }
+}
 
 impl Store {
     /// Binds a new origin file or device under `origin_id`.
@@ -33,7 +175,7 @@ impl Store {
         {
             let mut m = core.lock_meta();
             if m.dormant.values().any(|o| o.id == origin_id)
-                || m.origins.values().any(|o| o.id == origin_id)
+                || m.origins.values().any(|o| o.id() == origin_id)
             {
                 return Err(Error::AlreadyExists(format!(
                     "origin {origin_id} in COW store {}",
@@ -49,7 +191,8 @@ impl Store {
             });
             let om = OriginMeta::new(origin_id.to_string(), size);
             oc = OriginCore::build(core.clone(), slot, &om, origin)?;
-            m.origins.insert(slot, oc.clone());
+            m.origins
+                .insert(slot, oc.clone() as Arc<dyn AttachedOrigin>);
             epoch = m.epoch;
         }
         core.request_commit();
@@ -68,8 +211,8 @@ impl Store {
     pub fn open_origin_storage(&self, origin_id: &str, origin: Arc<dyn Storage>) -> Result<Origin> {
         let core = &self.guard.core;
         let mut m = core.lock_meta();
-        if let Some(o) = m.origins.values().find(|o| o.id == origin_id) {
-            return Ok(Origin::new(o.clone(), self.guard.clone()));
+        if let Some(o) = m.origins.values().find(|o| o.id() == origin_id) {
+            return Ok(Origin::new(core_of(o), self.guard.clone()));
         }
         let (slot, om) = m
             .dormant
@@ -92,7 +235,8 @@ impl Store {
         let oc = OriginCore::build(core.clone(), slot, &om, origin)?;
         if om.overlays.is_empty() {
             m.dormant.remove(&slot);
-            m.origins.insert(slot, oc.clone());
+            m.origins
+                .insert(slot, oc.clone() as Arc<dyn AttachedOrigin>);
             drop(m);
         } else {
             // Writes a previous process acknowledged but had not yet put on the origin: their
@@ -101,7 +245,7 @@ impl Store {
             drop(m);
             oc.write_recovered(&om.overlays)?;
             let mut m = core.lock_meta();
-            if m.origins.values().any(|o| o.id == origin_id) {
+            if m.origins.values().any(|o| o.id() == origin_id) {
                 return Err(Error::Busy(format!(
                     "origin {origin_id} in COW store {} was opened twice at once",
                     core.name
@@ -112,7 +256,8 @@ impl Store {
                 m.pending.push(Record::OverlayDone { slot, chunk });
             }
             m.dormant.remove(&slot);
-            m.origins.insert(slot, oc.clone());
+            m.origins
+                .insert(slot, oc.clone() as Arc<dyn AttachedOrigin>);
             drop(m);
             core.commit_sync()?;
         }
@@ -126,7 +271,7 @@ impl Store {
         m.dormant
             .values()
             .map(|o| o.id.clone())
-            .chain(m.origins.values().map(|o| o.id.clone()))
+            .chain(m.origins.values().map(|o| o.id().to_string()))
             .collect()
     }
 
@@ -137,8 +282,8 @@ impl Store {
             .lock_meta()
             .origins
             .values()
-            .find(|o| o.id == origin_id)
-            .cloned();
+            .find(|o| o.id() == origin_id)
+            .map(core_of);
         if let Some(o) = opened {
             o.prepare_unbind()?;
         }
@@ -156,7 +301,8 @@ impl Store {
                     )));
                 }
                 *s
-            } else if let Some((s, o)) = m.origins.iter().find(|(_, o)| o.id == origin_id) {
+            } else if let Some((s, o)) = m.origins.iter().find(|(_, o)| o.id() == origin_id) {
+                let o = core_of(o);
                 if !o.can_unbind() {
                     return Err(Error::HasSnapshots(origin_id.to_string()));
                 }
@@ -183,7 +329,7 @@ impl Store {
         let (origins, dormant, used, free) = {
             let m = core.lock_meta();
             (
-                m.origins.values().cloned().collect::<Vec<_>>(),
+                m.origins.values().map(core_of).collect::<Vec<_>>(),
                 m.dormant.values().map(|o| o.id.clone()).collect(),
                 m.used,
                 m.free.len() as u64,
