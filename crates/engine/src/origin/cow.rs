@@ -23,13 +23,10 @@ impl OriginCore {
         if self.top[c as usize].load(SeqCst) == newest {
             return Ok(self.copy_epoch[c as usize].load(SeqCst));
         }
-        let chain_node = *self
-            .chain
-            .get(newest as usize - 1)
-            .ok_or_else(|| Error::Corrupt {
-                store: self.store.name.clone(),
-                what: format!("origin {}: chain seq {newest} has no node", self.id),
-            })?;
+        let chain_node = self.tree.chain_node(newest).ok_or_else(|| Error::Corrupt {
+            store: self.store.name.clone(),
+            what: format!("origin {}: chain seq {newest} has no node", self.id),
+        })?;
         let s = match self.store.alloc_chunk(|| {
             format!(
                 "copy-out of origin {} chunk {c} before an origin write (the write fails)",
@@ -96,7 +93,7 @@ impl OriginCore {
     /// Whether a copy of origin chunk `c` labelled with chain seq `newest` would be read by
     /// any live snapshot (stripe lock held).
     pub(super) fn copy_needed(&self, c: u64, newest: u32) -> bool {
-        let Some(&node) = self.chain.get(newest as usize - 1) else {
+        let Some(node) = self.tree.chain_node(newest) else {
             return true;
         };
         let mut list: ExList = self.map[c as usize]

@@ -22,12 +22,15 @@ mod overlay;
 mod reclaim;
 mod rollback;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 mod tree;
 
 pub(crate) use chunk_map::{Ex, ExList};
 use overlay::Overlay;
 pub(crate) use rollback::RollbackRt;
 use tree::NodeRt;
+pub(crate) use tree::VersionTree;
 const STRIPES: usize = 1024;
 
 /// A live snapshot: its tag and the leaf that takes its writes.
@@ -90,9 +93,7 @@ pub(crate) struct OriginCore {
     pub nchunks: u64,
     cs: u64,
     pub origin: Arc<dyn Storage>,
-    nodes: boxcar::Vec<NodeRt>,
-    /// Chain node ids by seq - 1.
-    chain: boxcar::Vec<u32>,
+    tree: VersionTree,
     map: Box<[ArcSwapOption<ExList>]>,
     /// The chunks whose exception list is not empty: what a diff visits, so that its cost
     /// follows the exceptions rather than the origin's size (updated under the metadata lock).
@@ -151,14 +152,7 @@ impl OriginCore {
     ) -> Result<Arc<Self>> {
         let cs = store.layout.chunk_size as u64;
         let nchunks = m.nchunks(cs as u32);
-        let nodes = boxcar::Vec::new();
-        let chain = boxcar::Vec::new();
-        for n in &m.nodes {
-            let i = nodes.push(NodeRt::from_meta(n));
-            if n.kind == NodeKind::Chain {
-                chain.push(i as u32);
-            }
-        }
+        let tree = VersionTree::new(&m.nodes);
         let map: Box<[ArcSwapOption<ExList>]> =
             (0..nchunks).map(|_| ArcSwapOption::empty()).collect();
         let mut excepted = std::collections::BTreeSet::new();
@@ -176,7 +170,7 @@ impl OriginCore {
                     seq,
                     store: *s,
                 });
-                if let Some(nr) = nodes.get(*node as usize) {
+                if let Some(nr) = tree.node(*node) {
                     nr.exceptions.fetch_add(1, SeqCst);
                 }
             }
@@ -221,8 +215,7 @@ impl OriginCore {
             nchunks,
             cs,
             origin,
-            nodes,
-            chain,
+            tree,
             map,
             excepted: Mutex::new(excepted),
             top,
@@ -251,9 +244,7 @@ impl OriginCore {
 
     /// The metadata, for a checkpoint (called with the metadata lock held).
     pub fn to_meta(&self) -> OriginMeta {
-        let nodes: Vec<NodeMeta> = (0..self.nodes.count())
-            .filter_map(|i| self.nodes.get(i).map(|n| n.to_meta()))
-            .collect();
+        let nodes = self.tree.to_meta();
         let tags = lock(&self.snaps)
             .values()
             .map(|s| (s.tag, s.leaf.load(SeqCst)))
@@ -301,7 +292,7 @@ impl OriginCore {
     }
 
     fn node(&self, i: u32) -> Option<&NodeRt> {
-        self.nodes.get(i as usize)
+        self.tree.node(i)
     }
 
     fn stripe(&self, c: u64) -> MutexGuard<'_, ()> {

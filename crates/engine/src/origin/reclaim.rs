@@ -18,6 +18,58 @@ pub(super) struct Readers {
 }
 
 impl Readers {
+    /// The census of `tree`'s readers: its live leaves and, during a rollback, the rollback's
+    /// source. Pure: the caller holds whatever keeps the tree still (the metadata lock).
+    pub(super) fn census(tree: &VersionTree, rollback_source: Option<u32>) -> Readers {
+        let n = tree.count();
+        let nchain = tree.chain_count();
+        let mut r = Readers {
+            n,
+            nchain,
+            paths: Vec::new(),
+            through: HashMap::new(),
+            at_chain: vec![Vec::new(); nchain + 1],
+            tags: Vec::new(),
+        };
+        let mut starts: Vec<u32> = (0..n as u32)
+            .filter(|&i| {
+                tree.node(i)
+                    .is_some_and(|nd| nd.kind() == NodeKind::Leaf && !nd.dead.load(SeqCst))
+            })
+            .collect();
+        starts.extend(rollback_source);
+        for start in starts {
+            let ri = r.paths.len();
+            let is_leaf = tree
+                .node(start)
+                .is_some_and(|nd| nd.kind() == NodeKind::Leaf);
+            r.tags
+                .push(is_leaf.then(|| tree.node(start).map(|nd| nd.tag)).flatten());
+            let mut path = Vec::new();
+            let mut x = start;
+            // Parents are older than children, so the walk ends; the bound guards a bad tree.
+            for _ in 0..=n {
+                let Some(nd) = tree.node(x) else { break };
+                match nd.kind() {
+                    NodeKind::Chain => {
+                        if let Some(v) = r.at_chain.get_mut(nd.seq as usize) {
+                            v.push(ri);
+                        }
+                        break;
+                    }
+                    NodeKind::Origin => break,
+                    NodeKind::Leaf | NodeKind::Frozen => {
+                        path.push(x);
+                        r.through.entry(x).or_default().push(ri);
+                        x = nd.parent;
+                    }
+                }
+            }
+            r.paths.push(path);
+        }
+        r
+    }
+
     /// The first node on reader `r`'s path that has an exception in `list`; `None` if the
     /// lookup goes on to the chain.
     pub(super) fn first_labelled(&self, r: usize, list: &ExList) -> Option<u32> {
@@ -88,57 +140,8 @@ impl OriginCore {
     /// leaf's freeze and the creation of its new leaves would miss a reader.
     pub(super) fn readers(&self) -> Readers {
         let _m = self.store.lock_meta();
-        let n = self.nodes.count();
-        let nchain = self.chain.count();
-        let mut r = Readers {
-            n,
-            nchain,
-            paths: Vec::new(),
-            through: HashMap::new(),
-            at_chain: vec![Vec::new(); nchain + 1],
-            tags: Vec::new(),
-        };
-        let mut starts: Vec<u32> = (0..n)
-            .filter(|&i| {
-                self.nodes
-                    .get(i)
-                    .is_some_and(|nd| nd.kind() == NodeKind::Leaf && !nd.dead.load(SeqCst))
-            })
-            .map(|i| i as u32)
-            .collect();
-        if let Some(rb) = self.rollback.load().as_ref() {
-            starts.push(rb.source);
-        }
-        for start in starts {
-            let ri = r.paths.len();
-            let is_leaf = self
-                .node(start)
-                .is_some_and(|nd| nd.kind() == NodeKind::Leaf);
-            r.tags
-                .push(is_leaf.then(|| self.node(start).map(|nd| nd.tag)).flatten());
-            let mut path = Vec::new();
-            let mut x = start;
-            // Parents are older than children, so the walk ends; the bound guards a bad tree.
-            for _ in 0..=n {
-                let Some(nd) = self.node(x) else { break };
-                match nd.kind() {
-                    NodeKind::Chain => {
-                        if let Some(v) = r.at_chain.get_mut(nd.seq as usize) {
-                            v.push(ri);
-                        }
-                        break;
-                    }
-                    NodeKind::Origin => break,
-                    NodeKind::Leaf | NodeKind::Frozen => {
-                        path.push(x);
-                        r.through.entry(x).or_default().push(ri);
-                        x = nd.parent;
-                    }
-                }
-            }
-            r.paths.push(path);
-        }
-        r
+        let source = self.rollback.load().as_ref().map(|rb| rb.source);
+        Readers::census(&self.tree, source)
     }
 
     /// Store chunks held by exceptions no live snapshot can read any more, while a reclaim is

@@ -47,7 +47,91 @@ impl NodeRt {
     }
 }
 
-impl OriginCore {
+/// An origin's version tree: an append-only node arena (lock-free reads) and the chain nodes
+/// by seq. Pure data — no I/O, no locks: changes are serialised by the caller (the metadata
+/// lock), lookups run concurrently with them.
+pub(crate) struct VersionTree {
+    nodes: boxcar::Vec<NodeRt>,
+    /// Chain node ids by seq - 1.
+    chain: boxcar::Vec<u32>,
+}
+
+/// Node ids and chain seqs stop short of `u32::MAX` (a margin for sentinels).
+pub(crate) const MAX_IDS: u32 = u32::MAX - 4;
+
+impl VersionTree {
+    /// The tree of a checkpoint's (or a new origin's) nodes.
+    pub fn new(nodes: &[NodeMeta]) -> Self {
+        let t = VersionTree {
+            nodes: boxcar::Vec::new(),
+            chain: boxcar::Vec::new(),
+        };
+        for n in nodes {
+            let i = t.nodes.push(NodeRt::from_meta(n));
+            if n.kind == NodeKind::Chain {
+                t.chain.push(i as u32);
+            }
+        }
+        t
+    }
+
+    /// Node `i`, if it exists.
+    pub fn node(&self, i: u32) -> Option<&NodeRt> {
+        self.nodes.get(i as usize)
+    }
+
+    /// Nodes in the tree.
+    pub fn count(&self) -> usize {
+        self.nodes.count()
+    }
+
+    /// Chain nodes in the tree (the newest chain seq).
+    pub fn chain_count(&self) -> usize {
+        self.chain.count()
+    }
+
+    /// The chain node of seq `seq` (1-based).
+    pub fn chain_node(&self, seq: u32) -> Option<u32> {
+        self.chain.get((seq as usize).checked_sub(1)?).copied()
+    }
+
+    /// Appends a node; returns its id, or `None` when every id is used.
+    pub fn push(&self, meta: &NodeMeta) -> Option<u32> {
+        if self.nodes.count() >= MAX_IDS as usize {
+            return None;
+        }
+        let id = self.nodes.push(NodeRt::from_meta(meta));
+        if meta.kind == NodeKind::Chain {
+            self.chain.push(id as u32);
+        }
+        Some(id as u32)
+    }
+
+    /// Freezes leaf `leaf` (it stops taking writes) and returns the node to add below it for
+    /// its tag's later writes; `None` if there is no such node.
+    pub fn freeze(&self, leaf: u32) -> Option<NodeMeta> {
+        let n = self.node(leaf)?;
+        let meta = NodeMeta {
+            kind: NodeKind::Leaf,
+            dead: false,
+            parent: leaf,
+            seq: 0,
+            tag: n.tag,
+            parent_tag: n.parent_tag,
+            birth: n.birth,
+            memo: n.memo.clone(),
+        };
+        n.kind.store(NodeKind::Frozen as u8, SeqCst);
+        Some(meta)
+    }
+
+    /// The nodes as metadata, for a checkpoint.
+    pub fn to_meta(&self) -> Vec<NodeMeta> {
+        (0..self.nodes.count())
+            .filter_map(|i| self.nodes.get(i).map(|n| n.to_meta()))
+            .collect()
+    }
+
     /// Where `node` finds chunk `c`: a store chunk, or `None` for the origin device.
     ///
     /// Walk up from `node` to the first version with an exception. Once the walk reaches a
@@ -75,47 +159,34 @@ impl OriginCore {
             }
         }
     }
+}
+
+impl OriginCore {
+    /// Where `node` finds chunk `c` (see [`VersionTree::resolve`]).
+    pub fn resolve(&self, node: u32, list: Option<&ExList>) -> Option<u64> {
+        self.tree.resolve(node, list)
+    }
 
     pub(super) fn push_node(&self, m: &mut MetaCore, meta: NodeMeta) -> Result<u32> {
-        let id = self.nodes.count();
-        if id >= (u32::MAX - 4) as usize {
-            return Err(Error::Limit(format!(
-                "origin {} has used every version number",
-                self.id
-            )));
-        }
-        let is_chain = meta.kind == NodeKind::Chain;
-        let got = self.nodes.push(NodeRt::from_meta(&meta));
-        debug_assert_eq!(got, id);
-        if is_chain {
-            self.chain.push(got as u32);
-        }
+        let node = self.tree.push(&meta).ok_or_else(|| {
+            Error::Limit(format!("origin {} has used every version number", self.id))
+        })?;
         m.pending.push(Record::NewNode {
             slot: self.slot,
-            node: got as u32,
+            node,
             meta,
         });
-        Ok(got as u32)
+        Ok(node)
     }
 
     /// Freezes snapshot `ps`'s leaf and gives the tag a fresh leaf below it (gate closed,
     /// metadata lock held). Returns the frozen node.
     pub(super) fn freeze(&self, m: &mut MetaCore, ps: &SnapRt) -> Result<u32> {
         let old = ps.leaf.load(SeqCst);
-        let n = self
-            .node(old)
+        let meta = self
+            .tree
+            .freeze(old)
             .ok_or_else(|| Error::NotFound(format!("node {old} of origin {}", self.id)))?;
-        let meta = NodeMeta {
-            kind: NodeKind::Leaf,
-            dead: false,
-            parent: old,
-            seq: 0,
-            tag: ps.tag,
-            parent_tag: n.parent_tag,
-            birth: n.birth,
-            memo: n.memo.clone(),
-        };
-        n.kind.store(NodeKind::Frozen as u8, SeqCst);
         m.pending.push(Record::Freeze {
             slot: self.slot,
             node: old,
