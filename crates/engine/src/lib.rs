@@ -21,7 +21,7 @@ pub mod testing;
 mod volume;
 
 pub use check::{check, check_storage, CheckReport};
-pub use error::{Error, Result};
+pub use error::{CommitFailed, Error, ErrorKind, Result};
 pub use origin::{OriginStatus, RollbackProgress, SnapshotInfo};
 pub use registry::{Origin, StoreStatus};
 pub use storage::{current_boot_id, in_use, BootId, FileStorage, InUse, OpenMode, Storage};

@@ -3,6 +3,48 @@
 
 use super::*;
 
+/// Why a commit (a journal append, a commit round, a checkpoint) failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommitError {
+    /// Appending a batch to the journal failed.
+    #[error("writing journal batch {seq}: {source}")]
+    JournalWrite {
+        /// The batch's sequence number.
+        seq: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syncing an origin whose restored chunks a batch describes failed.
+    #[error("syncing origin {origin}: {source}")]
+    OriginSync {
+        /// The origin's id.
+        origin: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syncing the store's data before a seal or checkpoint failed.
+    #[error("syncing data: {source}")]
+    DataSync {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syncing a journal seal failed.
+    #[error("syncing journal seal {seq}: {source}")]
+    SealSync {
+        /// The seal's sequence number.
+        seq: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing a checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] ondisk::CheckpointWriteError),
+}
+
 impl StoreCore {
     pub(crate) fn check_failed(&self) -> Result<()> {
         if let Some(f) = self
@@ -86,7 +128,7 @@ impl StoreCore {
     pub(super) fn write_pending(
         &self,
         _journal: &MutexGuard<'_, ()>,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), CommitError> {
         let (batch, epoch, seq, pos) = {
             let mut m = self.lock_meta();
             let epoch = m.epoch;
@@ -119,14 +161,14 @@ impl StoreCore {
         seq: u64,
         pos: u64,
         has_records: bool,
-    ) -> std::result::Result<bool, String> {
+    ) -> std::result::Result<bool, CommitError> {
         if pos + batch.len() as u64 > self.layout.journal_size {
             self.checkpoint()?;
             return Ok(false);
         }
         self.storage
             .write_at(batch, self.layout.journal_off + pos)
-            .map_err(|e| format!("writing journal batch {seq}: {e}"))?;
+            .map_err(|source| CommitError::JournalWrite { seq, source })?;
         let mut m = self.lock_meta();
         m.journal_pos = pos + batch.len() as u64;
         m.journal_seq = seq + 1;
@@ -162,9 +204,9 @@ impl StoreCore {
         self.durable_cv.notify_all();
     }
 
-    pub(super) fn fail(&self, what: String) {
+    pub(super) fn fail(&self, what: CommitError) {
         log::error!("COW store {}: {what}; refusing further writes", self.name);
-        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(what);
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(CommitFailed::new(what));
         let _d = self.durable.lock().unwrap_or_else(|e| e.into_inner());
         self.durable_cv.notify_all();
     }
@@ -221,7 +263,7 @@ impl StoreCore {
     }
 
     /// One durable round (see `committer`); returns the epoch it made durable.
-    pub(super) fn commit_round(&self) -> std::result::Result<u64, String> {
+    pub(super) fn commit_round(&self) -> std::result::Result<u64, CommitError> {
         let (epoch, gen, upto, origin_sync) = {
             let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
             self.write_pending(&j)?;
@@ -234,14 +276,16 @@ impl StoreCore {
             (m.epoch - 1, m.sb.journal_gen, m.last_records, origin_sync)
         };
         for o in &origin_sync {
-            o.sync_data()
-                .map_err(|e| format!("syncing origin {}: {e}", o.id()))?;
+            o.sync_data().map_err(|source| CommitError::OriginSync {
+                origin: o.id().to_string(),
+                source,
+            })?;
         }
         // Data first: the copies a record points at must be durable before a batch vouches
         // for the record.
         self.storage
             .sync()
-            .map_err(|e| format!("syncing data: {e}"))?;
+            .map_err(|source| CommitError::DataSync { source })?;
         let seal = {
             let _j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
             let m = self.lock_meta();
@@ -259,7 +303,7 @@ impl StoreCore {
         if let Some(seq) = seal {
             self.storage
                 .sync()
-                .map_err(|e| format!("syncing journal seal {seq}: {e}"))?;
+                .map_err(|source| CommitError::SealSync { seq, source })?;
             let mut m = self.lock_meta();
             if m.sb.journal_gen == gen {
                 m.vouched = m.vouched.max(upto);
@@ -283,7 +327,7 @@ impl StoreCore {
 
     /// Writes the whole metadata to the inactive checkpoint area and starts a new journal pass
     /// (the caller holds the journal lock).
-    pub(super) fn checkpoint(&self) -> std::result::Result<(), String> {
+    pub(super) fn checkpoint(&self) -> std::result::Result<(), CommitError> {
         // Snapshot the state. Records still pending are part of it, so they are dropped from
         // the queue and their batch is made durable by this checkpoint.
         let (state, sb, epoch, origin_sync) = {
@@ -310,20 +354,21 @@ impl StoreCore {
             (state, m.sb, epoch, origin_sync)
         };
         for o in &origin_sync {
-            o.sync_data()
-                .map_err(|e| format!("syncing origin {}: {e}", o.id()))?;
+            o.sync_data().map_err(|source| CommitError::OriginSync {
+                origin: o.id().to_string(),
+                source,
+            })?;
         }
         self.storage
             .sync()
-            .map_err(|e| format!("syncing data: {e}"))?;
+            .map_err(|source| CommitError::DataSync { source })?;
         let new_sb = ondisk::write_checkpoint(
             self.storage.as_ref(),
             &sb,
             &state,
             self.storage.boot_id(),
             false,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         {
             let mut m = self.lock_meta();
             m.sb = new_sb;

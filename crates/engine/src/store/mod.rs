@@ -1,7 +1,7 @@
 //! A COW store: format, open (checkpoint + journal replay), group commit, checkpoints, the
 //! background worker, and origin binding.
 
-use crate::error::{Error, Result};
+use crate::error::{CommitFailed, Error, Result};
 use crate::meta::Record;
 use crate::meta::{bit_get, bit_set, MetaState, OriginMeta};
 use crate::ondisk::{self, Layout, Superblock, JOURNAL_ALIGN, SB_SLOT};
@@ -16,6 +16,7 @@ use std::time::Duration;
 
 mod alloc;
 mod commit;
+
 mod worker;
 
 use worker::worker_loop;
@@ -104,7 +105,7 @@ pub(crate) struct StoreCore {
     /// journal keeps mutation order with several writers (lock order: journal, then meta).
     pub journal: Mutex<()>,
     /// Set when a commit failed: the store refuses further writes.
-    pub failed: Mutex<Option<String>>,
+    pub failed: Mutex<Option<CommitFailed>>,
     pub shutdown: AtomicBool,
     pub worker_wake: Condvar,
     pub worker_lock: Mutex<bool>,
