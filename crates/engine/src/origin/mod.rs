@@ -1,5 +1,36 @@
-//! One origin at run time: its version tree, its lock-free chunk map, copy-out, snapshot
-//! operations, live rollback and reclaim. `docs/design.md` explains the rules.
+//! One origin at run time. `OriginCore` composes the parts, each in its own file:
+//!
+//! - `tree.rs`: the [`VersionTree`] (nodes, chain order, `resolve`) — pure, no I/O;
+//! - `chunk_map.rs`: the exceptions of each chunk (RCU lists), publishing one, and the
+//!   consistent read of a version's view of a chunk;
+//! - `cow.rs`: origin and snapshot I/O — copy-out before an origin overwrite, first writes of a
+//!   snapshot;
+//! - `overlay.rs`: origin writes held in memory (and in the store) until their copy-out is
+//!   durable, and their write-out;
+//! - `snapshot.rs`: create, delete, list, status, unbind;
+//! - `rollback.rs`: live rollback and its background copy-back;
+//! - `reclaim.rs`: the reader census (`Readers`, pure) and the reclaim of what no reader needs;
+//! - `background.rs`: the worker's slice of work per origin; `diff.rs`: changed-block diff.
+//!
+//! `docs/design.md` explains the rules.
+//!
+//! # Lock order
+//!
+//! Take locks only in this order (any may be skipped); the last group are leaves, never held
+//! while another lock is taken:
+//!
+//! 1. `ops` — one snapshot operation (create, delete, rollback, its finish, unbind, reclaim) at
+//!    a time per origin;
+//! 2. the origin's `gate`, then a snapshot's `gate` (closed by operations; writers hold a pass);
+//! 3. `stripes` — per-chunk write locks; several only in ascending stripe order
+//!    (`drain_overlays`);
+//! 4. the store's `journal` lock (appending records), then the store's metadata lock
+//!    (`StoreCore::lock_meta`; every metadata change and its records);
+//! 5. leaves: `snaps`, `overlays`, `excepted`, `overlay_error`, `last_sync`, a rollback's
+//!    `stalled`, and the store's `durable` and `worker_lock`.
+//!
+//! Waiting for a commit (`wait_durable`, `wait_written`) may happen with locks of groups 1–3
+//! held (the commit thread takes only group 4 and, with `try_lock`, stripes).
 
 use crate::error::{Error, Result};
 use crate::gate::IoGate;
