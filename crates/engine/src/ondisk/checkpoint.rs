@@ -71,15 +71,17 @@ pub fn encode_checkpoint(m: &MetaState) -> Vec<u8> {
 }
 
 /// Decodes a checkpoint (the caller has verified its CRC).
-pub fn decode_checkpoint(buf: &[u8], chunk_size: u32) -> Result<MetaState, String> {
+pub fn decode_checkpoint(buf: &[u8], chunk_size: u32) -> Result<MetaState, DecodeError> {
     let mut d = Dec::new(buf, "checkpoint");
     if d.take(8)? != CKPT_MAGIC {
-        return Err("checkpoint has a bad magic".into());
+        return Err(DecodeError::BadCheckpointMagic);
     }
     let data_chunks = d.u64()?;
     let words = d.u32()? as usize;
     if words > d.remaining() / 8 {
-        return Err("checkpoint allocation bitmap is longer than the checkpoint".into());
+        return Err(DecodeError::Invalid(
+            "checkpoint allocation bitmap is longer than the checkpoint".into(),
+        ));
     }
     let mut alloc = Vec::with_capacity(words);
     for _ in 0..words {
@@ -95,9 +97,9 @@ pub fn decode_checkpoint(buf: &[u8], chunk_size: u32) -> Result<MetaState, Strin
         let newest_seq = d.u32()?;
         let nnodes = d.u32()? as usize;
         if nnodes > d.remaining() / 26 {
-            return Err(format!(
+            return Err(DecodeError::Invalid(format!(
                 "checkpoint: origin {id} claims {nnodes} nodes, more than fit"
-            ));
+            )));
         }
         let mut nodes = Vec::with_capacity(nnodes);
         for _ in 0..nnodes {
@@ -111,9 +113,9 @@ pub fn decode_checkpoint(buf: &[u8], chunk_size: u32) -> Result<MetaState, Strin
         }
         let nex = d.u64()?;
         if nex > (d.remaining() / 20) as u64 {
-            return Err(format!(
+            return Err(DecodeError::Invalid(format!(
                 "checkpoint: origin {id} claims {nex} exceptions, more than fit"
-            ));
+            )));
         }
         let mut exceptions: BTreeMap<u64, Vec<(u32, u64)>> = BTreeMap::new();
         for _ in 0..nex {
@@ -129,7 +131,9 @@ pub fn decode_checkpoint(buf: &[u8], chunk_size: u32) -> Result<MetaState, Strin
                 let source = d.u32()?;
                 let w = d.u32()? as usize;
                 if w > d.remaining() / 8 {
-                    return Err("checkpoint: rollback bitmap longer than the checkpoint".into());
+                    return Err(DecodeError::Invalid(
+                        "checkpoint: rollback bitmap longer than the checkpoint".into(),
+                    ));
                 }
                 let mut restored = Vec::with_capacity(w);
                 for _ in 0..w {
@@ -141,7 +145,11 @@ pub fn decode_checkpoint(buf: &[u8], chunk_size: u32) -> Result<MetaState, Strin
                     restored,
                 })
             }
-            x => return Err(format!("checkpoint: bad rollback flag {x}")),
+            x => {
+                return Err(DecodeError::Invalid(format!(
+                    "checkpoint: bad rollback flag {x}"
+                )))
+            }
         };
         origins.insert(
             slot,
@@ -162,25 +170,27 @@ pub fn decode_checkpoint(buf: &[u8], chunk_size: u32) -> Result<MetaState, Strin
     if d.remaining() > 0 {
         let n = d.u64()?;
         if n > (d.remaining() / 20) as u64 {
-            return Err(format!(
+            return Err(DecodeError::Invalid(format!(
                 "checkpoint claims {n} pending origin writes, more than fit"
-            ));
+            )));
         }
         for _ in 0..n {
             let slot = d.u32()?;
             let chunk = d.u64()?;
             let store = d.u64()?;
             let o = origins.get_mut(&slot).ok_or_else(|| {
-                format!("checkpoint: pending write for unknown origin slot {slot}")
+                DecodeError::Invalid(format!(
+                    "checkpoint: pending write for unknown origin slot {slot}"
+                ))
             })?;
             if o.overlays.insert(chunk, store).is_some() {
-                return Err(format!(
+                return Err(DecodeError::Invalid(format!(
                     "checkpoint: origin slot {slot} chunk {chunk} has two pending writes"
-                ));
+                )));
             }
         }
         if d.remaining() > 0 {
-            return Err("checkpoint has trailing bytes".into());
+            return Err(DecodeError::Invalid("checkpoint has trailing bytes".into()));
         }
     }
     Ok(MetaState {

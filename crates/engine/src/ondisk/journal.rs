@@ -14,8 +14,9 @@ pub(super) fn encode_node(e: &mut Enc, n: &NodeMeta) {
     e.str(&n.memo);
 }
 
-pub(super) fn decode_node(d: &mut Dec) -> Result<NodeMeta, String> {
-    let kind = NodeKind::from_u8(d.u8()?).ok_or("unknown node kind")?;
+pub(super) fn decode_node(d: &mut Dec) -> Result<NodeMeta, DecodeError> {
+    let k = d.u8()?;
+    let kind = NodeKind::from_u8(k).ok_or(DecodeError::UnknownNodeKind(k))?;
     Ok(NodeMeta {
         kind,
         dead: d.u8()? != 0,
@@ -106,7 +107,7 @@ impl Record {
     }
 
     /// Decodes one record.
-    pub fn decode(d: &mut Dec) -> Result<Record, String> {
+    pub fn decode(d: &mut Dec) -> Result<Record, DecodeError> {
         let t = d.u8()?;
         Ok(match t {
             1 => Record::BindOrigin {
@@ -158,7 +159,7 @@ impl Record {
                 slot: d.u32()?,
                 chunk: d.u64()?,
             },
-            other => return Err(format!("unknown record type {other}")),
+            other => return Err(DecodeError::UnknownRecord(other)),
         })
     }
 }

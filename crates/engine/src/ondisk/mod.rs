@@ -18,7 +18,7 @@ mod tests;
 pub use checkpoint::{
     decode_checkpoint, encode_checkpoint, write_checkpoint, CheckpointWriteError,
 };
-pub use codec::{Dec, Enc};
+pub use codec::{Dec, DecodeError, Enc};
 pub use journal::{decode_batch_header, decode_batch_payload, encode_batch, BatchHeader};
 pub use superblock::{Layout, Superblock};
 

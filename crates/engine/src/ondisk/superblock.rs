@@ -25,13 +25,32 @@ pub(super) fn round_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
 }
 
+/// Why a store cannot be laid out on a device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// The chunk size is not one the format allows.
+    #[error("chunk size {0} is not a power of two between 4 KiB and 1 MiB")]
+    ChunkSize(u32),
+    /// The device is too small.
+    #[error("{size} bytes is too small for a store with {chunk_size}-byte chunks (needs at least {needs} bytes)")]
+    TooSmall {
+        /// The device's size.
+        size: u64,
+        /// The chunk size asked for.
+        chunk_size: u32,
+        /// The smallest size that works.
+        needs: u64,
+    },
+    /// The device holds more chunks than the format counts.
+    #[error("{0} chunks is more than the format's 2^32")]
+    TooManyChunks(u64),
+}
+
 impl Layout {
     /// Lays out a store of `size` bytes, or says why it cannot hold one.
-    pub fn compute(size: u64, chunk_size: u32) -> Result<Layout, String> {
+    pub fn compute(size: u64, chunk_size: u32) -> Result<Layout, LayoutError> {
         if !chunk_size.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
-            return Err(format!(
-                "chunk size {chunk_size} is not a power of two between 4 KiB and 1 MiB"
-            ));
+            return Err(LayoutError::ChunkSize(chunk_size));
         }
         let cs = chunk_size as u64;
         let est = size / cs;
@@ -44,16 +63,15 @@ impl Layout {
         let journal_off = ckpt_off + 2 * ckpt_size;
         let data_off = round_up(journal_off + journal_size, cs);
         if size < data_off + 16 * cs {
-            return Err(format!(
-                "{size} bytes is too small for a store with {chunk_size}-byte chunks (needs at least {} bytes)",
-                data_off + 16 * cs
-            ));
+            return Err(LayoutError::TooSmall {
+                size,
+                chunk_size,
+                needs: data_off + 16 * cs,
+            });
         }
         let data_chunks = (size - data_off) / cs;
         if data_chunks > u32::MAX as u64 {
-            return Err(format!(
-                "{data_chunks} chunks is more than the format's 2^32"
-            ));
+            return Err(LayoutError::TooManyChunks(data_chunks));
         }
         Ok(Layout {
             chunk_size,
@@ -128,17 +146,15 @@ impl Superblock {
     }
 
     /// Decodes a slot; the error says what is wrong.
-    pub fn decode(buf: &[u8]) -> Result<Superblock, String> {
+    pub fn decode(buf: &[u8]) -> Result<Superblock, DecodeError> {
         if buf.len() < 128 || &buf[..8] != SB_MAGIC {
-            return Err("bad magic (not a snapmv store)".into());
+            return Err(DecodeError::NotAStore);
         }
         let mut d = Dec::new(buf, "superblock");
         d.take(8)?;
         let version = d.u32()?;
         if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&version) {
-            return Err(format!(
-                "format version {version} is not supported (this build reads {OLDEST_VERSION} to {FORMAT_VERSION})"
-            ));
+            return Err(DecodeError::UnsupportedVersion(version));
         }
         let generation = d.u64()?;
         let layout = Layout {
@@ -162,23 +178,25 @@ impl Superblock {
         let end = d.pos;
         let crc = d.u32()?;
         if crc32c::crc32c(&buf[..end]) != crc {
-            return Err("checksum mismatch".into());
+            return Err(DecodeError::Checksum);
         }
         let cs = layout.chunk_size;
         if !cs.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&cs) {
-            return Err(format!("chunk size {cs} is invalid"));
+            return Err(DecodeError::Invalid(format!("chunk size {cs} is invalid")));
         }
         if ckpt_slot > 1 || ckpt_len > layout.ckpt_size {
-            return Err(format!(
+            return Err(DecodeError::Invalid(format!(
                 "checkpoint slot {ckpt_slot} / length {ckpt_len} out of range"
-            ));
+            )));
         }
         if layout.ckpt_off < 2 * SB_SLOT
             || layout.journal_off < layout.ckpt_off + 2 * layout.ckpt_size
             || layout.data_off < layout.journal_off + layout.journal_size
             || layout.data_off % cs as u64 != 0
         {
-            return Err("areas overlap or are misaligned".into());
+            return Err(DecodeError::Invalid(
+                "areas overlap or are misaligned".into(),
+            ));
         }
         Ok(Superblock {
             generation,

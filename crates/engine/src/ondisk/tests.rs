@@ -1,3 +1,4 @@
+use super::superblock::LayoutError;
 use super::*;
 
 #[test]
@@ -5,6 +6,18 @@ fn layout_rejects_bad_chunk_sizes_and_tiny_stores() {
     assert!(Layout::compute(1 << 30, 3000).is_err());
     assert!(Layout::compute(1 << 30, 2 << 20).is_err());
     assert!(Layout::compute(1 << 20, 4096).is_err());
+    assert_eq!(
+        Layout::compute(1 << 30, 3000),
+        Err(LayoutError::ChunkSize(3000))
+    );
+    assert!(matches!(
+        Layout::compute(1 << 20, 4096),
+        Err(LayoutError::TooSmall {
+            size: 1048576,
+            chunk_size: 4096,
+            ..
+        })
+    ));
     let l = Layout::compute(64 << 20, 4096).unwrap();
     assert_eq!(l.data_off % 4096, 0);
     assert!(l.data_off + l.data_chunks * 4096 <= 64 << 20);
@@ -39,9 +52,13 @@ fn superblock_roundtrip_and_corruption_detected() {
         }
     );
     b[20] ^= 1;
-    assert!(Superblock::decode(&b).unwrap_err().contains("checksum"));
+    let e = Superblock::decode(&b).unwrap_err();
+    assert_eq!(e, DecodeError::Checksum);
+    assert!(e.to_string().contains("checksum"));
     b[0] = b'X';
-    assert!(Superblock::decode(&b).unwrap_err().contains("magic"));
+    let e = Superblock::decode(&b).unwrap_err();
+    assert_eq!(e, DecodeError::NotAStore);
+    assert!(e.to_string().contains("magic"));
 }
 
 #[test]
