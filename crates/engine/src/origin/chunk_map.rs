@@ -12,7 +12,43 @@ pub(crate) struct Ex {
 /// The exceptions of one origin chunk. Replaced whole (RCU), never changed in place.
 pub(crate) type ExList = Vec<Ex>;
 
+/// Where a version reads one chunk from: the answer of a lookup, taken from one loaded
+/// exception list; the I/O happens afterwards, outside any lock.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Mapping {
+    /// The origin device, as it is now.
+    Origin,
+    /// A store chunk.
+    Store(u64),
+    /// The origin's pending overlay (in memory; no other version reads it).
+    Overlay,
+}
+
 impl OriginCore {
+    /// Where version `node` reads the chunk whose exceptions are `list`.
+    pub(super) fn map_version(&self, node: u32, list: Option<&ExList>) -> Mapping {
+        match self.resolve(node, list) {
+            Some(s) => Mapping::Store(s),
+            None => Mapping::Origin,
+        }
+    }
+
+    /// Where the origin volume reads chunk `c` (exceptions `list`): its overlay if one is
+    /// pending, the rollback source's view if a rollback has not copied it back yet, else the
+    /// origin device.
+    pub(super) fn map_origin(&self, c: u64, list: Option<&ExList>) -> Mapping {
+        if self.overlay_flag[c as usize].load(SeqCst) {
+            return Mapping::Overlay;
+        }
+        if let Some(rb) = self.rollback.load().as_ref() {
+            if !rb.is_restored(c) {
+                // Not copied back yet: the origin reads as the rollback source.
+                return self.map_version(rb.source, list);
+            }
+        }
+        Mapping::Origin
+    }
+
     /// Reads `node`'s view of chunk `c`, bytes `[within, within+buf.len())`, consistently with
     /// concurrent origin writes (retrying if a copy-out raced the origin read).
     pub fn read_view(
@@ -24,15 +60,15 @@ impl OriginCore {
     ) -> Result<()> {
         loop {
             let list = self.map[c as usize].load();
-            match self.resolve(node, list.as_deref()) {
-                Some(s) => {
+            match self.map_version(node, list.as_deref()) {
+                Mapping::Store(s) => {
                     let off = self.store_off(s) + within;
                     return self.io(
                         || format!("reading COW store {} at {off}", self.store.name),
                         self.store.storage.read_vectored_at(bufs, off),
                     );
                 }
-                None => {
+                Mapping::Origin | Mapping::Overlay => {
                     let off = c * self.cs + within;
                     self.io(
                         || format!("reading origin {} at {off}", self.origin.name()),
