@@ -1,3 +1,4 @@
+use super::apply::RecordError;
 use super::*;
 
 fn leaf(parent: u32, tag: u32) -> NodeMeta {
@@ -97,6 +98,16 @@ fn apply_refuses_records_that_do_not_fit() {
     assert!(
         m.apply(&Record::UnbindOrigin { slot: 0 }).is_err(),
         "unbind with snapshots"
+    );
+    assert_eq!(
+        m.apply(&Record::DeleteTag { slot: 1, tag: 1 }),
+        Err(RecordError::UnknownSlot(1))
+    );
+    let e = m.apply(&Record::UnbindOrigin { slot: 0 }).unwrap_err();
+    assert_eq!(e, RecordError::UnbindWithSnapshots(0));
+    assert_eq!(
+        e.to_string(),
+        "origin slot 0 unbound while it has snapshots"
     );
     assert_eq!(
         m.validate(),
