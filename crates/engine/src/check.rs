@@ -1,9 +1,9 @@
 //! `check` and `repair` of a store that no process has open.
 
 use crate::error::{Error, Result};
-use crate::format::{self, Superblock, SB_SLOT};
+use crate::ondisk::{self, Superblock, SB_SLOT};
+use crate::recovery::{load_meta, read_superblock};
 use crate::storage::{FileStorage, OpenMode, Storage};
-use crate::store::{load_meta, read_superblock};
 use std::path::Path;
 
 /// What `check` found and what `repair` changed.
@@ -61,7 +61,7 @@ pub fn check_storage(storage: &dyn Storage, repair: bool) -> Result<CheckReport>
         storage
             .read_at(&mut buf, slot as u64 * SB_SLOT)
             .map_err(|e| Error::io(format!("reading COW store {name}"), e))?;
-        magic[slot] = buf.starts_with(format::SB_MAGIC);
+        magic[slot] = buf.starts_with(ondisk::SB_MAGIC);
         if buf.iter().all(|&b| b == 0) {
             // A store formatted by snapmv before both slots were written at format time: one
             // copy only until its second checkpoint. Repair writes both.
@@ -115,27 +115,15 @@ pub fn check_storage(storage: &dyn Storage, repair: bool) -> Result<CheckReport>
         let remaining = meta.validate();
         if remaining.is_empty() {
             // Write the repaired state as a new checkpoint, and both superblock slots.
-            let ck = format::encode_checkpoint(&meta);
-            let slot = 1 - sb.ckpt_slot;
-            let w = |buf: &[u8], off: u64| {
-                storage
-                    .write_at(buf, off)
-                    .and_then(|_| storage.sync())
-                    .map_err(|e| Error::io(format!("repairing COW store {name}"), e))
-            };
-            w(&ck, sb.layout.ckpt_area(slot))?;
-            let mut new_sb = Superblock {
-                generation: sb.generation + 1,
-                ckpt_slot: slot,
-                ckpt_len: ck.len() as u64,
-                ckpt_crc: crc32c::crc32c(&ck),
-                journal_gen: sb.journal_gen.wrapping_add(1),
-                journal_seq: 0,
-                ..sb
-            };
-            w(&new_sb.encode(), (new_sb.generation % 2) * SB_SLOT)?;
-            new_sb.generation += 1;
-            w(&new_sb.encode(), (new_sb.generation % 2) * SB_SLOT)?;
+            ondisk::write_checkpoint(storage, &sb, &meta, sb.boot, true).map_err(|e| {
+                Error::io(
+                    format!("repairing COW store {name}"),
+                    match e {
+                        ondisk::CheckpointWriteError::Io { source, .. } => source,
+                        other => std::io::Error::other(other.to_string()),
+                    },
+                )
+            })?;
             if slot_bad.iter().any(|b| *b) {
                 report.repaired.push("rewrote both superblock slots".into());
             }

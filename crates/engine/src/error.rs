@@ -1,6 +1,7 @@
 //! Engine errors. Every variant names the object and the cause.
 
 use std::io;
+use std::sync::Arc;
 
 /// Result type of the engine.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -59,7 +60,81 @@ pub enum Error {
     Limit(String),
 }
 
+/// The commit failure that stopped a store: every later write is refused with it (as the
+/// source of an [`Error::Io`], whose [`Error::kind`] is [`ErrorKind::StoreFailed`]).
+/// Cloneable, so each refusal carries the same cause.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct CommitFailed(Arc<dyn std::error::Error + Send + Sync>);
+
+impl CommitFailed {
+    pub(crate) fn new(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        CommitFailed(Arc::new(cause))
+    }
+
+    /// What failed (a journal write, a sync, a checkpoint write), with its OS error as source.
+    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self.0.as_ref()
+    }
+}
+
+/// What kind of error, for callers that map errors to errno values or RPC codes without
+/// looking at messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// An I/O call on a backing file failed ([`Error::Io`]).
+    Io,
+    /// The store stopped after a failed metadata write and refuses every write
+    /// ([`Error::Io`] whose source is a [`crate::CommitFailed`]).
+    StoreFailed,
+    /// [`Error::NoSpace`].
+    NoSpace,
+    /// [`Error::Corrupt`].
+    Corrupt,
+    /// [`Error::NotFound`].
+    NotFound,
+    /// [`Error::AlreadyExists`].
+    AlreadyExists,
+    /// [`Error::Busy`].
+    Busy,
+    /// [`Error::HasSnapshots`].
+    HasSnapshots,
+    /// [`Error::InvalidArgument`].
+    InvalidArgument,
+    /// [`Error::ReadOnly`].
+    ReadOnly,
+    /// [`Error::Deleted`].
+    Deleted,
+    /// [`Error::Limit`].
+    Limit,
+}
+
 impl Error {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { source, .. } => {
+                let failed = source.get_ref().is_some_and(|e| e.is::<CommitFailed>());
+                if failed {
+                    ErrorKind::StoreFailed
+                } else {
+                    ErrorKind::Io
+                }
+            }
+            Error::NoSpace { .. } => ErrorKind::NoSpace,
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Error::Busy(_) => ErrorKind::Busy,
+            Error::HasSnapshots(_) => ErrorKind::HasSnapshots,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::ReadOnly(_) => ErrorKind::ReadOnly,
+            Error::Deleted(_) => ErrorKind::Deleted,
+            Error::Limit(_) => ErrorKind::Limit,
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             context: context.into(),
@@ -69,12 +144,41 @@ impl Error {
 
     /// The errno a block device would report for this error.
     pub fn errno(&self) -> i32 {
-        match self {
-            Error::NoSpace { .. } => libc::ENOSPC,
-            Error::InvalidArgument(_) => libc::EINVAL,
-            Error::ReadOnly(_) => libc::EROFS,
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        match (self.kind(), self) {
+            (ErrorKind::NoSpace, _) => libc::ENOSPC,
+            (ErrorKind::InvalidArgument, _) => libc::EINVAL,
+            (ErrorKind::ReadOnly, _) => libc::EROFS,
+            (_, Error::Io { source, .. }) => source.raw_os_error().unwrap_or(libc::EIO),
             _ => libc::EIO,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_tells_a_stopped_store_from_other_io_errors() {
+        let failed = Error::io(
+            "COW store s stopped after a failed metadata write",
+            io::Error::other(CommitFailed::new(io::Error::other("disk gone"))),
+        );
+        assert_eq!(failed.kind(), ErrorKind::StoreFailed);
+        assert_eq!(failed.errno(), libc::EIO);
+        assert!(failed.to_string().ends_with("write: disk gone"), "{failed}");
+        let plain = Error::io("reading", io::Error::from_raw_os_error(libc::ENXIO));
+        assert_eq!(plain.kind(), ErrorKind::Io);
+        assert_eq!(plain.errno(), libc::ENXIO);
+        let full = Error::NoSpace {
+            store: "s".into(),
+            what: "w".into(),
+        };
+        assert_eq!(
+            (full.kind(), full.errno()),
+            (ErrorKind::NoSpace, libc::ENOSPC)
+        );
+        assert_eq!(Error::ReadOnly("v".into()).errno(), libc::EROFS);
+        assert_eq!(Error::Busy("b".into()).kind(), ErrorKind::Busy);
     }
 }

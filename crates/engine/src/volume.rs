@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::origin::{OriginCore, SnapRt};
 use crate::store::Guard;
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 /// A block device view of the origin or of one snapshot. Cheap to clone; use from any thread.
@@ -17,65 +18,6 @@ pub struct Volume {
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.name())
-    }
-}
-
-/// Buffers `[start, start+len)` of a scatter list, as a scatter list.
-pub(crate) fn piece_mut<'b>(
-    bufs: &'b mut [IoSliceMut<'_>],
-    mut start: usize,
-    len: usize,
-) -> Vec<IoSliceMut<'b>> {
-    let mut out = Vec::new();
-    let mut remaining = len;
-    for b in bufs.iter_mut() {
-        if remaining == 0 {
-            break;
-        }
-        let bl = b.len();
-        if start >= bl {
-            start -= bl;
-            continue;
-        }
-        let take = (bl - start).min(remaining);
-        out.push(IoSliceMut::new(&mut b[start..start + take]));
-        start = 0;
-        remaining -= take;
-    }
-    out
-}
-
-/// Buffers `[start, start+len)` of a gather list, as a gather list.
-pub(crate) fn piece<'b>(bufs: &'b [IoSlice<'_>], mut start: usize, len: usize) -> Vec<IoSlice<'b>> {
-    let mut out = Vec::new();
-    let mut remaining = len;
-    for b in bufs {
-        if remaining == 0 {
-            break;
-        }
-        let bl = b.len();
-        if start >= bl {
-            start -= bl;
-            continue;
-        }
-        let take = (bl - start).min(remaining);
-        out.push(IoSlice::new(&b[start..start + take]));
-        start = 0;
-        remaining -= take;
-    }
-    out
-}
-
-/// Copies a gather list into `dst` (as many bytes as `dst` holds).
-pub(crate) fn gather(bufs: &[IoSlice<'_>], dst: &mut [u8]) {
-    let mut at = 0;
-    for b in bufs {
-        let n = b.len().min(dst.len() - at);
-        dst[at..at + n].copy_from_slice(&b[..n]);
-        at += n;
-        if at == dst.len() {
-            break;
-        }
     }
 }
 
@@ -160,7 +102,7 @@ impl Volume {
         match &self.snap {
             None => self.core.origin_flush(),
             Some(s) => {
-                if s.deleted.load(std::sync::atomic::Ordering::SeqCst) {
+                if s.deleted.load(SeqCst) {
                     return Err(Error::Deleted(self.name()));
                 }
                 self.core.check_alive()?;
@@ -184,5 +126,35 @@ impl Volume {
     /// Discards a range: it reads back as zeroes.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(offset, len)
+    }
+}
+
+impl Volume {
+    /// The byte ranges that may differ between snapshot `from` and this volume (see
+    /// [`crate::Origin::diff`]).
+    pub fn changed_since(&self, from: u32) -> Result<Vec<(u64, u64)>> {
+        self.core
+            .diff_extents(Some(from), self.snap.as_ref().map(|s| s.tag))
+    }
+}
+
+impl Volume {
+    /// [`crate::Volume::read`] for large sequential reads (exports, backups): a snapshot reads
+    /// each run of chunks it shares with the origin device in one request.
+    pub fn read_bulk(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(s) = &self.snap else {
+            return self.read(offset, buf);
+        };
+        let len = buf.len() as u64;
+        if offset % 512 != 0
+            || len % 512 != 0
+            || offset.checked_add(len).is_none_or(|e| e > self.core.size)
+        {
+            return self.read(offset, buf);
+        }
+        if s.deleted.load(SeqCst) {
+            return Err(Error::Deleted(self.name()));
+        }
+        self.core.snap_read_bulk(s, offset, buf)
     }
 }

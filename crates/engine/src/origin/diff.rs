@@ -7,21 +7,11 @@
 //! need a lookup: the cost is a scan of the map's slot pointers plus a lookup per chunk that
 //! has exceptions.
 
+use super::chunk_map::Mapping;
 use super::{lock, OriginCore, SnapRt};
 use crate::error::Result;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
-
-/// Where a version reads one chunk from.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Source {
-    /// The origin device, as it is now.
-    Device,
-    /// A store chunk.
-    Store(u64),
-    /// Somewhere no other version reads (the origin's pending overlay): always "differs".
-    Unique,
-}
 
 /// One side of a diff, resolved once at the start.
 pub(crate) enum Side {
@@ -30,27 +20,11 @@ pub(crate) enum Side {
 }
 
 impl OriginCore {
-    fn source_of(&self, side: &Side, leaf: u32, c: u64, list: Option<&super::ExList>) -> Source {
+    /// Where `side` reads chunk `c` (exceptions `list`).
+    fn source_of(&self, side: &Side, leaf: u32, c: u64, list: Option<&super::ExList>) -> Mapping {
         match side {
-            Side::Snap(_) => match self.resolve(leaf, list) {
-                Some(s) => Source::Store(s),
-                None => Source::Device,
-            },
-            Side::Origin => {
-                if self.overlay_flag[c as usize].load(SeqCst) {
-                    return Source::Unique;
-                }
-                if let Some(rb) = self.rollback.load().as_ref() {
-                    if !rb.is_restored(c) {
-                        // Not copied back yet: the origin reads as the rollback source.
-                        return match self.resolve(rb.source, list) {
-                            Some(s) => Source::Store(s),
-                            None => Source::Device,
-                        };
-                    }
-                }
-                Source::Device
-            }
+            Side::Snap(_) => self.map_version(leaf, list),
+            Side::Origin => self.map_origin(c, list),
         }
     }
 
@@ -89,7 +63,8 @@ impl OriginCore {
             }
             let sa = self.source_of(&a, la, c, list.as_deref());
             let sb = self.source_of(&b, lb, c, list.as_deref());
-            if sa != sb || sa == Source::Unique {
+            // An overlay is somewhere no other version reads: always "differs".
+            if sa != sb || sa == Mapping::Overlay {
                 out.push(c);
             }
         }
@@ -123,21 +98,12 @@ impl OriginCore {
     }
 }
 
-impl crate::Volume {
-    /// The byte ranges that may differ between snapshot `from` and this volume (see
-    /// [`crate::Origin::diff`]).
-    pub fn changed_since(&self, from: u32) -> Result<Vec<(u64, u64)>> {
-        self.core
-            .diff_extents(Some(from), self.snap.as_ref().map(|s| s.tag))
-    }
-}
-
 impl OriginCore {
     /// Snapshot `snap`'s bytes `[off, off + buf.len())`, reading each run of chunks that the
     /// snapshot reads from the origin device with one read (a snapshot read otherwise costs one
     /// read per chunk). As in `read_view`, a chunk whose exceptions changed while its run was
     /// read (a copy-out raced the read) is read again on its own.
-    fn snap_read_bulk(&self, snap: &SnapRt, off: u64, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn snap_read_bulk(&self, snap: &SnapRt, off: u64, buf: &mut [u8]) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -204,26 +170,5 @@ impl OriginCore {
             c = d;
         }
         Ok(())
-    }
-}
-
-impl crate::Volume {
-    /// [`crate::Volume::read`] for large sequential reads (exports, backups): a snapshot reads
-    /// each run of chunks it shares with the origin device in one request.
-    pub fn read_bulk(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let Some(s) = &self.snap else {
-            return self.read(offset, buf);
-        };
-        let len = buf.len() as u64;
-        if offset % 512 != 0
-            || len % 512 != 0
-            || offset.checked_add(len).is_none_or(|e| e > self.core.size)
-        {
-            return self.read(offset, buf);
-        }
-        if s.deleted.load(SeqCst) {
-            return Err(crate::error::Error::Deleted(self.name()));
-        }
-        self.core.snap_read_bulk(s, offset, buf)
     }
 }

@@ -1,0 +1,160 @@
+use super::*;
+
+/// The new content of an origin chunk whose old content was just copied out but whose
+/// copy-out record is not durable yet. Reads of the chunk are served from here; the content
+/// goes to the origin once batch `epoch` is durable, so the copy always reaches the store's
+/// media before the overwrite can reach the origin's. So that an acknowledged write survives
+/// the death of the process, the same content is kept in store chunk `store`, named by an
+/// OverlayAt record (batch `rec_epoch`) that is in the journal before the write is
+/// acknowledged; opening the origin again writes any such chunk onto the origin.
+pub(super) struct Overlay {
+    pub(super) epoch: u64,
+    pub(super) data: Vec<u8>,
+    pub(super) store: u64,
+}
+
+/// Most memory held by overlays per origin; past it, first writes wait for their commit.
+pub(super) const MAX_OVERLAY_BYTES: usize = 64 << 20;
+
+impl OriginCore {
+    /// Writes the pending writes a previous process acknowledged (origin chunk → store chunk
+    /// holding its content) onto the origin, and syncs it; before the origin is served.
+    pub fn write_recovered(&self, pending: &BTreeMap<u64, u64>) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; self.cs as usize];
+        for (&c, &s) in pending {
+            let len = self.chunk_len(c) as usize;
+            self.io(
+                || format!("reading COW store {} chunk {s}", self.store.name),
+                self.store
+                    .storage
+                    .read_at(&mut buf[..len], self.store_off(s)),
+            )?;
+            self.io(
+                || format!("writing origin {} chunk {c}", self.origin.name()),
+                self.origin.write_at(&buf[..len], c * self.cs),
+            )?;
+        }
+        self.io(
+            || format!("syncing origin {}", self.origin.name()),
+            self.origin.sync(),
+        )?;
+        log::info!(
+            "origin {}: {} acknowledged write(s) of chunks still pending at the last stop written",
+            self.id,
+            pending.len()
+        );
+        Ok(())
+    }
+
+    /// Writes overlays whose copy-out is durable to the origin. `wait`: take every chunk lock
+    /// (callers that hold none); otherwise skip chunks that are busy.
+    ///
+    /// A chunk keeps its stripe lock and its overlay flag (so no write goes straight to the
+    /// origin) until the OverlayDone record is in the journal: a restart must never write the
+    /// overlay's store copy over a newer write.
+    pub fn drain_overlays(&self, wait: bool) {
+        if self.overlay_count.load(SeqCst) == 0 {
+            return;
+        }
+        let durable = self.store.durable_epoch.load(SeqCst);
+        let ready: Vec<u64> = lock(&self.overlays)
+            .iter()
+            .filter(|(_, o)| o.epoch <= durable)
+            .map(|(c, _)| *c)
+            .collect();
+        // Stripes are taken in ascending order, a batch at a time (one journal write each).
+        let mut by_stripe: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for c in ready {
+            by_stripe.entry((c as usize) % STRIPES).or_default().push(c);
+        }
+        let stripes: Vec<(usize, Vec<u64>)> = by_stripe.into_iter().collect();
+        for group in stripes.chunks(64) {
+            let mut guards = Vec::with_capacity(group.len());
+            let mut done = Vec::new();
+            for (stripe, chunks) in group {
+                let g = if wait {
+                    lock(&self.stripes[*stripe])
+                } else {
+                    match self.stripes[*stripe].try_lock() {
+                        Ok(g) => g,
+                        Err(_) => continue,
+                    }
+                };
+                guards.push(g);
+                for &c in chunks {
+                    let data = match lock(&self.overlays).get(&c) {
+                        Some(o) if o.epoch <= durable => o.data.clone(),
+                        _ => continue,
+                    };
+                    if let Err(e) = self.origin.write_at(&data, c * self.cs) {
+                        let msg = format!("writing origin {} chunk {c}: {e}", self.origin.name());
+                        log::error!("{msg}");
+                        *lock(&self.overlay_error) = Some(msg);
+                        continue;
+                    }
+                    done.push((c, data.len()));
+                }
+            }
+            if done.is_empty() {
+                continue;
+            }
+            let epoch = {
+                let mut m = self.store.lock_meta();
+                let mut ov = lock(&self.overlays);
+                for (c, _) in &done {
+                    if let Some(o) = ov.remove(c) {
+                        StoreCore::note_free(&mut m, o.store);
+                        m.pending.push(Record::OverlayDone {
+                            slot: self.slot,
+                            chunk: *c,
+                        });
+                    }
+                }
+                m.epoch
+            };
+            if let Err(e) = self.store.wait_written(epoch) {
+                // The store has failed and refuses every write from now on; the overlays'
+                // content is on the origin, where reads find it once the flags drop.
+                log::error!("origin {}: recording overlays written: {e}", self.id);
+                *lock(&self.overlay_error) = Some(e.to_string());
+            }
+            for (c, len) in &done {
+                self.overlay_flag[*c as usize].store(false, SeqCst);
+                self.overlay_bytes.fetch_sub(*len, SeqCst);
+                self.overlay_count.fetch_sub(1, SeqCst);
+            }
+            drop(guards);
+        }
+    }
+
+    /// Commits and writes out every overlay (before an operation that reads the origin device
+    /// as the truth: a snapshot, a rollback, a flush).
+    pub(super) fn settle_overlays(&self) -> Result<()> {
+        if self.overlay_count.load(SeqCst) > 0 {
+            self.store.commit_sync()?;
+            self.drain_overlays(true);
+        }
+        if let Some(e) = lock(&self.overlay_error).take() {
+            return Err(Error::io(e, std::io::Error::other("overlay write failed")));
+        }
+        Ok(())
+    }
+
+    pub fn origin_flush(&self) -> Result<()> {
+        self.check_alive()?;
+        self.settle_overlays()?;
+        self.io(
+            || format!("syncing origin {}", self.origin.name()),
+            self.origin.sync(),
+        )?;
+        // Records an acknowledged write depends on (restored chunks, overlays written) must
+        // be durable too, and restored-chunk records with the data they describe.
+        if self.store.needs_commit() || self.rollback.load().is_some() {
+            self.store.commit_sync()?;
+        }
+        Ok(())
+    }
+}
