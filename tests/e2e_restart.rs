@@ -303,7 +303,13 @@ fn body(
         resumed.join("\n")
     );
     out.assert_ok("restart-guest");
-    let dmesg = out.values("DMESG ");
+    // A TCG guest on a busy host logs that its timer interrupt ran late: a fact about the
+    // emulation, not about the disk. Everything else in the new dmesg lines is a problem.
+    let dmesg: Vec<_> = out
+        .values("DMESG ")
+        .into_iter()
+        .filter(|l| !l.contains("hrtimer: interrupt took"))
+        .collect();
     assert!(
         dmesg.is_empty(),
         "the guest's dmesg reports problems: {dmesg:#?}\n--- console ---\n{}",
