@@ -3,12 +3,28 @@
 //!
 //! The device serves anything implementing [`BlockDisk`]; the engine's `Volume` is the real
 //! one, [`MemDisk`] is an in-memory disk for tests.
+//!
+//! Modules, each depending only on those listed before it:
+//! - [`disk`]: the [`BlockDisk`] seam and its errors; [`MemDisk`] and the engine's `Volume`
+//!   implement it (`memdisk.rs`, `volume.rs`);
+//! - [`config`]: the configuration space, feature bits and device limits;
+//! - [`request`]: one request, from descriptor chain to status byte (parse, execute, complete);
+//! - [`inflight`]: the layout of the inflight region shared with the frontend;
+//! - `export_state.rs`: what an export keeps across connections (cache mode, error counts);
+//! - `persist.rs`: each queue's inflight bookkeeping, to resume after a backend restart;
+//! - `pool.rs`, `dispatch.rs`: where the requests of a batch run (queue thread or I/O pool);
+//! - `event_handler.rs`: one queue's work on a kick: take chains, run them, complete them;
+//! - `device.rs`: [`BlkBackend`], the `VhostUserBackend` implementation.
 
 pub mod config;
 pub(crate) mod device;
 pub mod disk;
+mod dispatch;
+mod event_handler;
+pub(crate) mod export_state;
 pub mod inflight;
 mod memdisk;
+mod persist;
 mod pool;
 pub mod request;
 mod volume;
@@ -16,4 +32,3 @@ mod volume;
 pub use device::{BlkBackend, DeviceOptions};
 pub use disk::{BlockDisk, BoxError, DiskError};
 pub use memdisk::MemDisk;
-
