@@ -23,6 +23,7 @@ use super::dispatch::Dispatcher;
 use super::event_handler::QueueProcessor;
 pub(crate) use super::export_state::ExportState;
 use super::inflight::InflightRegion;
+use super::metrics::ExportStats;
 use super::persist::InflightTracker;
 use super::request::GuestMem;
 
@@ -98,6 +99,11 @@ impl BlkBackend {
             exit_notifiers: Mutex::new(Vec::new()),
             exit_failed: AtomicBool::new(false),
         }
+    }
+
+    /// The export's statistics since it started (shared by every connection to it).
+    pub fn stats(&self) -> ExportStats {
+        self.queues.state.metrics().snapshot()
     }
 
     /// The configuration space as it is now.

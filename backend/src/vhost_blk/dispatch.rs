@@ -16,10 +16,11 @@ pub const IO_THREADS: usize = 16;
 /// Requests slower than this on average are run in parallel on the I/O pool.
 const PARALLEL_THRESHOLD: Duration = Duration::from_micros(30);
 
-/// One executed chain: its head and its outcome.
+/// One executed chain: its head, its outcome and when its execution ended.
 pub(crate) struct Done {
     pub(crate) head: u16,
     pub(crate) completion: Completion,
+    pub(crate) finished: Instant,
 }
 
 /// Runs the batches of one connection's queues against the disk.
@@ -94,7 +95,11 @@ impl Dispatcher {
         let completion = handle_parsed(mem, chain, ctx);
         let finished = Instant::now();
         self.record_service_time(queue, finished - t);
-        out.push(Done { head, completion });
+        out.push(Done {
+            head,
+            completion,
+            finished,
+        });
     }
 
     /// Runs `chains` on the I/O pool (and this thread) at once; results in chain order.
@@ -134,7 +139,17 @@ impl Dispatcher {
                     };
                     let completion = handle_parsed(&mem, chain, &ctx);
                     let finished = Instant::now();
-                    batch.finish(i, (Done { head, completion }, finished - t));
+                    batch.finish(
+                        i,
+                        (
+                            Done {
+                                head,
+                                completion,
+                                finished,
+                            },
+                            finished - t,
+                        ),
+                    );
                 }) as Box<dyn FnOnce() + Send>
             })
             .collect();

@@ -1,10 +1,10 @@
 //! One queue's work when its kick eventfd fires: take the available chains (after those a
 //! previous process left in flight), mark them in flight, run them, put them on the used ring,
-//! and signal the guest.
+//! count them and signal the guest.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -153,6 +153,9 @@ impl QueueProcessor {
             }
             return Ok(0);
         }
+        let started = Instant::now();
+        let metrics = self.state.metrics();
+        metrics.requests_taken(queue, count);
         // Record the chains just taken as in flight before executing any of them.
         if let (Some(iq), Some(track)) = (iq, track) {
             let mut t = track.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,11 +186,21 @@ impl QueueProcessor {
         for Done {
             head,
             completion: done,
-            ..
+            finished,
         } in batch
         {
-            if let Some(e) = &done.error {
-                self.log_failure(queue, e);
+            // Counted before the guest can see the completion.
+            match &done.error {
+                Some(e) => {
+                    metrics.request_failed(queue);
+                    self.log_failure(queue, e);
+                }
+                None => metrics.request_done(
+                    queue,
+                    done.kind,
+                    done.bytes,
+                    finished.saturating_duration_since(started),
+                ),
             }
             if let Some(iq) = iq {
                 if let Err(e) = iq.pre_put(head) {

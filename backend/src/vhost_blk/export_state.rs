@@ -1,10 +1,12 @@
 //! What one export keeps across the connections of its clients: the cache mode the guest
-//! chose (recorded in a file so that it also survives a restart of the daemon), and the failure
-//! counters that throttle logging.
+//! chose (recorded in a file so that it also survives a restart of the daemon), the failure
+//! counters that throttle logging, and the statistics.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::metrics::ExportMetrics;
 
 /// State shared by the connections of one export.
 ///
@@ -17,6 +19,8 @@ pub(crate) struct ExportState {
     pub(crate) writeback: AtomicBool,
     pub(crate) bad_requests: AtomicU64,
     pub(crate) disk_errors: AtomicU64,
+    /// Counters since the export started (kept across reconnects).
+    pub(crate) metrics: ExportMetrics,
     /// Where a write-through choice is recorded (the file exists only then).
     cache_mode_file: Option<PathBuf>,
 }
@@ -37,8 +41,14 @@ impl ExportState {
             writeback: AtomicBool::new(!write_through),
             bad_requests: AtomicU64::new(0),
             disk_errors: AtomicU64::new(0),
+            metrics: ExportMetrics::new(),
             cache_mode_file,
         }
+    }
+
+    /// The export's counters.
+    pub(crate) fn metrics(&self) -> &ExportMetrics {
+        &self.metrics
     }
 
     /// Counts a problem that is the guest's (or the frontend's) and says whether to log it:
