@@ -115,6 +115,9 @@ impl Shard {
 #[derive(Debug)]
 pub struct ExportMetrics {
     shards: Box<[Shard]>,
+    /// False only under the benchmark knob `SNAPMV_BENCH_NO_STATS=1`, which exists to measure
+    /// what counting costs (`snapmv-bench` run with and without it); never set it otherwise.
+    enabled: bool,
 }
 
 impl Default for ExportMetrics {
@@ -128,6 +131,7 @@ impl ExportMetrics {
     pub fn new() -> ExportMetrics {
         ExportMetrics {
             shards: (0..SHARDS).map(|_| Shard::new()).collect(),
+            enabled: std::env::var_os("SNAPMV_BENCH_NO_STATS").is_none_or(|v| v != "1"),
         }
     }
 
@@ -137,6 +141,9 @@ impl ExportMetrics {
 
     /// `n` requests were taken off queue `queue`'s available ring.
     pub fn requests_taken(&self, queue: usize, n: usize) {
+        if !self.enabled {
+            return;
+        }
         self.shard(queue)
             .in_flight
             .fetch_add(n as u64, Ordering::Relaxed);
@@ -151,6 +158,9 @@ impl ExportMetrics {
         bytes: u64,
         latency: Duration,
     ) {
+        if !self.enabled {
+            return;
+        }
         let shard = self.shard(queue);
         shard.in_flight.fetch_sub(1, Ordering::Relaxed);
         let Some(k) = kind.and_then(kind_index) else {
@@ -169,6 +179,9 @@ impl ExportMetrics {
     /// A request of queue `queue` failed (refused or failed by the disk; any kind) and is
     /// about to go on the used ring.
     pub fn request_failed(&self, queue: usize) {
+        if !self.enabled {
+            return;
+        }
         let shard = self.shard(queue);
         shard.in_flight.fetch_sub(1, Ordering::Relaxed);
         shard.errors.fetch_add(1, Ordering::Relaxed);
@@ -464,5 +477,36 @@ mod tests {
         assert_eq!(s.write_bytes, 40_000 * 4096);
         assert_eq!(s.in_flight, 0);
         assert_eq!(s.latency_us.write.count, 40_000);
+    }
+
+    /// The cost of counting, for the record (run by hand: `cargo test --release -p snapmv
+    /// --lib metrics::tests::cost -- --ignored --nocapture`): what one request adds, with one
+    /// and with two queue threads counting at once.
+    #[test]
+    #[ignore]
+    fn cost_of_counting_one_request() {
+        const N: u32 = 20_000_000;
+        for threads in [1usize, 2] {
+            let m = std::sync::Arc::new(ExportMetrics::new());
+            let t0 = std::time::Instant::now();
+            let handles: Vec<_> = (0..threads)
+                .map(|q| {
+                    let m = m.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..N {
+                            m.requests_taken(q, 1);
+                            let lat = Duration::from_nanos(u64::from(i % 100_000));
+                            m.request_done(q, Some(RequestKind::Read), 4096, lat);
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+            let ns = t0.elapsed().as_nanos() as f64 / f64::from(N);
+            eprintln!("{threads} thread(s): {ns:.1} ns per request counted (wall time per thread)");
+            assert_eq!(m.snapshot().reads, u64::from(N) * threads as u64);
+        }
     }
 }
