@@ -1,0 +1,52 @@
+//! [`RbdStorage`] in a build without librbd: the type exists (so callers need no `cfg`), has
+//! no values, and opening fails with [`RbdError::NotBuilt`].
+
+use crate::{Locator, RbdError};
+use snapmv_engine::{BootId, Storage};
+use std::io;
+
+#[derive(Debug)]
+enum Never {}
+
+/// An RBD image as engine storage. This build has no librbd: it cannot be opened.
+#[derive(Debug)]
+pub struct RbdStorage {
+    never: Never,
+}
+
+impl RbdStorage {
+    /// Fails: [`RbdError::NotBuilt`] (or the locator's error).
+    pub fn open(locator: &str) -> io::Result<RbdStorage> {
+        let loc = Locator::parse(locator).map_err(RbdError::from)?;
+        Err(RbdError::NotBuilt {
+            image: loc.image_spec(),
+        }
+        .into())
+    }
+
+    /// Fails: [`RbdError::NotBuilt`] (or the locator's error).
+    pub fn open_takeover(locator: &str) -> io::Result<RbdStorage> {
+        Self::open(locator)
+    }
+}
+
+impl Storage for RbdStorage {
+    fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<()> {
+        match self.never {}
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+        match self.never {}
+    }
+    fn sync(&self) -> io::Result<()> {
+        match self.never {}
+    }
+    fn len(&self) -> io::Result<u64> {
+        match self.never {}
+    }
+    fn name(&self) -> &str {
+        match self.never {}
+    }
+    fn boot_id(&self) -> BootId {
+        match self.never {}
+    }
+}
