@@ -672,7 +672,8 @@ impl Storage for RbdStorage {
         if r < 0 {
             return Err(self.io_error("writing", total, offset, r as i64));
         }
-        if (r as usize) != total {
+        // librbd completes an asynchronous write with 0 (some versions: the length).
+        if r != 0 && r as usize != total {
             return Err(self.io_error("writing", total, offset, -(libc::EIO as i64)));
         }
         Ok(())
