@@ -28,6 +28,42 @@ impl RbdStorage {
     pub fn open_takeover(locator: &str) -> io::Result<RbdStorage> {
         Self::open(locator)
     }
+
+    /// As with librbd (never called: no value exists).
+    pub fn lock_owner_addresses(&self) -> io::Result<Vec<String>> {
+        match self.never {}
+    }
+
+    /// As with librbd (never called: no value exists).
+    pub fn is_owner(&self) -> Result<bool, RbdError> {
+        match self.never {}
+    }
+
+    /// As with librbd (never called: no value exists).
+    pub fn release(&self) -> io::Result<()> {
+        match self.never {}
+    }
+
+    /// As with librbd (never called: no value exists).
+    pub fn fenced_owners(&self) -> &[String] {
+        match self.never {}
+    }
+
+    /// As with librbd (never called: no value exists).
+    pub fn client_address(&self) -> &str {
+        match self.never {}
+    }
+
+    /// As with librbd (never called: no value exists).
+    pub fn image_id(&self) -> &str {
+        match self.never {}
+    }
+}
+
+impl Drop for RbdStorage {
+    fn drop(&mut self) {
+        match self.never {}
+    }
 }
 
 impl Storage for RbdStorage {
@@ -48,5 +84,22 @@ impl Storage for RbdStorage {
     }
     fn boot_id(&self) -> BootId {
         match self.never {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_says_rbd_is_not_built_in() {
+        let e = RbdStorage::open("rbd:p/i:id=x").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+        assert!(
+            matches!(crate::rbd_error(&e), Some(RbdError::NotBuilt { image }) if image == "rbd:p/i")
+        );
+        assert!(e.to_string().contains("librbd-dev"), "{e}");
+        let e = RbdStorage::open_takeover("rbd:p").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
     }
 }
