@@ -27,8 +27,10 @@
 //! acknowledged by the OSDs that hold the object: it survives the daemon's death and the host's
 //! crash alike. [`sync`](snapmv_engine::Storage::sync) is `rbd_flush`, kept for the contract
 //! (it has nothing left to write back with the cache off). Hence
-//! [`boot_id`](snapmv_engine::Storage::boot_id) is a constant per image (see
-//! [`RbdStorage::boot_id`]).
+//! [`boot_id`](snapmv_engine::Storage::boot_id) is a constant per image, [`image_boot_id`]
+//! of the RBD image id, not the host's boot id: nothing that completed can be lost, so every
+//! reader is in the writer's "boot", on any host and after any reboot (see the `Storage`
+//! implementation of `RbdStorage`).
 //!
 //! # Ownership and fencing
 //!
