@@ -154,27 +154,32 @@ fn helper_child_owner() {
     std::thread::sleep(Duration::from_secs(600));
 }
 
-#[test]
-fn takeover_after_the_owner_was_killed() {
-    let Some(c) = cluster("takeover_after_the_owner_was_killed") else {
-        return;
-    };
-    let img = Image::create(c, "kill", "8M", &[]);
+/// Starts `helper_child_owner` on `img`; returns it and its client address once it owns it.
+fn child_owner(img: &Image) -> (common::KillOnDrop, String) {
     let mut child = common::KillOnDrop(spawn_helper(
         "helper_child_owner",
         &[("SNAPMV_RBD_CHILD_LOCATOR", img.locator())],
     ));
     let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
-    let addr = loop {
+    loop {
         let line = lines
             .next()
             .expect("the child exited before owning the image")
             .unwrap();
         // libtest prints "test helper_child_owner ... " before the test's own output.
         if let Some((_, a)) = line.split_once("OWNER ") {
-            break a.trim().to_string();
+            return (child, a.trim().to_string());
         }
+    }
+}
+
+#[test]
+fn takeover_after_the_owner_was_killed() {
+    let Some(c) = cluster("takeover_after_the_owner_was_killed") else {
+        return;
     };
+    let img = Image::create(c, "kill", "8M", &[]);
+    let (mut child, addr) = child_owner(&img);
     // While it lives, a plain open is refused.
     let e = RbdStorage::open(&img.locator()).unwrap_err();
     assert!(
@@ -203,6 +208,34 @@ fn takeover_after_the_owner_was_killed() {
     st.write_at(b"new owner", 0).unwrap();
     st.sync().unwrap();
     eprintln!("takeover after SIGKILL: {took:?}");
+}
+
+/// Without the explicit takeover, a dead owner's lock is broken by librbd (which fences it too)
+/// only once the OSD has timed out its watch: a plain open waits ~30 s, then succeeds.
+#[test]
+fn plain_open_after_the_owner_was_killed_waits_for_its_watch_to_time_out() {
+    let Some(c) = cluster("plain_open_after_the_owner_was_killed_waits_for_its_watch_to_time_out")
+    else {
+        return;
+    };
+    let img = Image::create(c, "killwait", "8M", &[]);
+    let (mut child, addr) = child_owner(&img);
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let killed = Instant::now();
+    let st = RbdStorage::open(&img.locator()).unwrap();
+    let took = killed.elapsed();
+    assert!(
+        took > Duration::from_secs(10) && took < Duration::from_secs(120),
+        "open after the owner's SIGKILL took {took:?} (osd_client_watch_timeout is 30 s)"
+    );
+    assert!(st.fenced_owners().is_empty(), "not an explicit takeover");
+    assert!(
+        c.blocklist().contains(addr.as_str()),
+        "librbd fenced {addr} when breaking its lock"
+    );
+    assert_eq!(read(&st, 0, 8192), pattern(9, 0, 8192));
+    eprintln!("plain open after SIGKILL: {took:?}");
 }
 
 #[test]
