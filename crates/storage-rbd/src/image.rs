@@ -295,7 +295,7 @@ impl RbdStorage {
         if r < 0 {
             return Err(ceph("acquiring the exclusive lock".into(), r.into()));
         }
-        if !st.is_owner()? {
+        if !st.owns()? {
             return Err(RbdError::Locked {
                 image: name,
                 owners: st.lock_owners().unwrap_or_default(),
@@ -455,7 +455,11 @@ impl RbdStorage {
     }
 
     /// Whether this handle owns the image's exclusive lock now.
-    pub fn is_owner(&self) -> Result<bool, RbdError> {
+    pub fn is_owner(&self) -> io::Result<bool> {
+        self.owns().map_err(RbdError::into_io)
+    }
+
+    fn owns(&self) -> Result<bool, RbdError> {
         let mut owner: c_int = 0;
         // SAFETY: an open image and a valid out-pointer.
         let r = unsafe { ffi::rbd_is_exclusive_lock_owner(self.conn.image, &mut owner) };

@@ -35,7 +35,7 @@ impl RbdStorage {
     }
 
     /// As with librbd (never called: no value exists).
-    pub fn is_owner(&self) -> Result<bool, RbdError> {
+    pub fn is_owner(&self) -> io::Result<bool> {
         match self.never {}
     }
 
