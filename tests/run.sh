@@ -6,6 +6,8 @@
 # On a Debian 12 machine with Rust installed, as root (or with sudo), without questions:
 #   1. qemu/setup.sh installs what the QEMU guest tests need and is missing (qemu-system-x86,
 #      busybox-static, cpio) and unpacks a Debian cloud kernel into qemu/cache/;
+#      ceph/cluster.sh install adds Ceph and librbd for the RBD tests (which start and this
+#      script stops a single-node test cluster, docs/ceph.md);
 #   2. cargo fmt --check, cargo clippy --workspace --all-targets -D warnings;
 #   3. builds the binaries (debug), among them the `snapmv` the end-to-end tests start;
 #   4. runs every test: unit, integration (blkio client, vhost protocol, RPC, CLI), QEMU guest
@@ -15,11 +17,12 @@
 # Knobs (environment):
 #   SNAPMV_MODEL_OPS=N      operations of the engine's model-based test (CI default is bounded)
 #   SNAPMV_CRASH_ROUNDS=N   crash/recovery rounds of the crash tests (CI default is bounded)
-#   SNAPMV_SKIP_SETUP=1     do not run qemu/setup.sh (no root needed; QEMU tests then skip
-#                           loudly if QEMU is missing, or fail under CI=true)
+#   SNAPMV_SKIP_SETUP=1     do not run qemu/setup.sh or ceph/cluster.sh install (no root
+#                           needed); QEMU and RBD tests then skip loudly if what they need is
+#                           missing, or fail under CI=true
 #   SNAPMV_E2E_ECHO=1       echo the QEMU guests' consoles on stderr
 #   CARGO_TARGET_DIR        honoured as usual
-#   CI=true                 missing QEMU is a failure instead of a skip
+#   CI=true                 missing QEMU or Ceph is a failure instead of a skip
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,6 +45,30 @@ if [ "${SNAPMV_SKIP_SETUP:-0}" != 1 ]; then
         esac
     fi
 fi
+
+if [ "${SNAPMV_SKIP_SETUP:-0}" != 1 ]; then
+    step "ceph/cluster.sh install: Ceph and librbd for the RBD tests (installs only what is missing)"
+    if ! ./ceph/cluster.sh install; then
+        case "${CI:-}" in
+        "" | 0 | false) echo "tests/run.sh: WARNING: ceph/cluster.sh install failed; the RBD tests will skip" >&2 ;;
+        *) die "ceph/cluster.sh install failed (CI is set: the RBD tests need it)" ;;
+        esac
+    fi
+fi
+case "${CI:-}" in
+"" | 0 | false) ;;
+# Under CI a missing Ceph or a build without librbd fails the RBD tests instead of skipping them.
+*) export SNAPMV_RBD_TESTS=1 ;;
+esac
+# The RBD tests start a test cluster of their own (crates/storage-rbd/tests/common): stop it
+# when the run ends, whatever the outcome.
+ceph_dir="${SNAPMV_RBD_CEPH_DIR:-/tmp/snapmv-ceph-storage-rbd}"
+stop_ceph() {
+    if [ -d "$ceph_dir" ]; then
+        SNAPMV_CEPH_DIR="$ceph_dir" ./ceph/cluster.sh stop >/dev/null 2>&1 || true
+    fi
+}
+trap stop_ceph EXIT
 
 # rustfmt and clippy come with rustup's default profile; add them if this toolchain lacks them.
 for comp in rustfmt clippy; do
