@@ -773,3 +773,116 @@ fn remove_during_io_and_with_a_silent_client_returns() {
     f.mgr.remove("silent").expect("remove with a silent client");
     assert!(f.mgr.list().is_empty());
 }
+
+/// The export's statistics count exactly the requests a client issued, per kind, with their
+/// bytes; failed requests count as errors only; nothing stays in flight.
+#[test]
+fn stats_count_exactly_the_requests_issued() {
+    let f = Fixture::new();
+    let (_o, sock) = f.export_origin("st", 8 * MIB, 2, false);
+    let zero = f.mgr.stats("st").expect("stats of a new export");
+    assert_eq!(
+        zero,
+        Default::default(),
+        "a new export has counted something"
+    );
+    assert!(f.mgr.stats("nope").is_none());
+
+    let mut c = Client::connect_with(
+        &sock,
+        &ClientOptions {
+            num_queues: 2,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    let cap = c.capacity();
+    let p = c.ptr(0);
+    c.mem()[..1 << 20].fill(0x5A);
+    let (mut reads, mut read_bytes, mut writes, mut write_bytes) = (0u64, 0u64, 0u64, 0u64);
+    // Queue 0: writes of every size at queue depth 12, then as many reads.
+    let mut off = 0u64;
+    let q = &mut c.queues[0];
+    for (i, &len) in SIZES.iter().enumerate() {
+        q.write(off, p, len, i, NO_FLAGS);
+        off += len as u64;
+        writes += 1;
+        write_bytes += len as u64;
+    }
+    assert!(wait_for(q, SIZES.len())
+        .unwrap()
+        .iter()
+        .all(|&(_, r)| r == 0));
+    off = 0;
+    for (i, &len) in SIZES.iter().enumerate() {
+        q.read(off, p, len, i, NO_FLAGS);
+        off += len as u64;
+        reads += 1;
+        read_bytes += len as u64;
+    }
+    assert!(wait_for(q, SIZES.len())
+        .unwrap()
+        .iter()
+        .all(|&(_, r)| r == 0));
+    // Queue 1: flushes, discards, write-zeroes, more reads, and two requests that fail.
+    let q = &mut c.queues[1];
+    for i in 0..3 {
+        assert_eq!(run1(q, |q| q.flush(i, NO_FLAGS)).unwrap(), 0);
+    }
+    for (i, len) in [64u64 << 10, 128 << 10].into_iter().enumerate() {
+        assert_eq!(
+            run1(q, |q| q.discard(4 * MIB, len, i, NO_FLAGS)).unwrap(),
+            0
+        );
+    }
+    for (i, len) in [4096u64, 8192, 512, 1 << 20].into_iter().enumerate() {
+        assert_eq!(
+            run1(q, |q| q.write_zeroes(5 * MIB, len, i, NO_FLAGS)).unwrap(),
+            0
+        );
+    }
+    for i in 0..5 {
+        assert_eq!(
+            run1(q, |q| q.read(6 * MIB, p, 4096, i, NO_FLAGS)).unwrap(),
+            0
+        );
+        reads += 1;
+        read_bytes += 4096;
+    }
+    assert!(run1(q, |q| q.read(cap, p, 4096, 0, NO_FLAGS)).unwrap() < 0);
+    assert!(run1(q, |q| q.write(cap - 512, p, 4096, 0, NO_FLAGS)).unwrap() < 0);
+
+    let s = f.mgr.stats("st").expect("stats");
+    assert_eq!((s.reads, s.read_bytes), (reads, read_bytes), "{s:?}");
+    assert_eq!((s.writes, s.write_bytes), (writes, write_bytes), "{s:?}");
+    assert_eq!(s.flushes, 3, "{s:?}");
+    assert_eq!((s.discards, s.discard_bytes), (2, 192 << 10), "{s:?}");
+    assert_eq!(
+        (s.write_zeroes, s.write_zeroes_bytes),
+        (4, 4096 + 8192 + 512 + (1 << 20)),
+        "{s:?}"
+    );
+    assert_eq!(s.errors, 2, "{s:?}");
+    assert_eq!(s.in_flight, 0, "{s:?}");
+    let l = &s.latency_us;
+    assert_eq!(
+        (
+            l.read.count,
+            l.write.count,
+            l.flush.count,
+            l.discard.count,
+            l.write_zeroes.count
+        ),
+        (reads, writes, 3, 2, 4)
+    );
+    assert!(l.read.p50 > 0.0 && l.read.p50 <= l.read.p99 && l.read.p99 <= l.read.p99_9);
+    assert!(l.write.mean > 0.0);
+
+    // The counters outlive the connection and keep counting on the next one.
+    drop(c);
+    let mut c = Client::connect(&sock).expect("reconnect");
+    read_back(&mut c, 0, 4096);
+    let s2 = f.mgr.stats("st").expect("stats");
+    assert_eq!(s2.reads, reads + 1);
+    assert_eq!(s2.writes, writes);
+}

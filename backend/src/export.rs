@@ -398,6 +398,15 @@ impl ExportManager {
             .get(name)
             .map(info)
     }
+
+    /// The statistics of export `name` since it was added (across its clients' reconnects).
+    pub fn stats(&self, name: &str) -> Option<crate::vhost_blk::ExportStats> {
+        self.exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|e| e.shared.state.metrics().snapshot())
+    }
 }
 
 /// A process connected to an export's socket.

@@ -26,6 +26,8 @@ pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 22;
 /// Most segments in one DISCARD or WRITE_ZEROES request.
 pub const MAX_DISCARD_SEG: u32 = 32;
+/// Most descriptors accepted in one chain (IOV_MAX, the limit of preadv/pwritev).
+pub const MAX_CHAIN_DESCS: usize = 1024;
 /// Largest number of queues an export may have (the worker mask is a `u64`).
 pub const MAX_QUEUES: u16 = 64;
 

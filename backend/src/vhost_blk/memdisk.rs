@@ -3,7 +3,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::RwLock;
 
-use super::{BlockDisk, DiskError};
+use super::disk::{BlockDisk, DiskError};
 
 /// A disk held in memory. Writes fail with `NoSpace` once `fail_writes_no_space` is set.
 #[derive(Debug)]

@@ -3,65 +3,35 @@
 //!
 //! The device serves anything implementing [`BlockDisk`]; the engine's `Volume` is the real
 //! one, [`MemDisk`] is an in-memory disk for tests.
+//!
+//! Modules, each depending only on those listed before it:
+//! - [`disk`]: the [`BlockDisk`] seam and its errors; [`MemDisk`] and the engine's `Volume`
+//!   implement it (`memdisk.rs`, `volume.rs`);
+//! - [`config`]: the configuration space, feature bits and device limits;
+//! - [`request`]: one request, from descriptor chain to status byte (parse, execute, complete);
+//! - [`inflight`]: the layout of the inflight region shared with the frontend;
+//! - [`metrics`]: per-export counters and latency histograms ([`ExportStats`]);
+//! - `export_state.rs`: what an export keeps across connections (cache mode, counters);
+//! - `persist.rs`: each queue's inflight bookkeeping, to resume after a backend restart;
+//! - `pool.rs`, `dispatch.rs`: where the requests of a batch run (queue thread or I/O pool);
+//! - `event_handler.rs`: one queue's work on a kick: take chains, run them, complete them;
+//! - `device.rs`: [`BlkBackend`], the `VhostUserBackend` implementation.
 
 pub mod config;
 pub(crate) mod device;
+pub mod disk;
+mod dispatch;
+mod event_handler;
+pub(crate) mod export_state;
 pub mod inflight;
 mod memdisk;
+pub mod metrics;
+mod persist;
 mod pool;
 pub mod request;
 mod volume;
 
-use std::io::{IoSlice, IoSliceMut};
-
 pub use device::{BlkBackend, DeviceOptions};
+pub use disk::{BlockDisk, BoxError, DiskError};
 pub use memdisk::MemDisk;
-
-/// A boxed error from the layer below the device.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
-/// Why a disk operation failed, as far as the device needs to know.
-#[derive(Debug, thiserror::Error)]
-pub enum DiskError {
-    /// The backing store has no free space for the write.
-    #[error("{disk}: store full: {source}")]
-    NoSpace {
-        /// The disk that failed.
-        disk: String,
-        /// The underlying error.
-        #[source]
-        source: BoxError,
-    },
-    /// Any other failure.
-    #[error("{disk}: {source}")]
-    Failed {
-        /// The disk that failed.
-        disk: String,
-        /// The underlying error.
-        #[source]
-        source: BoxError,
-    },
-}
-
-/// The block device the vhost-user-blk device serves. Offsets and lengths are bytes, multiples
-/// of 512 and inside the disk (the device checks before calling).
-///
-/// Implementations are called from several queue threads at once.
-pub trait BlockDisk: Send + Sync + 'static {
-    /// Size in bytes.
-    fn size(&self) -> u64;
-    /// Reads `bufs.len()` buffers' worth of bytes starting at `offset`.
-    fn read_vectored(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<(), DiskError>;
-    /// Writes the buffers, in order, starting at `offset`.
-    fn write_vectored(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<(), DiskError>;
-    /// Makes every completed write durable.
-    fn flush(&self) -> Result<(), DiskError>;
-    /// Deallocates a range; it reads back as zeroes afterwards.
-    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError>;
-    /// Writes zeroes over a range.
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError>;
-    /// A human name, e.g. "origin /x" or "snapshot 3 of /x".
-    fn name(&self) -> String;
-    /// The physical block size the guest should align to (bytes, power of two >= 512).
-    fn physical_block_size(&self) -> u32;
-}
+pub use metrics::{ExportMetrics, ExportStats};

@@ -4,7 +4,7 @@ use std::io::{IoSlice, IoSliceMut};
 
 use snapmv_engine::{Error, Volume};
 
-use super::{BlockDisk, DiskError};
+use super::disk::{BlockDisk, DiskError};
 
 fn map(v: &Volume, e: Error) -> DiskError {
     match e {
