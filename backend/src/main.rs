@@ -107,6 +107,18 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// I/O statistics of every export (requests, bytes, latency per kind, errors, in flight)
+    /// and space of every open store.
+    Stats {
+        /// Only this export (and its store).
+        name: Option<String>,
+        /// Print them again every SECS seconds until interrupted.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        watch: Option<u64>,
+        #[command(flatten)]
+        out: Out,
+    },
     /// The chunks that may differ between snapshot FROM and snapshot TO (default: the origin
     /// now), from metadata alone.
     Diff {
@@ -311,6 +323,10 @@ fn main() -> ExitCode {
         Command::Status { name, out } => {
             let ctx = ctx(out);
             (ctx.json, cli::status(&ctx, name.as_deref()))
+        }
+        Command::Stats { name, watch, out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::stats(&ctx, name.as_deref(), watch))
         }
         Command::Diff {
             name,

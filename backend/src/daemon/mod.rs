@@ -110,6 +110,7 @@ routes! {
     method::Status => status,
     method::SnapshotDiff => snapshot_diff,
     method::SnapshotStream => snapshot_stream,
+    method::Stats => stats,
 }
 
 impl Daemon {
