@@ -253,3 +253,221 @@ fn nbd_exports_are_listed_with_a_note() {
     let text = d.cli(&["stats"]);
     assert!(text.contains("nbd: statistics are counted"), "{text}");
 }
+
+/// One sample of an exposition: metric name, labels sorted by name, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// Parses an OpenMetrics text exposition strictly: `# TYPE`/`# HELP`/`# UNIT` lines, samples
+/// `name{labels} value`, a final `# EOF`. Returns the samples as (name, sorted labels, value).
+fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.pop(), Some("# EOF"), "no final # EOF in\n{text}");
+    let mut samples = Vec::new();
+    for line in lines {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let word = rest.split(' ').next().unwrap_or("");
+            assert!(
+                ["TYPE", "HELP", "UNIT"].contains(&word),
+                "bad comment line {line:?}"
+            );
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value in {line:?}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|e| panic!("value of {line:?}: {e}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, Vec::new()),
+            Some((name, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels in {line:?}"));
+                let mut labels: Vec<(String, String)> = body
+                    .split("\",")
+                    .map(|kv| {
+                        let (k, v) = kv
+                            .split_once("=\"")
+                            .unwrap_or_else(|| panic!("bad label {kv:?} in {line:?}"));
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                labels.sort();
+                (name, labels)
+            }
+        };
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        samples.push((name.to_string(), labels, value));
+    }
+    samples
+}
+
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut want: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    want.sort();
+    samples
+        .iter()
+        .find(|(n, l, _)| n == name && *l == want)
+        .map(|s| s.2)
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?}"))
+}
+
+#[test]
+fn prometheus_scrape_parses_and_counts_the_io() {
+    let dir = scratch("stats-prom");
+    let o = dir.path().join("o.img").display().to_string();
+    let c = dir.path().join("c.img").display().to_string();
+    sparse_file(std::path::Path::new(&o), 8 * MIB);
+    sparse_file(std::path::Path::new(&c), 32 * MIB);
+    let msock = dir.path().join("metrics.sock");
+    let d = Daemon::start_with(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    d.cli(&["create", "vol", &o, &c, "-b", "-f"]);
+    let log = d.log();
+    let url = log
+        .lines()
+        .find_map(|l| l.split("metrics served on ").nth(1))
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+        .trim()
+        .to_string();
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.ends_with("/metrics"),
+        "{url}"
+    );
+
+    let mut cl = Client::connect(&d.export_socket("vol")).unwrap();
+    let is = issue_known_io(&mut cl);
+    let mut resp = ureq::get(&url).call().expect("scrape");
+    assert_eq!(resp.status(), 200);
+    let ctype = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
+    let text = resp.body_mut().read_to_string().unwrap();
+    let s = parse_exposition(&text);
+    let req = |kind| {
+        sample(
+            &s,
+            "snapmv_export_requests_total",
+            &[("export", "vol"), ("kind", kind)],
+        )
+    };
+    assert_eq!(req("read") as u64, is.reads.0);
+    assert_eq!(req("write") as u64, is.writes.0);
+    assert_eq!(req("flush") as u64, is.flushes);
+    assert_eq!(req("discard") as u64, is.discards.0);
+    assert_eq!(req("write_zeroes") as u64, is.write_zeroes.0);
+    let bytes = |dir| {
+        sample(
+            &s,
+            "snapmv_export_bytes_total",
+            &[("export", "vol"), ("dir", dir)],
+        )
+    };
+    assert_eq!(bytes("read") as u64, is.reads.1);
+    assert_eq!(bytes("write") as u64, is.writes.1);
+    let zb = |kind| {
+        sample(
+            &s,
+            "snapmv_export_discarded_bytes_total",
+            &[("export", "vol"), ("kind", kind)],
+        )
+    };
+    assert_eq!(zb("discard") as u64, is.discards.1);
+    assert_eq!(zb("write_zeroes") as u64, is.write_zeroes.1);
+    assert_eq!(
+        sample(&s, "snapmv_export_errors_total", &[("export", "vol")]) as u64,
+        is.errors
+    );
+    assert_eq!(
+        sample(&s, "snapmv_export_in_flight", &[("export", "vol")]),
+        0.0
+    );
+    for (kind, n) in [("read", is.reads.0), ("flush", is.flushes)] {
+        let l = [("export", "vol"), ("kind", kind)];
+        assert_eq!(
+            sample(&s, "snapmv_export_latency_seconds_count", &l) as u64,
+            n
+        );
+        let mut inf = l.to_vec();
+        inf.push(("le", "+Inf"));
+        assert_eq!(
+            sample(&s, "snapmv_export_latency_seconds_bucket", &inf) as u64,
+            n
+        );
+        // Cumulative buckets never decrease.
+        let mut prev = 0.0;
+        for (name, labels, v) in &s {
+            if name == "snapmv_export_latency_seconds_bucket"
+                && labels.iter().any(|(k, v)| k == "kind" && v == kind)
+            {
+                assert!(*v >= prev, "bucket {labels:?} = {v} after {prev}");
+                prev = *v;
+            }
+        }
+    }
+    let status = d.ok("status", json!({}));
+    let cow = status["stores"][0]["cow"].as_str().unwrap();
+    for state in ["used", "free"] {
+        assert_eq!(
+            sample(&s, "snapmv_store_chunks", &[("cow", cow), ("state", state)]) as u64,
+            status["stores"][0][format!("chunks_{state}")]
+                .as_u64()
+                .unwrap()
+        );
+    }
+    // Anything but GET /metrics is refused.
+    let url404 = url.replace("/metrics", "/other");
+    match ureq::get(&url404).call() {
+        Err(ureq::Error::StatusCode(404)) => {}
+        other => panic!("GET /other: {other:?}"),
+    }
+    drop(cl);
+    drop(d);
+
+    // On a Unix socket: a plain HTTP/1.0 GET gets the same exposition.
+    let d = Daemon::start_with(
+        dir.path(),
+        &["--metrics-listen", &format!("unix:{}", msock.display())],
+    );
+    let mut st = std::os::unix::net::UnixStream::connect(&msock).expect("connect metrics socket");
+    use std::io::{Read, Write};
+    st.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    st.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    let s = parse_exposition(body);
+    // After the restart the counters start again from zero.
+    assert_eq!(req_of(&s, "read"), 0.0);
+    drop(d);
+
+    // A non-loopback address is refused at the command line.
+    let out = std::process::Command::new(snapmv_tests::daemon::snapmv_bin())
+        .args(["serve", "--metrics-listen", "0.0.0.0:9477"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a loopback address"), "{err}");
+}
+
+fn req_of(s: &[Sample], kind: &str) -> f64 {
+    sample(
+        s,
+        "snapmv_export_requests_total",
+        &[("export", "vol"), ("kind", kind)],
+    )
+}

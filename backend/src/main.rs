@@ -202,6 +202,10 @@ struct ServeArgs {
     /// Mode of every export socket that does not set its own, octal.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// Serve Prometheus metrics (OpenMetrics text at /metrics) on a loopback IP:PORT (port 0:
+    /// any free port, logged) or on unix:/PATH.
+    #[arg(long, value_name = "ADDR", value_parser = snapmv::daemon::prometheus::parse_metrics_listen)]
+    metrics_listen: Option<snapmv::daemon::prometheus::MetricsListen>,
 }
 
 fn parse_group(s: &str) -> Result<u32, String> {
@@ -274,6 +278,7 @@ fn main() -> ExitCode {
                     group: a.socket_group,
                     mode: a.socket_mode,
                 },
+                metrics_listen: a.metrics_listen,
             }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

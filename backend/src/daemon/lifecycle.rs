@@ -32,6 +32,9 @@ pub enum ServeError {
     /// The signal handling could not be set up.
     #[error("cannot set up SIGTERM/SIGINT handling: {0}")]
     Signals(#[source] std::io::Error),
+    /// The Prometheus exposition could not be served.
+    #[error("{0}")]
+    Metrics(String),
     /// The socket directory could not be created.
     #[error("socket directory {dir}: {source}")]
     SocketDir {
@@ -165,6 +168,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // only once every export is back.
     let lock = RpcLock::acquire(rcfg)?;
     let daemon = Arc::new(Daemon::open(&cfg)?);
+    if let Some(listen) = &cfg.metrics_listen {
+        super::prometheus::start(listen, daemon.clone()).map_err(ServeError::Metrics)?;
+    }
     let server = lock.bind()?;
     info!(
         "snapmv daemon ready: RPC socket {}, state {}, export sockets in {}",

@@ -24,6 +24,7 @@ mod lifecycle;
 mod live;
 mod methods;
 mod paths;
+pub mod prometheus;
 mod registry;
 #[cfg(test)]
 mod tests;
