@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use snapmv::cli::{self, CliError, CreateArgs, Ctx, Out};
 use snapmv::daemon::{serve, ServeConfig};
 use snapmv::rpc_server::SocketAccess;
@@ -171,6 +171,18 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Print a shell completion script (bash: source it, or install it as
+    /// /usr/share/bash-completion/completions/snapmv).
+    Completions {
+        /// The shell.
+        shell: CompletionShell,
+    },
+    /// Write the manual pages snapmv.1 and snapmv-VERB.1 into DIR.
+    Man {
+        /// Output directory (created if missing).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
     /// Check a COW store no process has open (refused, naming the holder, if one has);
     /// optionally repair what can be derived.
     Check {
@@ -182,6 +194,42 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+}
+
+/// Shells `snapmv completions` writes for.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Format of the daemon's log.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum LogFormat {
+    /// `[time LEVEL target] message`, env_logger's default.
+    #[default]
+    Text,
+    /// One JSON object per line: {"ts", "level", "target", "msg"}.
+    Json,
+}
+
+/// Sets up the daemon's log on stderr (`RUST_LOG` sets the level, default `info`).
+fn init_log(format: LogFormat) {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if format == LogFormat::Json {
+        b.format(|buf, record| {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "ts": buf.timestamp_micros().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    b.init();
 }
 
 #[derive(Args, Debug)]
@@ -206,6 +254,9 @@ struct ServeArgs {
     /// any free port, logged) or on unix:/PATH.
     #[arg(long, value_name = "ADDR", value_parser = snapmv::daemon::prometheus::parse_metrics_listen)]
     metrics_listen: Option<snapmv::daemon::prometheus::MetricsListen>,
+    /// Format of the log on stderr.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn parse_group(s: &str) -> Result<u32, String> {
@@ -256,8 +307,7 @@ fn main() -> ExitCode {
     };
     let (json, result): (bool, Result<(), CliError>) = match cli.command {
         Command::Serve(a) => {
-            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-                .init();
+            init_log(a.log_format);
             let socket_dir = a.socket_dir.unwrap_or_else(|| {
                 rpc_socket
                     .parent()
@@ -283,6 +333,29 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("snapmv: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "snapmv", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            let written = std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir));
+            return match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "snapmv: cannot write the manual pages into {}: {e}",
+                        dir.display()
+                    );
                     ExitCode::FAILURE
                 }
             };
@@ -398,7 +471,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_consistent() {
