@@ -51,10 +51,14 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
-    /// Snapshot what an export serves: the origin (dms so) or a snapshot (dms ss).
+    /// Snapshot what an export serves: the origin (dms so) or a snapshot (dms ss); with TAG,
+    /// snapshot TAG of the origin NAME serves, exported or not (dms s NAME TAG).
     Snapshot {
         /// Export of the origin or of a snapshot.
         name: String,
+        /// Snapshot this snapshot of the origin (NAME must export the origin); 1 or more.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        tag: Option<u32>,
         /// A note stored with the snapshot.
         #[arg(short, long)]
         memo: Option<String>,
@@ -368,9 +372,14 @@ fn main() -> ExitCode {
             let ctx = ctx(out);
             (ctx.json, cli::remove(&ctx, &name, force))
         }
-        Command::Snapshot { name, memo, out } => {
+        Command::Snapshot {
+            name,
+            tag,
+            memo,
+            out,
+        } => {
             let ctx = ctx(out);
-            (ctx.json, cli::snapshot(&ctx, &name, memo.as_deref()))
+            (ctx.json, cli::snapshot(&ctx, &name, tag, memo.as_deref()))
         }
         Command::Delete {
             name,

@@ -278,15 +278,27 @@ pub fn remove(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
 }
 
 /// `snapmv snapshot NAME [-m MEMO]`: `snapshot_create`.
-pub fn snapshot(ctx: &Ctx, name: &str, memo: Option<&str>) -> Result<(), CliError> {
+pub fn snapshot(
+    ctx: &Ctx,
+    name: &str,
+    tag: Option<u32>,
+    memo: Option<&str>,
+) -> Result<(), CliError> {
     let r = ctx.call::<rpc::SnapshotCreate>(&m::SnapshotCreateParams {
         name: name.into(),
         memo: memo.unwrap_or("").into(),
+        tag,
     })?;
     if ctx.json {
         ctx.print_result(&r);
     } else {
-        println!("snapshot {} of export {name} created", r.tag);
+        match tag {
+            None => println!("snapshot {} of export {name} created", r.tag),
+            Some(t) => println!(
+                "snapshot {} of snapshot {t} (origin of export {name}) created",
+                r.tag
+            ),
+        }
     }
     Ok(())
 }

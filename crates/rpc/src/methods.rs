@@ -204,6 +204,10 @@ pub struct SnapshotCreateParams {
     /// A note stored with the snapshot.
     #[serde(default)]
     pub memo: String,
+    /// Snapshot this snapshot of the origin instead (dm-snap-mv `dms s NAME TAG`): `name` must
+    /// then be an export of the origin; snapshot `tag` need not be exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<u32>,
 }
 
 /// `snapshot_create` result.
