@@ -428,6 +428,62 @@ fn snapshot_create_of_origin_and_of_snapshot() {
     );
 }
 
+/// `snapshot_create` with `tag` (dm-snap-mv `dms s NAME TAG`): a snapshot of a snapshot that
+/// is not exported, through the origin's export; its data is the parent's, not the origin's.
+#[test]
+fn snapshot_create_of_an_unexported_tag() {
+    let f = fixture("sct");
+    f.create_vol();
+    let mut c = Client::connect(&f.d.export_socket("vol")).unwrap();
+    write_byte(&mut c, 0, 4096, 1);
+    let t1 = f.d.ok("snapshot_create", json!({"name": "vol"}))["tag"]
+        .as_u64()
+        .unwrap();
+    write_byte(&mut c, 0, 4096, 2);
+    drop(c);
+    // Through the CLI, as `dms s vol T1`.
+    let out =
+        f.d.cli(&["--json", "snapshot", "vol", &t1.to_string(), "-m", "child"]);
+    let t2 = serde_json::from_str::<Value>(&out).unwrap()["tag"]
+        .as_u64()
+        .unwrap();
+    assert_ne!(t1, t2);
+    let l = f.d.ok("snapshot_list", json!({}));
+    let snaps = l["origins"][0]["snapshots"].as_array().unwrap();
+    let t2s = snaps.iter().find(|s| s["tag"] == t2).unwrap();
+    assert_eq!(t2s["parent"], t1, "{l}");
+    assert_eq!(t2s["memo"], "child");
+    // It holds snapshot t1's data (1), not the origin's (2).
+    f.d.ok(
+        "snapshot_export",
+        json!({"name": "s2", "origin_id": "o.img", "cow": f.cow, "tag": t2}),
+    );
+    let mut s2 = Client::connect(&f.d.export_socket("s2")).unwrap();
+    assert!(read_bytes(&mut s2, 0, 4096).iter().all(|&b| b == 1));
+    drop(s2);
+    // Errors name the object and the cause.
+    let e = f.d.err(
+        "snapshot_create",
+        json!({"name": "vol", "tag": 99}),
+        codes::NOT_FOUND,
+    );
+    assert!(e.contains("99"), "{e}");
+    let e = f.d.err(
+        "snapshot_create",
+        json!({"name": "vol", "tag": 0}),
+        codes::INVALID_PARAMS,
+    );
+    assert!(e.contains("tag 0"), "{e}");
+    let e = f.d.err(
+        "snapshot_create",
+        json!({"name": "s2", "tag": t1}),
+        codes::INVALID_PARAMS,
+    );
+    assert!(e.contains("export s2 serves snapshot"), "{e}");
+    let e = f.d.cli_fail(&["snapshot", "vol", "0"]);
+    assert!(e.contains("0"), "{e}");
+}
+
 #[test]
 fn snapshot_create_is_point_in_time() {
     let f = fixture("pit");

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use snapmv::cli::{self, CliError, CreateArgs, Ctx, Out};
 use snapmv::daemon::{serve, ServeConfig};
 use snapmv::rpc_server::SocketAccess;
@@ -51,10 +51,14 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
-    /// Snapshot what an export serves: the origin (dms so) or a snapshot (dms ss).
+    /// Snapshot what an export serves: the origin (dms so) or a snapshot (dms ss); with TAG,
+    /// snapshot TAG of the origin NAME serves, exported or not (dms s NAME TAG).
     Snapshot {
         /// Export of the origin or of a snapshot.
         name: String,
+        /// Snapshot this snapshot of the origin (NAME must export the origin); 1 or more.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        tag: Option<u32>,
         /// A note stored with the snapshot.
         #[arg(short, long)]
         memo: Option<String>,
@@ -104,6 +108,18 @@ enum Command {
     Status {
         /// Only the origin this export serves (or whose snapshot it serves).
         name: Option<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// I/O statistics of every export (requests, bytes, latency per kind, errors, in flight)
+    /// and space of every open store.
+    Stats {
+        /// Only this export (and its store).
+        name: Option<String>,
+        /// Print them again every SECS seconds until interrupted.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        watch: Option<u64>,
         #[command(flatten)]
         out: Out,
     },
@@ -159,6 +175,18 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Print a shell completion script (bash: source it, or install it as
+    /// /usr/share/bash-completion/completions/snapmv).
+    Completions {
+        /// The shell.
+        shell: CompletionShell,
+    },
+    /// Write the manual pages snapmv.1 and snapmv-VERB.1 into DIR.
+    Man {
+        /// Output directory (created if missing).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
     /// Check a COW store no process has open (refused, naming the holder, if one has);
     /// optionally repair what can be derived.
     Check {
@@ -170,6 +198,42 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+}
+
+/// Shells `snapmv completions` writes for.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Format of the daemon's log.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum LogFormat {
+    /// `[time LEVEL target] message`, env_logger's default.
+    #[default]
+    Text,
+    /// One JSON object per line: {"ts", "level", "target", "msg"}.
+    Json,
+}
+
+/// Sets up the daemon's log on stderr (`RUST_LOG` sets the level, default `info`).
+fn init_log(format: LogFormat) {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if format == LogFormat::Json {
+        b.format(|buf, record| {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "ts": buf.timestamp_micros().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    b.init();
 }
 
 #[derive(Args, Debug)]
@@ -190,6 +254,13 @@ struct ServeArgs {
     /// Mode of every export socket that does not set its own, octal.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// Serve Prometheus metrics (OpenMetrics text at /metrics) on a loopback IP:PORT (port 0:
+    /// any free port, logged) or on unix:/PATH.
+    #[arg(long, value_name = "ADDR", value_parser = snapmv::daemon::prometheus::parse_metrics_listen)]
+    metrics_listen: Option<snapmv::daemon::prometheus::MetricsListen>,
+    /// Format of the log on stderr.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn parse_group(s: &str) -> Result<u32, String> {
@@ -240,8 +311,7 @@ fn main() -> ExitCode {
     };
     let (json, result): (bool, Result<(), CliError>) = match cli.command {
         Command::Serve(a) => {
-            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-                .init();
+            init_log(a.log_format);
             let socket_dir = a.socket_dir.unwrap_or_else(|| {
                 rpc_socket
                     .parent()
@@ -262,10 +332,34 @@ fn main() -> ExitCode {
                     group: a.socket_group,
                     mode: a.socket_mode,
                 },
+                metrics_listen: a.metrics_listen,
             }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("snapmv: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "snapmv", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            let written = std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir));
+            return match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "snapmv: cannot write the manual pages into {}: {e}",
+                        dir.display()
+                    );
                     ExitCode::FAILURE
                 }
             };
@@ -278,9 +372,14 @@ fn main() -> ExitCode {
             let ctx = ctx(out);
             (ctx.json, cli::remove(&ctx, &name, force))
         }
-        Command::Snapshot { name, memo, out } => {
+        Command::Snapshot {
+            name,
+            tag,
+            memo,
+            out,
+        } => {
             let ctx = ctx(out);
-            (ctx.json, cli::snapshot(&ctx, &name, memo.as_deref()))
+            (ctx.json, cli::snapshot(&ctx, &name, tag, memo.as_deref()))
         }
         Command::Delete {
             name,
@@ -311,6 +410,10 @@ fn main() -> ExitCode {
         Command::Status { name, out } => {
             let ctx = ctx(out);
             (ctx.json, cli::status(&ctx, name.as_deref()))
+        }
+        Command::Stats { name, watch, out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::stats(&ctx, name.as_deref(), watch))
         }
         Command::Diff {
             name,
@@ -377,7 +480,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_consistent() {

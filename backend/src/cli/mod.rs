@@ -18,7 +18,9 @@ use snapmv_rpc::methods as m;
 use snapmv_rpc::{RpcClient, RpcError};
 
 pub use args::{CreateArgs, Out};
-pub use render::{format_size, format_time, render_exports, render_list, render_status, table};
+pub use render::{
+    format_size, format_time, render_exports, render_list, render_stats, render_status, table,
+};
 
 /// Why a verb failed.
 #[derive(Debug, thiserror::Error)]
@@ -276,15 +278,27 @@ pub fn remove(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
 }
 
 /// `snapmv snapshot NAME [-m MEMO]`: `snapshot_create`.
-pub fn snapshot(ctx: &Ctx, name: &str, memo: Option<&str>) -> Result<(), CliError> {
+pub fn snapshot(
+    ctx: &Ctx,
+    name: &str,
+    tag: Option<u32>,
+    memo: Option<&str>,
+) -> Result<(), CliError> {
     let r = ctx.call::<rpc::SnapshotCreate>(&m::SnapshotCreateParams {
         name: name.into(),
         memo: memo.unwrap_or("").into(),
+        tag,
     })?;
     if ctx.json {
         ctx.print_result(&r);
     } else {
-        println!("snapshot {} of export {name} created", r.tag);
+        match tag {
+            None => println!("snapshot {} of export {name} created", r.tag),
+            Some(t) => println!(
+                "snapshot {} of snapshot {t} (origin of export {name}) created",
+                r.tag
+            ),
+        }
     }
     Ok(())
 }
@@ -430,6 +444,46 @@ pub fn status(ctx: &Ctx, name: Option<&str>) -> Result<(), CliError> {
         print!("{}", render_status(&s));
     }
     Ok(())
+}
+
+/// `snapmv stats [NAME] [--watch [SECS]]`: the daemon's `stats`, once, or every `SECS`
+/// seconds until interrupted (the screen cleared between two on a terminal; with `--json`,
+/// one compact JSON object per line).
+pub fn stats(ctx: &Ctx, name: Option<&str>, watch: Option<u64>) -> Result<(), CliError> {
+    let params = m::OptionalNameParams {
+        name: name.map(str::to_string),
+    };
+    let Some(secs) = watch else {
+        let s = ctx.call::<rpc::Stats>(&params)?;
+        if ctx.json {
+            ctx.print_result(&s);
+        } else {
+            print!("{}", render_stats(&s));
+        }
+        return Ok(());
+    };
+    let clear = !ctx.json && std::io::stdout().is_terminal();
+    loop {
+        let s = ctx.call::<rpc::Stats>(&params)?;
+        if ctx.json {
+            println!("{}", serde_json::to_string(&s).unwrap_or_default());
+        } else {
+            if clear {
+                print!("\x1b[H\x1b[2J");
+            }
+            println!("{}", format_time(now_secs()));
+            print!("{}", render_stats(&s));
+            println!();
+        }
+        std::thread::sleep(Duration::from_secs(secs.max(1)));
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// `snapmv check COW [--repair]`: the engine's checker, on a store no process has open. The

@@ -265,6 +265,109 @@ pub fn render_status(s: &m::Status) -> String {
     out
 }
 
+/// A latency in microseconds, short: `87µs`, `1.2ms`, `3.4s`; `-` when nothing was measured.
+fn format_latency(count: u64, us: f64) -> String {
+    if count == 0 {
+        "-".into()
+    } else if us < 1000.0 {
+        format!("{us:.0}µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.1}ms", us / 1000.0)
+    } else {
+        format!("{:.1}s", us / 1_000_000.0)
+    }
+}
+
+/// Renders `stats`: one row per export and request kind, then one line per store.
+pub fn render_stats(s: &m::Stats) -> String {
+    let mut rows = Vec::new();
+    for e in &s.exports {
+        if let Some(note) = &e.note {
+            rows.push(vec![
+                e.name.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("({}: {note})", e.protocol),
+            ]);
+            continue;
+        }
+        let l = &e.latency_us;
+        let kinds = [
+            ("read", e.reads, e.read_bytes, &l.read),
+            ("write", e.writes, e.write_bytes, &l.write),
+            ("flush", e.flushes, 0, &l.flush),
+            ("discard", e.discards, e.discard_bytes, &l.discard),
+            (
+                "write-zeroes",
+                e.write_zeroes,
+                e.write_zeroes_bytes,
+                &l.write_zeroes,
+            ),
+        ];
+        for (i, (kind, ops, bytes, lat)) in kinds.into_iter().enumerate() {
+            let first = i == 0;
+            rows.push(vec![
+                if first { e.name.clone() } else { String::new() },
+                kind.into(),
+                ops.to_string(),
+                format_size(bytes),
+                format_latency(lat.count, lat.p50),
+                format_latency(lat.count, lat.p99),
+                format_latency(lat.count, lat.p99_9),
+                if first {
+                    e.errors.to_string()
+                } else {
+                    String::new()
+                },
+                if first {
+                    e.in_flight.to_string()
+                } else {
+                    String::new()
+                },
+                String::new(),
+            ]);
+        }
+    }
+    let mut out = String::new();
+    if rows.is_empty() {
+        out.push_str("no exports served\n");
+    } else {
+        out.push_str(&table(
+            &[
+                "EXPORT",
+                "KIND",
+                "REQUESTS",
+                "BYTES",
+                "P50",
+                "P99",
+                "P99.9",
+                "ERRORS",
+                "IN-FLIGHT",
+                "NOTE",
+            ],
+            &rows,
+        ));
+    }
+    for st in &s.stores {
+        out.push_str(&format!(
+            "store {}: {} chunks used, {} free of {} ({} each), {} reclaim pending\n",
+            st.cow,
+            st.chunks_used,
+            st.chunks_free,
+            st.chunks_total,
+            format_size(u64::from(st.chunk_size)),
+            st.reclaim_pending_chunks
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

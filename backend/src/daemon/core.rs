@@ -29,6 +29,8 @@ pub struct ServeConfig {
     pub allowed_uids: Vec<u32>,
     /// Group and mode of export sockets that do not set their own.
     pub socket_access: SocketAccess,
+    /// Where to serve the Prometheus exposition, if anywhere.
+    pub metrics_listen: Option<super::prometheus::MetricsListen>,
 }
 
 pub(crate) struct Inner {

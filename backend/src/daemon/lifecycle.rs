@@ -32,6 +32,9 @@ pub enum ServeError {
     /// The signal handling could not be set up.
     #[error("cannot set up SIGTERM/SIGINT handling: {0}")]
     Signals(#[source] std::io::Error),
+    /// The Prometheus exposition could not be served.
+    #[error("{0}")]
+    Metrics(String),
     /// The socket directory could not be created.
     #[error("socket directory {dir}: {source}")]
     SocketDir {
@@ -146,7 +149,35 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon until killed.
+/// Tells the service manager (systemd's `NOTIFY_SOCKET`, if set) something; a failure is
+/// logged, never fatal.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        warn!("cannot notify the service manager (NOTIFY_SOCKET): {e}");
+    }
+}
+
+/// `READY=1` once every recorded export is back (or recorded as failed, with the reason in
+/// `status`/`export_list`) and the management socket answers; `STATUS=` says how many.
+fn notify_ready(daemon: &Daemon) {
+    let (served, failed) = {
+        let inner = daemon.lock();
+        let failed = inner.failed.len();
+        (inner.state.exports.len().saturating_sub(failed), failed)
+    };
+    let status = if failed == 0 {
+        format!("serving {served} exports")
+    } else {
+        format!("serving {served} exports; {failed} could not be restored (see snapmv exports)")
+    };
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
+}
+
+/// Runs the daemon until killed: `READY=1` to systemd once every recorded export is back,
+/// `STOPPING=1` when a SIGTERM/SIGINT stops it.
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // Registered first: a SIGTERM/SIGINT that comes while the exports are being restored is
     // kept and handled once the signal thread runs.
@@ -165,6 +196,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // only once every export is back.
     let lock = RpcLock::acquire(rcfg)?;
     let daemon = Arc::new(Daemon::open(&cfg)?);
+    if let Some(listen) = &cfg.metrics_listen {
+        super::prometheus::start(listen, daemon.clone()).map_err(ServeError::Metrics)?;
+    }
     let server = lock.bind()?;
     info!(
         "snapmv daemon ready: RPC socket {}, state {}, export sockets in {}",
@@ -172,6 +206,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         cfg.state_dir.display(),
         cfg.socket_dir.display()
     );
+    notify_ready(&daemon);
     let for_signals = daemon.clone();
     let rpc_socket = cfg.rpc_socket.clone();
     std::thread::Builder::new()
@@ -181,6 +216,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                 return;
             };
             info!("signal {sig} received: stopping every export and closing the stores");
+            notify(&[sd_notify::NotifyState::Stopping]);
             for_signals.shutdown();
             let _ = std::fs::remove_file(&rpc_socket);
             info!("snapmv daemon stopped; its exports come back at the next start");

@@ -24,6 +24,7 @@ mod lifecycle;
 mod live;
 mod methods;
 mod paths;
+pub mod prometheus;
 mod registry;
 #[cfg(test)]
 mod tests;
@@ -110,6 +111,7 @@ routes! {
     method::Status => status,
     method::SnapshotDiff => snapshot_diff,
     method::SnapshotStream => snapshot_stream,
+    method::Stats => stats,
 }
 
 impl Daemon {

@@ -27,6 +27,7 @@ fn random_params_never_panic() {
         socket_dir: dir.path().join("sockets"),
         allowed_uids: vec![],
         socket_access: SocketAccess::default(),
+        metrics_listen: None,
     })
     .unwrap();
     let paths: Vec<Value> = [

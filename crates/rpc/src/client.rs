@@ -294,6 +294,7 @@ mod tests {
             .call::<crate::method::SnapshotCreate>(&crate::methods::SnapshotCreateParams {
                 name: "x".into(),
                 memo: String::new(),
+                tag: None,
             })
             .unwrap();
         assert_eq!(r.tag, 4);

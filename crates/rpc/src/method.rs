@@ -61,6 +61,8 @@ methods! {
     SnapshotDiff = names::SNAPSHOT_DIFF, m::SnapshotDiffParams => m::SnapshotDiffResult;
     /// `snapshot_stream`: stream a version into a FIFO or a file.
     SnapshotStream = names::SNAPSHOT_STREAM, m::SnapshotStreamParams => m::SnapshotStreamResult;
+    /// `stats`: per-export I/O statistics and per-store space.
+    Stats = names::STATS, m::OptionalNameParams => m::Stats;
 }
 
 #[cfg(test)]

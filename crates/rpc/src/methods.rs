@@ -35,6 +35,8 @@ pub mod names {
     /// Stream a version (whole, or what changed since another) into a FIFO (see
     /// `docs/format.md`, "Backup streams").
     pub const SNAPSHOT_STREAM: &str = "snapshot_stream";
+    /// Per-export I/O statistics and per-store space.
+    pub const STATS: &str = "stats";
 
     /// Every method, in documentation order.
     pub const ALL: &[&str] = &[
@@ -50,6 +52,7 @@ pub mod names {
         STATUS,
         SNAPSHOT_DIFF,
         SNAPSHOT_STREAM,
+        STATS,
     ];
 }
 
@@ -201,6 +204,10 @@ pub struct SnapshotCreateParams {
     /// A note stored with the snapshot.
     #[serde(default)]
     pub memo: String,
+    /// Snapshot this snapshot of the origin instead (dm-snap-mv `dms s NAME TAG`): `name` must
+    /// then be an export of the origin; snapshot `tag` need not be exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<u32>,
 }
 
 /// `snapshot_create` result.
@@ -403,6 +410,101 @@ pub struct Status {
     /// Stores the daemon knows but could not open, with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unavailable: Vec<Unavailable>,
+}
+
+/// A latency distribution in microseconds (see `docs/rpc.md`, `stats`): percentiles are the
+/// middle of the histogram bucket that holds them (±6 %); all 0 when `count` is 0.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyStats {
+    /// Requests measured.
+    pub count: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p99_9: f64,
+}
+
+/// The latency of each request kind, in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KindLatencies {
+    /// Reads.
+    pub read: LatencyStats,
+    /// Writes.
+    pub write: LatencyStats,
+    /// Flushes.
+    pub flush: LatencyStats,
+    /// Discards.
+    pub discard: LatencyStats,
+    /// Write-zeroes requests.
+    pub write_zeroes: LatencyStats,
+}
+
+/// One export in `stats`: its requests since it started serving (across its clients'
+/// reconnects; from zero again after a daemon restart or `export_remove`). A request counts in
+/// its kind when it succeeds; one that fails counts in `errors` only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExportStats {
+    /// Export name.
+    pub name: String,
+    /// `vhost-user-blk` or `nbd`.
+    pub protocol: String,
+    /// Reads completed.
+    pub reads: u64,
+    /// Writes completed.
+    pub writes: u64,
+    /// Flushes completed.
+    pub flushes: u64,
+    /// Discards completed.
+    pub discards: u64,
+    /// Write-zeroes requests completed.
+    pub write_zeroes: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Bytes discarded.
+    pub discard_bytes: u64,
+    /// Bytes zeroed by write-zeroes requests.
+    pub write_zeroes_bytes: u64,
+    /// Requests that failed (any kind).
+    pub errors: u64,
+    /// Requests taken off the rings and not completed yet.
+    pub in_flight: u64,
+    /// Latency per kind.
+    pub latency_us: KindLatencies,
+    /// Set when the counters are not kept for this export (NBD exports: every counter is 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// One store in `stats`: its space, from the engine's status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoreStats {
+    /// COW store path.
+    pub cow: String,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Chunks in the store.
+    pub chunks_total: u64,
+    /// Chunks in use.
+    pub chunks_used: u64,
+    /// Chunks free.
+    pub chunks_free: u64,
+    /// Chunks of deleted snapshots not reclaimed yet, summed over the open origins.
+    pub reclaim_pending_chunks: u64,
+}
+
+/// `stats` result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Every export being served (or the one `name` names), by name.
+    pub exports: Vec<ExportStats>,
+    /// Every open store (or the one `name` uses), by path.
+    pub stores: Vec<StoreStats>,
 }
 
 /// A store the daemon could not open.

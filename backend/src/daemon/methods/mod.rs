@@ -5,4 +5,5 @@ mod backup;
 mod export;
 mod origin;
 mod snapshot;
+mod stats;
 mod status;

@@ -16,15 +16,35 @@ impl Daemon {
         let inner = &mut *guard;
         let rec = self.find_export(inner, &p.name)?;
         let origin = self.origin_of(inner, &rec)?;
-        let what = match rec.tag {
-            None => format!("origin {} (export {})", rec.origin_id, rec.name),
-            Some(t) => format!(
+        let of = match (rec.tag, p.tag) {
+            (t, None) => t,
+            (None, Some(0)) => {
+                return Err(MethodError::InvalidParams(
+                    "snapshot tag 0 does not exist: tags start at 1".into(),
+                ))
+            }
+            (None, Some(t)) => Some(t),
+            (Some(served), Some(t)) => {
+                return Err(MethodError::InvalidParams(format!(
+                    "export {} serves snapshot {served} of origin {}: give an export of the \
+                     origin with tag {t}, or omit tag to snapshot snapshot {served}",
+                    rec.name, rec.origin_id
+                )))
+            }
+        };
+        let what = match (of, p.tag) {
+            (None, _) => format!("origin {} (export {})", rec.origin_id, rec.name),
+            (Some(t), None) => format!(
                 "snapshot {t} of origin {} (export {})",
+                rec.origin_id, rec.name
+            ),
+            (Some(t), Some(_)) => format!(
+                "snapshot {t} of origin {} (through export {} of the origin)",
                 rec.origin_id, rec.name
             ),
         };
         let tag = origin
-            .create_snapshot(rec.tag, &p.memo)
+            .create_snapshot(of, &p.memo)
             .map_err(MethodError::engine(format!("cannot snapshot {what}")))?;
         info!("snapshot {tag} taken of {what}");
         Ok(m::SnapshotCreateResult { tag })

@@ -1,0 +1,124 @@
+//! `stats`: per-export I/O statistics (from the export manager's counters, see
+//! `vhost_blk::metrics`) and per-store space (from the engine's status). Reading them takes the
+//! management lock and sums the per-queue counters; nothing is locked on the I/O path.
+
+use snapmv_rpc::methods::{self as m, PROTOCOL_NBD, PROTOCOL_VHOST};
+
+use crate::daemon::core::Daemon;
+use crate::daemon::error::MResult;
+use crate::vhost_blk::metrics::{ExportStats, LatencyStats};
+
+/// Why an NBD export's counters are all zero.
+pub(crate) const NBD_NOTE: &str = "statistics are counted for vhost-user-blk exports only";
+
+/// The statistics the daemon reads, before they are shaped for the RPC or the Prometheus
+/// exposition (which needs the latency buckets).
+pub(crate) struct RawStats {
+    /// Each live export by name: its protocol and, for vhost-user-blk, its counters.
+    pub(crate) exports: Vec<(String, &'static str, Option<ExportStats>)>,
+    pub(crate) stores: Vec<m::StoreStats>,
+}
+
+impl Daemon {
+    /// The statistics of export `name` (and its store), or of every live export and open store.
+    pub(crate) fn raw_stats(&self, name: Option<&str>) -> MResult<RawStats> {
+        let guard = self.lock();
+        let inner = &*guard;
+        let records: Vec<_> = match name {
+            Some(n) => vec![self.find_export(inner, n)?],
+            None => inner.state.exports.clone(),
+        };
+        let mut exports = Vec::new();
+        for rec in &records {
+            if rec.protocol.as_deref() == Some(PROTOCOL_NBD) {
+                if self.nbd_lock().contains_key(&rec.name) {
+                    exports.push((rec.name.clone(), PROTOCOL_NBD, None));
+                }
+            } else if let Some(s) = self.exports.stats(&rec.name) {
+                exports.push((rec.name.clone(), PROTOCOL_VHOST, Some(s)));
+            }
+        }
+        exports.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut cows: Vec<String> = match name {
+            Some(_) => records.iter().map(|r| r.cow.clone()).collect(),
+            None => inner.stores.keys().cloned().collect(),
+        };
+        cows.sort();
+        cows.dedup();
+        let stores = cows
+            .iter()
+            .filter_map(|cow| {
+                let st = inner.stores.get(cow)?.status();
+                Some(m::StoreStats {
+                    cow: cow.clone(),
+                    chunk_size: st.chunk_size,
+                    chunks_total: st.chunks_total,
+                    chunks_used: st.chunks_used,
+                    chunks_free: st.chunks_free,
+                    reclaim_pending_chunks: st
+                        .origins
+                        .iter()
+                        .map(|o| o.reclaim_pending_chunks)
+                        .sum(),
+                })
+            })
+            .collect();
+        Ok(RawStats { exports, stores })
+    }
+
+    pub(crate) fn stats(&self, p: m::OptionalNameParams) -> MResult<m::Stats> {
+        let raw = self.raw_stats(p.name.as_deref())?;
+        Ok(m::Stats {
+            exports: raw
+                .exports
+                .into_iter()
+                .map(|(name, protocol, s)| export_stats(name, protocol, s))
+                .collect(),
+            stores: raw.stores,
+        })
+    }
+}
+
+fn latency(l: &LatencyStats) -> m::LatencyStats {
+    m::LatencyStats {
+        count: l.count,
+        mean: l.mean,
+        p50: l.p50,
+        p99: l.p99,
+        p99_9: l.p99_9,
+    }
+}
+
+fn export_stats(name: String, protocol: &str, s: Option<ExportStats>) -> m::ExportStats {
+    let Some(s) = s else {
+        return m::ExportStats {
+            name,
+            protocol: protocol.to_string(),
+            note: Some(NBD_NOTE.to_string()),
+            ..Default::default()
+        };
+    };
+    m::ExportStats {
+        name,
+        protocol: protocol.to_string(),
+        reads: s.reads,
+        writes: s.writes,
+        flushes: s.flushes,
+        discards: s.discards,
+        write_zeroes: s.write_zeroes,
+        read_bytes: s.read_bytes,
+        write_bytes: s.write_bytes,
+        discard_bytes: s.discard_bytes,
+        write_zeroes_bytes: s.write_zeroes_bytes,
+        errors: s.errors,
+        in_flight: s.in_flight,
+        latency_us: m::KindLatencies {
+            read: latency(&s.latency_us.read),
+            write: latency(&s.latency_us.write),
+            flush: latency(&s.latency_us.flush),
+            discard: latency(&s.latency_us.discard),
+            write_zeroes: latency(&s.latency_us.write_zeroes),
+        },
+        note: None,
+    }
+}
