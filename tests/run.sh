@@ -55,6 +55,15 @@ if [ "${SNAPMV_SKIP_SETUP:-0}" != 1 ]; then
         esac
     fi
 fi
+if [ "${SNAPMV_SKIP_SETUP:-0}" != 1 ] && ! command -v systemd-analyze >/dev/null 2>&1; then
+    # tests/systemd.rs verifies contrib/systemd/snapmv.service; a container image may lack it.
+    step "apt-get install systemd (for systemd-analyze)"
+    if [ "$(id -u)" -eq 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null ||
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; } ||
+            echo "tests/run.sh: WARNING: could not install systemd" >&2
+    fi
+fi
 case "${CI:-}" in
 "" | 0 | false) ;;
 # Under CI a missing Ceph or a build without librbd fails the RBD tests instead of skipping them.
