@@ -134,6 +134,14 @@ fn full_and_incremental_backups_restore_byte_exact() {
         "export of s1 is not sparse: {} bytes allocated",
         md.blocks() * 512
     );
+    // Without the final sync (and without the daemon's early writeback): the same bytes.
+    let unsynced = p("s1-nosync.raw");
+    d.cli(&["export", "vol", &s1.to_string(), &unsynced, "--no-sync"]);
+    assert_same(
+        "export --no-sync of s1",
+        &std::fs::read(&unsynced).unwrap(),
+        &s1_data,
+    );
     // To stdout.
     let out = d.cli_output(&["export", "vol", &s1.to_string(), "-"]);
     assert!(

@@ -147,6 +147,10 @@ enum Command {
         tag: u32,
         /// Output file or block device, or - for stdout.
         file: PathBuf,
+        /// Return without syncing the file or device (as `dd` without `conv=fsync`): faster,
+        /// but a host crash soon after may leave the image incomplete.
+        #[arg(long)]
+        no_sync: bool,
         #[command(flatten)]
         out: Out,
     },
@@ -428,12 +432,13 @@ fn main() -> ExitCode {
             name,
             tag,
             file,
+            no_sync,
             out,
         } => {
             let ctx = ctx(out);
             (
                 ctx.json,
-                snapmv::cli::backup::export(&ctx, &name, tag, &file),
+                snapmv::cli::backup::export(&ctx, &name, tag, &file, !no_sync),
             )
         }
         Command::ExportDiff {

@@ -464,12 +464,15 @@ fn kick_writeback(f: &std::fs::File, off: u64, len: u64) {
 
 /// Writes version `to` whole as a raw image into `out` (a regular file that reads as zeroes
 /// where nothing is written: the caller truncated it), with positioned writes; chunks that read
-/// as zeroes are skipped (holes). The file is sized to the volume first. `progress` gets the
-/// bytes covered so far after each piece. Returns the data bytes written.
+/// as zeroes are skipped (holes). With `writeback`, each piece's writeback starts as soon as it
+/// is written (for a caller that syncs the file afterwards). The file is sized to the volume
+/// first. `progress` gets the bytes covered so far after each piece. Returns the data bytes
+/// written.
 pub fn write_raw(
     o: &Origin,
     to: Option<u32>,
     out: &std::fs::File,
+    writeback: bool,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, StreamError> {
     use std::os::unix::fs::FileExt;
@@ -493,7 +496,9 @@ pub fn write_raw(
         // Start writing back what was just written (asynchronously), so that the caller's
         // final sync has little left to do: without this a 512 MiB export spent half its time
         // in that sync, after the copy.
-        kick_writeback(out, off, n as u64);
+        if writeback {
+            kick_writeback(out, off, n as u64);
+        }
         off += n as u64;
         progress(off);
     }

@@ -130,6 +130,7 @@ fn with_stream<T: Send + 'static>(
         to,
         fifo: Some(fifo.path.to_string_lossy().into_owned()),
         fd_socket: None,
+        writeback: false,
     });
     match call {
         Ok(r) => {
@@ -172,6 +173,7 @@ fn export_direct(
     tag: u32,
     f: File,
     what: &str,
+    sync: bool,
 ) -> Result<m::SnapshotStreamResult, CliError> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     use std::mem::MaybeUninit;
@@ -219,6 +221,7 @@ fn export_direct(
         to: Some(tag),
         fifo: None,
         fd_socket: Some(sock.to_string_lossy().into_owned()),
+        writeback: sync,
     })?;
     if let Ok(Err(e)) = sender.join() {
         return Err(io_err(format!("handing {what} to the daemon"))(e));
@@ -226,13 +229,16 @@ fn export_direct(
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    f.sync_all().map_err(io_err(format!("syncing {what}")))?;
+    if sync {
+        f.sync_all().map_err(io_err(format!("syncing {what}")))?;
+    }
     Ok(r)
 }
 
 /// `snapmv export NAME TAG FILE|-`: the whole snapshot as a raw image; zero chunks become
-/// holes in a file (zeroes on stdout or a block device).
-pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path) -> Result<(), CliError> {
+/// holes in a file (zeroes on stdout or a block device). A file or device is synced before
+/// this returns unless `sync` is false (`--no-sync`).
+pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path, sync: bool) -> Result<(), CliError> {
     let d = dest(target)?;
     if let Dest::File(p) = &d {
         let regular = match std::fs::metadata(p) {
@@ -250,7 +256,7 @@ pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path) -> Result<(), CliE
                 .open(p)
                 .map_err(io_err(format!("opening {what}")))?;
             let existed = p.exists();
-            let r = match export_direct(ctx, name, tag, f, &what) {
+            let r = match export_direct(ctx, name, tag, f, &what, sync) {
                 Ok(r) => r,
                 Err(e) => {
                     // Do not leave a half-written file that looks like an image.
@@ -376,7 +382,9 @@ pub fn export(ctx: &Ctx, name: &str, tag: u32, target: &Path) -> Result<(), CliE
                 if !is_file {
                     zero_fill(at, hdr.size).map_err(io_err(format!("writing {what}")))?;
                 }
-                f.sync_all().map_err(io_err(format!("syncing {what}")))?;
+                if sync {
+                    f.sync_all().map_err(io_err(format!("syncing {what}")))?;
+                }
             }
         }
         if let Some(pb) = pb {

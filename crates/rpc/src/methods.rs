@@ -641,6 +641,11 @@ pub struct SnapshotStreamParams {
     /// truncated), sending the bytes covered so far as 8-byte big-endian numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd_socket: Option<String>,
+    /// With `fd_socket`: the caller will sync the file when the call returns, so the daemon
+    /// starts writing each piece back as it goes (the final sync then has little left to do).
+    /// `false` (`snapmv export --no-sync`) leaves the pages to the kernel's own writeback.
+    #[serde(default = "yes")]
+    pub writeback: bool,
 }
 
 /// `snapshot_stream` result, once the stream is complete.

@@ -75,7 +75,7 @@ impl Daemon {
                     let _ = s.write_all(&origin.size().to_be_bytes());
                 }
                 let what = format!("exporting export {} into the file from {sock}", p.name);
-                let written = crate::stream::write_raw(&origin, p.to, &file, |at| {
+                let written = crate::stream::write_raw(&origin, p.to, &file, p.writeback, |at| {
                     use std::io::Write;
                     let _ = s.write_all(&at.to_be_bytes());
                 })
