@@ -297,16 +297,17 @@ pub fn render_stats(s: &m::Stats) -> String {
             ]);
             continue;
         }
-        let l = &e.latency_us;
+        let c = &e.counters;
+        let l = &c.latency_us;
         let kinds = [
-            ("read", e.reads, e.read_bytes, &l.read),
-            ("write", e.writes, e.write_bytes, &l.write),
-            ("flush", e.flushes, 0, &l.flush),
-            ("discard", e.discards, e.discard_bytes, &l.discard),
+            ("read", c.reads, c.read_bytes, &l.read),
+            ("write", c.writes, c.write_bytes, &l.write),
+            ("flush", c.flushes, 0, &l.flush),
+            ("discard", c.discards, c.discard_bytes, &l.discard),
             (
                 "write-zeroes",
-                e.write_zeroes,
-                e.write_zeroes_bytes,
+                c.write_zeroes,
+                c.write_zeroes_bytes,
                 &l.write_zeroes,
             ),
         ];
@@ -321,12 +322,12 @@ pub fn render_stats(s: &m::Stats) -> String {
                 format_latency(lat.count, lat.p99),
                 format_latency(lat.count, lat.p99_9),
                 if first {
-                    e.errors.to_string()
+                    c.errors.to_string()
                 } else {
                     String::new()
                 },
                 if first {
-                    e.in_flight.to_string()
+                    c.in_flight.to_string()
                 } else {
                     String::new()
                 },

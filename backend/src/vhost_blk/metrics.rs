@@ -2,8 +2,8 @@
 //! a latency histogram per kind, counted since the export started (across reconnects).
 //!
 //! Like firecracker's `BlockDeviceMetrics`, the counters are plain atomics bumped on the
-//! request path and read by a snapshot ([`ExportMetrics::snapshot`] → [`ExportStats`], the
-//! `stats` RPC's per-export entry). Why no metrics crate here: `hdrhistogram` records through
+//! request path and read by a snapshot ([`ExportMetrics::snapshot`] → [`ExportStats`]: the
+//! `stats` RPC's per-export counters, the RPC crate's type, so there is one definition). Why no metrics crate here: `hdrhistogram` records through
 //! `&mut self` (a lock or a per-thread histogram plus merging), and the `metrics` /
 //! `prometheus-client` histograms search a bucket list and update an `f64` sum with a
 //! compare-and-swap loop on every observation. This needs neither: a fixed log-linear bucket
@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::request::RequestKind;
+pub use snapmv_rpc::methods::{ExportCounters as ExportStats, KindLatencies, LatencyStats};
 
 /// Shards of the counters; queue `q` writes to shard `q % SHARDS`.
 const SHARDS: usize = 8;
@@ -210,7 +211,7 @@ impl ExportMetrics {
             let f = s.in_flight.load(Ordering::Relaxed);
             in_flight += if f > u64::MAX / 2 { 0 } else { f };
         }
-        let lat = |k: usize| LatencyStats::from_buckets(&hist[k], sums[k]);
+        let lat = |k: usize| latency_from_buckets(&hist[k], sums[k]);
         ExportStats {
             reads: ops[0],
             writes: ops[1],
@@ -234,106 +235,38 @@ impl ExportMetrics {
     }
 }
 
-/// One export's statistics since it started: the per-export entry of the `stats` RPC (the
-/// daemon adds the export's `name`). Requests are counted per kind when they succeed; a
-/// request that fails (refused, or failed by the disk) counts in `errors` only. GET_ID is not
-/// counted.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ExportStats {
-    /// Reads completed.
-    pub reads: u64,
-    /// Writes completed.
-    pub writes: u64,
-    /// Flushes completed.
-    pub flushes: u64,
-    /// Discards completed.
-    pub discards: u64,
-    /// Write-zeroes requests completed.
-    pub write_zeroes: u64,
-    /// Bytes read.
-    pub read_bytes: u64,
-    /// Bytes written.
-    pub write_bytes: u64,
-    /// Bytes discarded.
-    pub discard_bytes: u64,
-    /// Bytes zeroed by write-zeroes requests.
-    pub write_zeroes_bytes: u64,
-    /// Requests that failed (any kind, status IOERR or UNSUPP, or no status at all).
-    pub errors: u64,
-    /// Requests taken off the rings and not yet completed.
-    pub in_flight: u64,
-    /// Latency of the completed requests of each kind, in microseconds.
-    pub latency_us: KindLatencies,
-}
-
-/// The latency of each request kind.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct KindLatencies {
-    /// Reads.
-    pub read: LatencyStats,
-    /// Writes.
-    pub write: LatencyStats,
-    /// Flushes.
-    pub flush: LatencyStats,
-    /// Discards.
-    pub discard: LatencyStats,
-    /// Write-zeroes requests.
-    pub write_zeroes: LatencyStats,
-}
-
-/// A latency distribution in microseconds. Percentiles are the middle of the histogram bucket
-/// that holds them (buckets are 1/8 of a power of two wide: ±6 %); 0 when `count` is 0.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LatencyStats {
-    /// Requests measured.
-    pub count: u64,
-    /// Mean.
-    pub mean: f64,
-    /// Median.
-    pub p50: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// 99.9th percentile.
-    pub p99_9: f64,
-    /// The non-empty histogram buckets, as (upper bound in µs, requests), in increasing
-    /// order; for an exposition that aggregates (Prometheus), not serialized.
-    #[serde(skip)]
-    pub buckets: Vec<(f64, u64)>,
-}
-
-impl LatencyStats {
-    fn from_buckets(hist: &[u64], sum_ns: u64) -> LatencyStats {
-        let count: u64 = hist.iter().sum();
-        if count == 0 {
-            return LatencyStats::default();
-        }
-        let us = |ns: f64| ns / 1000.0;
-        let pct = |p: f64| {
-            // The rank of the p-th percentile, 1-based (nearest rank).
-            let rank = ((p * count as f64).ceil() as u64).clamp(1, count);
-            let mut seen = 0;
-            for (i, &n) in hist.iter().enumerate() {
-                seen += n;
-                if seen >= rank {
-                    let (lo, hi) = bucket_bounds(i);
-                    return us((lo as f64 + (hi - 1) as f64) / 2.0);
-                }
+/// The latency distribution of one kind from its histogram and the sum of its latencies.
+fn latency_from_buckets(hist: &[u64], sum_ns: u64) -> LatencyStats {
+    let count: u64 = hist.iter().sum();
+    if count == 0 {
+        return LatencyStats::default();
+    }
+    let us = |ns: f64| ns / 1000.0;
+    let pct = |p: f64| {
+        // The rank of the p-th percentile, 1-based (nearest rank).
+        let rank = ((p * count as f64).ceil() as u64).clamp(1, count);
+        let mut seen = 0;
+        for (i, &n) in hist.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let (lo, hi) = bucket_bounds(i);
+                return us((lo as f64 + (hi - 1) as f64) / 2.0);
             }
-            0.0
-        };
-        LatencyStats {
-            count,
-            mean: us(sum_ns as f64 / count as f64),
-            p50: pct(0.50),
-            p99: pct(0.99),
-            p99_9: pct(0.999),
-            buckets: hist
-                .iter()
-                .enumerate()
-                .filter(|&(_, &n)| n > 0)
-                .map(|(i, &n)| (us(bucket_bounds(i).1 as f64), n))
-                .collect(),
         }
+        0.0
+    };
+    LatencyStats {
+        count,
+        mean: us(sum_ns as f64 / count as f64),
+        p50: pct(0.50),
+        p99: pct(0.99),
+        p99_9: pct(0.999),
+        buckets: hist
+            .iter()
+            .enumerate()
+            .filter(|&(_, &n)| n > 0)
+            .map(|(i, &n)| (us(bucket_bounds(i).1 as f64), n))
+            .collect(),
     }
 }
 

@@ -426,6 +426,10 @@ pub struct LatencyStats {
     pub p99: f64,
     /// 99.9th percentile.
     pub p99_9: f64,
+    /// In the daemon only, never sent: the non-empty histogram buckets as (upper bound in µs,
+    /// requests), in increasing order, for an exposition that aggregates (Prometheus).
+    #[serde(skip)]
+    pub buckets: Vec<(f64, u64)>,
 }
 
 /// The latency of each request kind, in microseconds.
@@ -443,15 +447,11 @@ pub struct KindLatencies {
     pub write_zeroes: LatencyStats,
 }
 
-/// One export in `stats`: its requests since it started serving (across its clients'
-/// reconnects; from zero again after a daemon restart or `export_remove`). A request counts in
-/// its kind when it succeeds; one that fails counts in `errors` only.
+/// An export's request counters since it started serving: what the device counts, summed over
+/// its queues. A request counts in its kind when it succeeds; one that fails counts in
+/// `errors` only.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ExportStats {
-    /// Export name.
-    pub name: String,
-    /// `vhost-user-blk` or `nbd`.
-    pub protocol: String,
+pub struct ExportCounters {
     /// Reads completed.
     pub reads: u64,
     /// Writes completed.
@@ -476,6 +476,20 @@ pub struct ExportStats {
     pub in_flight: u64,
     /// Latency per kind.
     pub latency_us: KindLatencies,
+}
+
+/// One export in `stats`: its requests since it started serving (across its clients'
+/// reconnects; from zero again after a daemon restart or `export_remove`). A request counts in
+/// its kind when it succeeds; one that fails counts in `errors` only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExportStats {
+    /// Export name.
+    pub name: String,
+    /// `vhost-user-blk` or `nbd`.
+    pub protocol: String,
+    /// The counters (flattened: they sit beside `name` on the wire).
+    #[serde(flatten)]
+    pub counters: ExportCounters,
     /// Set when the counters are not kept for this export (NBD exports: every counter is 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,

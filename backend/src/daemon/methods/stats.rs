@@ -6,7 +6,7 @@ use snapmv_rpc::methods::{self as m, PROTOCOL_NBD, PROTOCOL_VHOST};
 
 use crate::daemon::core::Daemon;
 use crate::daemon::error::MResult;
-use crate::vhost_blk::metrics::{ExportStats, LatencyStats};
+use crate::vhost_blk::metrics::ExportStats;
 
 /// Why an NBD export's counters are all zero.
 pub(crate) const NBD_NOTE: &str = "statistics are counted for vhost-user-blk exports only";
@@ -79,16 +79,6 @@ impl Daemon {
     }
 }
 
-fn latency(l: &LatencyStats) -> m::LatencyStats {
-    m::LatencyStats {
-        count: l.count,
-        mean: l.mean,
-        p50: l.p50,
-        p99: l.p99,
-        p99_9: l.p99_9,
-    }
-}
-
 fn export_stats(name: String, protocol: &str, s: Option<ExportStats>) -> m::ExportStats {
     let Some(s) = s else {
         return m::ExportStats {
@@ -101,24 +91,7 @@ fn export_stats(name: String, protocol: &str, s: Option<ExportStats>) -> m::Expo
     m::ExportStats {
         name,
         protocol: protocol.to_string(),
-        reads: s.reads,
-        writes: s.writes,
-        flushes: s.flushes,
-        discards: s.discards,
-        write_zeroes: s.write_zeroes,
-        read_bytes: s.read_bytes,
-        write_bytes: s.write_bytes,
-        discard_bytes: s.discard_bytes,
-        write_zeroes_bytes: s.write_zeroes_bytes,
-        errors: s.errors,
-        in_flight: s.in_flight,
-        latency_us: m::KindLatencies {
-            read: latency(&s.latency_us.read),
-            write: latency(&s.latency_us.write),
-            flush: latency(&s.latency_us.flush),
-            discard: latency(&s.latency_us.discard),
-            write_zeroes: latency(&s.latency_us.write_zeroes),
-        },
+        counters: s,
         note: None,
     }
 }
