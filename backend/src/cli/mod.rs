@@ -193,6 +193,15 @@ impl Ctx {
         }
     }
 
+    /// Prints a method's result: as JSON with `--json`, else as `render` makes it.
+    pub(crate) fn show<R: Serialize>(&self, r: &R, render: impl FnOnce(&R) -> String) {
+        if self.json {
+            self.print_result(r);
+        } else {
+            print!("{}", render(r));
+        }
+    }
+
     pub(crate) fn print_json(&self, v: &Value) {
         println!(
             "{}",
@@ -414,22 +423,14 @@ pub fn list(ctx: &Ctx, name: Option<&str>) -> Result<(), CliError> {
     let l = ctx.call::<rpc::SnapshotList>(&m::OptionalNameParams {
         name: name.map(str::to_string),
     })?;
-    if ctx.json {
-        ctx.print_result(&l);
-    } else {
-        print!("{}", render_list(&l));
-    }
+    ctx.show(&l, render_list);
     Ok(())
 }
 
 /// `snapmv exports`: `export_list`.
 pub fn exports(ctx: &Ctx) -> Result<(), CliError> {
     let l = ctx.call::<rpc::ExportList>(&m::NoParams {})?;
-    if ctx.json {
-        ctx.print_result(&l);
-    } else {
-        print!("{}", render_exports(&l));
-    }
+    ctx.show(&l, render_exports);
     Ok(())
 }
 
@@ -438,11 +439,7 @@ pub fn status(ctx: &Ctx, name: Option<&str>) -> Result<(), CliError> {
     let s = ctx.call::<rpc::Status>(&m::OptionalNameParams {
         name: name.map(str::to_string),
     })?;
-    if ctx.json {
-        ctx.print_result(&s);
-    } else {
-        print!("{}", render_status(&s));
-    }
+    ctx.show(&s, render_status);
     Ok(())
 }
 
