@@ -157,6 +157,24 @@ impl OriginCore {
     }
 
     pub fn origin_write(&self, offset: u64, len: u64, bufs: &[std::io::IoSlice<'_>]) -> Result<()> {
+        loop {
+            match self.origin_write_once(offset, len, bufs)? {
+                // Outside the gate: a snapshot create does not wait for this commit.
+                Some(epoch) => self.store.wait_durable(epoch)?,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// One attempt at an origin write. `Some(epoch)`: nothing of it landed; it must wait for
+    /// batch `epoch` (a copy-out it needs an overlay for, and there is no room for one) and
+    /// start again.
+    fn origin_write_once(
+        &self,
+        offset: u64,
+        len: u64,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Result<Option<u64>> {
         let _pass = self.gate.enter();
         self.check_alive()?;
         let mut newest = self.newest.load(SeqCst);
@@ -180,7 +198,7 @@ impl OriginCore {
             write_all(bufs, offset)?;
             // The restored marks: without them a restart would copy the snapshot's chunk
             // back over this write.
-            return self.records_written();
+            return self.records_written().map(|_| None);
         }
         if self.live_snaps.load(SeqCst) == 0 {
             // No snapshot left (a new one would wait at the gate): nobody needs a copy.
@@ -196,12 +214,95 @@ impl OriginCore {
         if self.chunks(offset, len).all(|c| in_place(c, durable)) {
             write_all(bufs, offset)?;
             drop(_pass);
-            return self.after_direct_write(offset, len, bufs);
+            return self.after_direct_write(offset, len, bufs).map(|_| None);
         }
         // Copy out first, every chunk: a full store fails the write before any of it lands.
         for c in self.chunks(offset, len) {
             self.ensure_copied(c, newest)?;
         }
+        // The store chunks of the overlays this write starts, also before any of it lands:
+        // with no room for one (the overlay budget spent, or no free chunk) the write waits
+        // for its copy-outs' commit outside the gate and starts again, so that a snapshot
+        // create never waits behind a commit (the cut stays exact: nothing of it landed).
+        let mut spare = match self.overlay_chunks(offset, len, newest) {
+            Ok(spare) => spare,
+            Err(epoch) => return Ok(Some(epoch)),
+        };
+        let r = self.write_with_overlays(offset, len, bufs, newest, &mut spare);
+        for s in spare {
+            self.store.unalloc_chunk(s);
+        }
+        let wait_records = r?;
+        if wait_records {
+            drop(_pass);
+            self.records_written()?;
+        }
+        Ok(None)
+    }
+
+    /// Store chunks for the overlays an origin write will start (see `origin_write_once`), or
+    /// the batch to wait for when there is no room for them.
+    fn overlay_chunks(
+        &self,
+        offset: u64,
+        len: u64,
+        newest: u32,
+    ) -> std::result::Result<Vec<u64>, u64> {
+        let durable = self.store.durable_epoch.load(SeqCst);
+        let mut need = Vec::new();
+        let mut bytes = 0;
+        let mut wait = 0;
+        for c in self.chunks(offset, len) {
+            if newest == 0 || self.overlay_flag[c as usize].load(SeqCst) {
+                continue;
+            }
+            let e = if self.top[c as usize].load(SeqCst) == newest {
+                self.copy_epoch[c as usize].load(SeqCst)
+            } else {
+                0
+            };
+            if e <= durable {
+                continue;
+            }
+            need.push(c);
+            bytes += self.chunk_len(c) as usize;
+            wait = wait.max(e);
+        }
+        if need.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.overlay_bytes.load(SeqCst) + bytes > MAX_OVERLAY_BYTES {
+            return Err(wait);
+        }
+        self.store
+            .alloc_chunks(need.len(), || {
+                format!("overlays of origin {} at byte {offset}", self.id)
+            })
+            .map_err(|_| wait)
+    }
+
+    /// The rest of an origin write whose chunks are copied out; `spare`: store chunks for its
+    /// overlays. Returns whether overlay records must be waited for.
+    fn write_with_overlays(
+        &self,
+        offset: u64,
+        len: u64,
+        bufs: &[std::io::IoSlice<'_>],
+        newest: u32,
+        spare: &mut Vec<u64>,
+    ) -> Result<bool> {
+        let write_all = |bufs: &[std::io::IoSlice<'_>], at: u64| {
+            self.io(
+                || format!("writing origin {} at {at}", self.origin.name()),
+                self.origin.write_vectored_at(bufs, at),
+            )
+        };
+        let in_place = |c: u64, durable: u64| {
+            !self.overlay_flag[c as usize].load(SeqCst)
+                && (newest == 0
+                    || (self.top[c as usize].load(SeqCst) == newest
+                        && self.copy_epoch[c as usize].load(SeqCst) <= durable))
+        };
         let mut wait_records = false;
         let mut done = 0u64;
         for c in self.chunks(offset, len) {
@@ -244,15 +345,19 @@ impl OriginCore {
                 continue;
             }
             let clen = self.chunk_len(c) as usize;
-            let store_chunk = if self.overlay_bytes.load(SeqCst) + clen > MAX_OVERLAY_BYTES {
-                None
-            } else {
-                // No room for the overlay's store copy: wait for the commit instead.
-                self.store
+            let store_chunk = match spare.pop() {
+                Some(s) => Some(s),
+                // An overlay `overlay_chunks` counted on was written out meanwhile (rare).
+                None if self.overlay_bytes.load(SeqCst) + clen > MAX_OVERLAY_BYTES => None,
+                None => self
+                    .store
                     .alloc_chunk(|| format!("overlay of origin {} chunk {c}", self.id))
-                    .ok()
+                    .ok(),
             };
             let Some(s) = store_chunk else {
+                // No room for the overlay's store copy: wait for the commit instead (under
+                // the gate, as part of this write may have landed; `overlay_chunks` makes
+                // this rare).
                 self.store.wait_durable(e)?;
                 write_all(&piece, start)?;
                 continue;
@@ -302,11 +407,7 @@ impl OriginCore {
             self.store.commit_wake.notify_one();
             wait_records = true;
         }
-        if wait_records {
-            drop(_pass);
-            self.records_written()?;
-        }
-        Ok(())
+        Ok(wait_records)
     }
 
     /// After a write that went straight to the origin (no chunk lock): a writer may have

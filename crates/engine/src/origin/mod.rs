@@ -160,6 +160,10 @@ pub(crate) struct OriginCore {
     /// must sync small).
     dirty: AtomicBool,
     last_sync: Mutex<std::time::Instant>,
+    /// A snapshot of the origin was taken without an origin fsync since the last one: its
+    /// chunks still on the origin may be in the page cache only, so a flush of a snapshot
+    /// volume fsyncs the origin too (`sync_for_snapshots`).
+    cut_unsynced: AtomicBool,
 }
 
 fn now_secs() -> u64 {
@@ -269,6 +273,7 @@ impl OriginCore {
             overlay_error: Mutex::new(None),
             record_epoch: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
+            cut_unsynced: AtomicBool::new(false),
             last_sync: Mutex::new(std::time::Instant::now()),
         }))
     }
@@ -348,6 +353,22 @@ impl OriginCore {
 
     pub fn sync_origin(&self) -> std::io::Result<()> {
         self.origin.sync()
+    }
+
+    /// Fsyncs the origin if a snapshot was taken since its last fsync (see `cut_unsynced`):
+    /// part of a snapshot volume's flush.
+    pub(crate) fn sync_for_snapshots(&self) -> Result<()> {
+        if !self.cut_unsynced.swap(false, SeqCst) {
+            return Ok(());
+        }
+        let r = self.io(
+            || format!("syncing origin {} for its snapshots", self.origin.name()),
+            self.origin.sync(),
+        );
+        if r.is_err() {
+            self.cut_unsynced.store(true, SeqCst);
+        }
+        r
     }
 
     fn store_off(&self, s: u64) -> u64 {

@@ -146,10 +146,17 @@ impl OriginCore {
     pub fn origin_flush(&self) -> Result<()> {
         self.check_alive()?;
         self.settle_overlays()?;
-        self.io(
+        // (Cleared before the sync: a snapshot taken meanwhile raises it again.)
+        let cut = self.cut_unsynced.swap(false, SeqCst);
+        if let Err(e) = self.io(
             || format!("syncing origin {}", self.origin.name()),
             self.origin.sync(),
-        )?;
+        ) {
+            if cut {
+                self.cut_unsynced.store(true, SeqCst);
+            }
+            return Err(e);
+        }
         // Records an acknowledged write depends on (restored chunks, overlays written) must
         // be durable too, and restored-chunk records with the data they describe.
         if self.store.needs_commit() || self.rollback.load().is_some() {
