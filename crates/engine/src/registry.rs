@@ -270,7 +270,10 @@ impl Store {
                 )));
             }
             for (&chunk, &s) in &om.overlays {
-                StoreCore::note_free(&mut m, s);
+                // (A snapshot's exception may share the chunk: then it stays.)
+                if !om.shares(chunk, s) {
+                    StoreCore::note_free(&mut m, s);
+                }
                 m.pending.push(Record::OverlayDone { slot, chunk });
             }
             m.dormant.remove(&slot);

@@ -301,9 +301,12 @@ fn run_seed(seed: u64, ops: u64) -> u64 {
                     Ok(t) => {
                         let src = of.unwrap_or(0);
                         if sync {
-                            // A snapshot holds what its source held; a durable create makes
-                            // both durable.
-                            sim.vols.get_mut(&src).unwrap().flush();
+                            // A snapshot holds what its source held, durably. The source of a
+                            // snapshot of a snapshot is durable too (a commit round); the
+                            // origin is not flushed (its overlays survive the cut).
+                            if src != 0 {
+                                sim.vols.get_mut(&src).unwrap().flush();
+                            }
                             let content = sim.vols[&src].current.clone();
                             sim.vols.insert(t, Expect::new(content));
                             sim.all_durable();

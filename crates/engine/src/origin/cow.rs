@@ -1,4 +1,4 @@
-use super::overlay::MAX_OVERLAY_BYTES;
+use super::overlay::{MAX_OVERLAY_BYTES, NO_CHUNK};
 use super::*;
 
 impl OriginCore {
@@ -200,7 +200,7 @@ impl OriginCore {
             // back over this write.
             return self.records_written().map(|_| None);
         }
-        if self.live_snaps.load(SeqCst) == 0 {
+        if self.live_snaps.load(SeqCst) == 0 && self.dying_count.load(SeqCst) == 0 {
             // No snapshot left (a new one would wait at the gate): nobody needs a copy.
             newest = 0;
         }
@@ -213,8 +213,14 @@ impl OriginCore {
         let durable = self.store.durable_epoch.load(SeqCst);
         if self.chunks(offset, len).all(|c| in_place(c, durable)) {
             write_all(bufs, offset)?;
+            // The fix-ups under the gate: a snapshot cut meanwhile must see this write in any
+            // overlay it takes, as it sees it on the origin.
+            let wait_records = self.after_direct_write(offset, len, bufs)?;
             drop(_pass);
-            return self.after_direct_write(offset, len, bufs).map(|_| None);
+            if wait_records {
+                self.records_written()?;
+            }
+            return Ok(None);
         }
         // Copy out first, every chunk: a full store fails the write before any of it lands.
         for c in self.chunks(offset, len) {
@@ -330,6 +336,13 @@ impl OriginCore {
                 ov.epoch = ov.epoch.max(e);
                 ov.store
             });
+            if overlay_store == Some(NO_CHUNK) {
+                // A snapshot took the overlay's chunk: the whole overlay (this piece in it)
+                // goes to a new one, or onto the origin.
+                self.rehome_overlay(c)?;
+                wait_records = true;
+                continue;
+            }
             if let Some(s) = overlay_store {
                 // The store's copy of the overlay too (the stripe lock orders these writes).
                 let off = self.store_off(s) + within as u64;
@@ -412,13 +425,14 @@ impl OriginCore {
 
     /// After a write that went straight to the origin (no chunk lock): a writer may have
     /// started an overlay of one of its chunks meanwhile, from origin data read before this
-    /// write landed. Patch such overlays (see `fix_up_direct`).
+    /// write landed. Patch such overlays (see `fix_up_direct`); returns whether an overlay
+    /// record must be in the journal before the write is acknowledged.
     pub(super) fn after_direct_write(
         &self,
         offset: u64,
         len: u64,
         bufs: &[std::io::IoSlice<'_>],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut wait_records = false;
         let mut done = 0u64;
         for c in self.chunks(offset, len) {
@@ -430,10 +444,7 @@ impl OriginCore {
             }
             done += end - start;
         }
-        if wait_records {
-            self.records_written()?;
-        }
-        Ok(())
+        Ok(wait_records)
     }
 
     /// `piece` (bytes `start..start + len` of chunk `c`) was just written straight to the
@@ -456,6 +467,10 @@ impl OriginCore {
             crate::iov::gather(piece, &mut ov.data[within..within + len as usize]);
             ov.store
         });
+        if store == Some(NO_CHUNK) {
+            self.rehome_overlay(c)?;
+            return Ok(true);
+        }
         match store {
             Some(s) => {
                 let off = self.store_off(s) + within as u64;

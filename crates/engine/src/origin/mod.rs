@@ -164,6 +164,11 @@ pub(crate) struct OriginCore {
     /// chunks still on the origin may be in the page cache only, so a flush of a snapshot
     /// volume fsyncs the origin too (`sync_for_snapshots`).
     cut_unsynced: AtomicBool,
+    /// Deleted snapshots whose delete is not durable yet: (batch, leaf). Their leaves stay
+    /// alive for copy-out decisions until it is (`finish_deaths`): a host crash may undo the
+    /// delete, and the snapshot must then come back whole.
+    dying: Mutex<Vec<(u64, u32)>>,
+    dying_count: AtomicUsize,
 }
 
 fn now_secs() -> u64 {
@@ -274,6 +279,8 @@ impl OriginCore {
             record_epoch: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             cut_unsynced: AtomicBool::new(false),
+            dying: Mutex::new(Vec::new()),
+            dying_count: AtomicUsize::new(0),
             last_sync: Mutex::new(std::time::Instant::now()),
         }))
     }

@@ -30,7 +30,15 @@ impl OriginCore {
                     )));
                 }
                 let _closed = self.gate.close();
-                self.settle_overlays()?;
+                // Overlays survive the cut (`share_overlays`); those an earlier cut took the
+                // chunk of and that were not written since get one again first.
+                for c in self.detached_overlays() {
+                    let _g = self.stripe(c);
+                    self.rehome_overlay(c)?;
+                }
+                if let Some(e) = lock(&self.overlay_error).take() {
+                    return Err(Error::io(e, std::io::Error::other("overlay write failed")));
+                }
                 // No origin fsync here: the snapshot reads its chunks still on the origin from
                 // the page cache until a write copies them out (from the page cache too), so a
                 // process death keeps the cut exact; a host crash keeps what was flushed
@@ -59,6 +67,7 @@ impl OriginCore {
                     },
                 )?;
                 self.add_snapshot(&mut m, chain, tag, 0, birth, memo)?;
+                self.share_overlays(&mut m, chain, seq);
                 self.newest.store(seq, SeqCst);
                 if !sync {
                     self.cut_unsynced.store(true, SeqCst);
@@ -116,9 +125,9 @@ impl OriginCore {
             let _closed = s.gate.close();
             s.deleted.store(true, SeqCst);
             let mut m = self.store.lock_meta();
-            if let Some(n) = self.node(s.leaf.load(SeqCst)) {
-                n.dead.store(true, SeqCst);
-            }
+            // The leaf dies (for copy-outs and reclaim) once the delete is durable.
+            lock(&self.dying).push((m.epoch, s.leaf.load(SeqCst)));
+            self.dying_count.fetch_add(1, SeqCst);
             let mut snaps = lock(&self.snaps);
             snaps.remove(&tag);
             self.live_snaps.store(snaps.len(), SeqCst);
@@ -130,9 +139,35 @@ impl OriginCore {
             m.epoch
         };
         self.answer(epoch, sync, None)?;
-        self.reclaim_needed.store(true, SeqCst);
+        self.finish_deaths();
         self.store.wake_worker();
         Ok(())
+    }
+
+    /// Marks the leaves of deleted snapshots dead once their delete is durable, and asks for
+    /// a reclaim.
+    pub(super) fn finish_deaths(&self) {
+        if self.dying_count.load(SeqCst) == 0 {
+            return;
+        }
+        let durable = self.store.durable_epoch.load(SeqCst);
+        let _m = self.store.lock_meta();
+        let mut dying = lock(&self.dying);
+        let before = dying.len();
+        dying.retain(|&(epoch, leaf)| {
+            if epoch > durable {
+                return true;
+            }
+            if let Some(n) = self.node(leaf) {
+                n.dead.store(true, SeqCst);
+            }
+            false
+        });
+        let done = before - dying.len();
+        if done > 0 {
+            self.dying_count.fetch_sub(done, SeqCst);
+            self.reclaim_needed.store(true, SeqCst);
+        }
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
@@ -176,6 +211,10 @@ impl OriginCore {
             return Err(Error::HasSnapshots(self.id.clone()));
         }
         self.settle_overlays()?;
+        if self.dying_count.load(SeqCst) > 0 {
+            self.store.commit_sync()?;
+            self.finish_deaths();
+        }
         self.reclaim()?;
         Ok(())
     }
