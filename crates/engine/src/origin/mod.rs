@@ -287,7 +287,14 @@ impl OriginCore {
 
     /// The metadata, for a checkpoint (called with the metadata lock held).
     pub fn to_meta(&self) -> OriginMeta {
-        let nodes = self.tree.to_meta();
+        let mut nodes = self.tree.to_meta();
+        // A deleted snapshot whose leaf still counts as alive for copy-outs is dead in the
+        // metadata: its DeleteTag is in the journal before this checkpoint.
+        for &(_, leaf) in lock(&self.dying).iter() {
+            if let Some(n) = nodes.get_mut(leaf as usize) {
+                n.dead = true;
+            }
+        }
         let tags = lock(&self.snaps)
             .values()
             .map(|s| (s.tag, s.leaf.load(SeqCst)))
