@@ -128,6 +128,7 @@ impl OriginCore {
             // The leaf dies (for copy-outs and reclaim) once the delete is durable.
             lock(&self.dying).push((m.epoch, s.leaf.load(SeqCst)));
             self.dying_count.fetch_add(1, SeqCst);
+            self.store.dying.fetch_add(1, SeqCst);
             let mut snaps = lock(&self.snaps);
             snaps.remove(&tag);
             self.live_snaps.store(snaps.len(), SeqCst);
@@ -166,6 +167,7 @@ impl OriginCore {
         let done = before - dying.len();
         if done > 0 {
             self.dying_count.fetch_sub(done, SeqCst);
+            self.store.dying.fetch_sub(done, SeqCst);
             self.reclaim_needed.store(true, SeqCst);
         }
     }
