@@ -413,7 +413,17 @@ fn export_sockets_are_private_under_umask0() {
 fn hard_link_to_an_open_store_is_the_same_store() {
     let f = fixture("hostile-hardlink");
     f.d.ok("snapshot_create", json!({"name": "vol"}));
-    let before = digest(&f.cow);
+    // The create answers once its record is in the journal; the commit round it requested
+    // follows: wait for the store to settle.
+    let mut before = digest(&f.cow);
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = digest(&f.cow);
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     let hard_c = f.dir.path().join("hard-to-store");
     std::fs::hard_link(&f.cow, &hard_c).unwrap();
     let other = |i: usize| {

@@ -9,8 +9,12 @@
 //! all writes are frozen at once and several crash images are built, each keeping a random
 //! subset of the unsynced writes (whole, lost or torn at sector boundaries). Each image must:
 //! check clean; open; hold every write acknowledged before an acknowledged flush of its volume
-//! (or a later one); keep every snapshot exactly as it was created; show a rollback that
-//! returned in effect; finish any rollback; check clean again after it is closed.
+//! (or a later one); keep every snapshot made by `create_snapshot_sync` exactly as it was
+//! created, and every other one (answered when written, not durable) either gone or holding,
+//! block by block, a content its volume could have shown after a crash at the cut (every
+//! write flushed before it; README "Crash behaviour"); show a rollback that returned in
+//! effect; finish any rollback; check clean again after it is closed. Creates and deletes are
+//! durable (`*_sync`) or not at random; a delete that was not may be undone by the cut.
 //!
 //! `SNAPMV_POWER_ROUNDS` (default 40) rounds, `SNAPMV_POWER_IMAGES` (default 3) images per cut,
 //! `SNAPMV_POWER_SEED` to replay.
@@ -99,13 +103,24 @@ fn check_volume(model: &VolModel, what: &str, got: &[Vec<Content>], bad: &mut Ve
     }
 }
 
+/// What a snapshot must hold: exactly `content` if its create was durable, else what its
+/// volume's `model` at the create allows after a crash.
+#[derive(Clone)]
+struct Snap {
+    content: Vec<Content>,
+    model: VolModel,
+    durable: bool,
+}
+
 struct Shared {
     vols: [Mutex<VolModel>; 3],
     gates: [Mutex<()>; 3],
     tags: [u32; 3],
-    snaps: Mutex<BTreeMap<u32, Vec<Content>>>,
-    pending_create: Mutex<Option<Vec<Content>>>,
+    snaps: Mutex<BTreeMap<u32, Snap>>,
+    pending_create: Mutex<Option<Snap>>,
     pending_delete: Mutex<BTreeSet<u32>>,
+    /// Deletes answered without a sync: a power cut may bring these back.
+    undurable_deletes: Mutex<BTreeMap<u32, Snap>>,
     pending_rollback: Mutex<bool>,
     cut: AtomicBool,
     failures: Mutex<Vec<String>>,
@@ -180,12 +195,24 @@ fn ops(sh: Arc<Shared>, o: Origin, seed: u64) {
             // Of the origin (0) or of snapshot volume 1 or 2.
             let vol = if n == 0 { 0 } else { rng.usize(0..3) };
             let _g = sh.gates[vol].lock().unwrap();
-            let content = sh.vols[vol].lock().unwrap().latest();
-            *sh.pending_create.lock().unwrap() = Some(content.clone());
+            let model = sh.vols[vol].lock().unwrap().clone();
+            let sync = rng.bool();
+            let mut snap = Snap {
+                content: model.latest(),
+                model,
+                durable: false,
+            };
+            *sh.pending_create.lock().unwrap() = Some(snap.clone());
             let of = (vol > 0).then(|| sh.tags[vol]);
-            match o.create_snapshot(of, "p") {
+            let r = if sync {
+                o.create_snapshot_sync(of, "p")
+            } else {
+                o.create_snapshot(of, "p")
+            };
+            match r {
                 Ok(tag) => {
-                    sh.snaps.lock().unwrap().insert(tag, content);
+                    snap.durable = sync;
+                    sh.snaps.lock().unwrap().insert(tag, snap);
                     sh.stats.lock().unwrap()[2] += 1;
                 }
                 Err(e) if busy(&e) => {}
@@ -196,9 +223,18 @@ fn ops(sh: Arc<Shared>, o: Origin, seed: u64) {
             let tags: Vec<u32> = sh.snaps.lock().unwrap().keys().copied().collect();
             let tag = tags[rng.usize(0..tags.len())];
             sh.pending_delete.lock().unwrap().insert(tag);
-            match o.delete_snapshot(tag) {
+            let sync = rng.bool();
+            let r = if sync {
+                o.delete_snapshot_sync(tag)
+            } else {
+                o.delete_snapshot(tag)
+            };
+            match r {
                 Ok(()) => {
-                    sh.snaps.lock().unwrap().remove(&tag);
+                    let snap = sh.snaps.lock().unwrap().remove(&tag);
+                    if let (false, Some(snap)) = (sync, snap) {
+                        sh.undurable_deletes.lock().unwrap().insert(tag, snap);
+                    }
                     sh.stats.lock().unwrap()[3] += 1;
                 }
                 Err(e) if busy(&e) => {}
@@ -210,7 +246,7 @@ fn ops(sh: Arc<Shared>, o: Origin, seed: u64) {
             let snaps = sh.snaps.lock().unwrap();
             let tags: Vec<u32> = snaps.keys().copied().collect();
             let tag = tags[rng.usize(0..tags.len())];
-            let content = snaps[&tag].clone();
+            let content = snaps[&tag].content.clone();
             drop(snaps);
             let idx: Vec<usize> = {
                 let mut m = sh.vols[0].lock().unwrap();
@@ -274,9 +310,10 @@ fn verify(
     img: Cut,
     vols: &[VolModel],
     tags: [u32; 3],
-    snaps: &BTreeMap<u32, Vec<Content>>,
-    pending_create: &Option<Vec<Content>>,
+    snaps: &BTreeMap<u32, Snap>,
+    pending_create: &Option<Snap>,
     pending_delete: &BTreeSet<u32>,
+    undurable_deletes: &BTreeMap<u32, Snap>,
 ) -> Vec<String> {
     let mut bad = Vec::new();
     // A power cut: the machine reboots, so unsynced writes are not trusted.
@@ -324,8 +361,8 @@ fn verify(
         .filter(|t| !tags.contains(t))
         .collect();
     let mut want = snaps.clone();
-    for t in snaps.keys() {
-        if !listed.contains(t) && !pending_delete.contains(t) {
+    for (t, s) in snaps {
+        if !listed.contains(t) && !pending_delete.contains(t) && s.durable {
             bad.push(format!("snapshot {t} vanished"));
             want.remove(t);
         } else if !listed.contains(t) {
@@ -334,11 +371,21 @@ fn verify(
     }
     for t in &listed {
         if !want.contains_key(t) {
-            match pending_create {
-                Some(c) => {
-                    want.insert(*t, c.clone());
+            match (undurable_deletes.get(t), pending_create) {
+                (Some(s), _) => {
+                    want.insert(*t, s.clone());
                 }
-                None => bad.push(format!("snapshot {t} appeared from nowhere")),
+                // Not answered: not durable, even if it was to be.
+                (None, Some(s)) => {
+                    want.insert(
+                        *t,
+                        Snap {
+                            durable: false,
+                            ..s.clone()
+                        },
+                    );
+                }
+                (None, None) => bad.push(format!("snapshot {t} appeared from nowhere")),
             }
         }
     }
@@ -346,7 +393,16 @@ fn verify(
         match o.snapshot_volume(*t) {
             Ok(v) => {
                 let got = read_all(&v, &format!("snapshot {t}"), &mut bad);
-                for (b, (g, w)) in got.iter().zip(w).enumerate() {
+                if !w.durable {
+                    check_volume(
+                        &w.model,
+                        &format!("snapshot {t} (not durable when the power went)"),
+                        &got,
+                        &mut bad,
+                    );
+                    continue;
+                }
+                for (b, (g, w)) in got.iter().zip(&w.content).enumerate() {
                     if g.iter().any(|s| s != w) {
                         bad.push(format!(
                             "snapshot {t} block {b}: {g:?}, was {w:?} when taken"
@@ -404,6 +460,7 @@ fn power_cut_under_concurrent_load() {
             snaps: Mutex::new(BTreeMap::new()),
             pending_create: Mutex::new(None),
             pending_delete: Mutex::new(BTreeSet::new()),
+            undurable_deletes: Mutex::new(BTreeMap::new()),
             pending_rollback: Mutex::new(false),
             cut: AtomicBool::new(false),
             failures: Mutex::new(Vec::new()),
@@ -426,6 +483,7 @@ fn power_cut_under_concurrent_load() {
         let snaps = sh.snaps.lock().unwrap().clone();
         let pending_create = sh.pending_create.lock().unwrap().clone();
         let pending_delete = sh.pending_delete.lock().unwrap().clone();
+        let undurable_deletes = sh.undurable_deletes.lock().unwrap().clone();
         let mid_rollback = *sh.pending_rollback.lock().unwrap();
         let cuts: Vec<Cut> = (0..images)
             .map(|_| Cut {
@@ -454,6 +512,7 @@ fn power_cut_under_concurrent_load() {
                 &snaps,
                 &pending_create,
                 &pending_delete,
+                &undurable_deletes,
             );
             assert!(
                 bad.is_empty(),

@@ -77,14 +77,32 @@ impl Origin {
 
     /// Takes a snapshot of the origin (`of: None`) or of snapshot `of`; returns its tag.
     /// Writes that completed before the call are in it, writes issued after it returned are
-    /// not. Durable when it returns.
+    /// not (a write in flight is wholly in or wholly out). Returns once its records are in the
+    /// journal, without a sync: it survives the death of the process as it is; it survives a
+    /// host crash once a commit round has run (the next one is requested; any later flush of
+    /// a volume of the store waits for one), holding every write *flushed* before the call —
+    /// README "Crash behaviour". [`Origin::create_snapshot_sync`] returns once durable.
     pub fn create_snapshot(&self, of: Option<u32>, memo: &str) -> Result<u32> {
-        self.core.create_snapshot(of, memo)
+        self.core.create_snapshot(of, memo, false)
     }
 
-    /// Deletes snapshot `tag`. Its space is reclaimed in the background.
+    /// [`Origin::create_snapshot`], returning once the snapshot survives a host crash holding
+    /// every write completed before the call (an origin fsync and a commit round, run after
+    /// the origin's writes are let through again).
+    pub fn create_snapshot_sync(&self, of: Option<u32>, memo: &str) -> Result<u32> {
+        self.core.create_snapshot(of, memo, true)
+    }
+
+    /// Deletes snapshot `tag`. Its space is reclaimed in the background. Returns once the
+    /// delete is in the journal: a host crash before the next commit round may bring the
+    /// snapshot back, whole. [`Origin::delete_snapshot_sync`] returns once durable.
     pub fn delete_snapshot(&self, tag: u32) -> Result<()> {
-        self.core.delete_snapshot(tag)
+        self.core.delete_snapshot(tag, false)
+    }
+
+    /// [`Origin::delete_snapshot`], returning once the delete survives a host crash.
+    pub fn delete_snapshot_sync(&self, tag: u32) -> Result<()> {
+        self.core.delete_snapshot(tag, true)
     }
 
     /// Rolls the origin back to snapshot `tag`. Takes effect when it returns; the copy-back
@@ -252,7 +270,10 @@ impl Store {
                 )));
             }
             for (&chunk, &s) in &om.overlays {
-                StoreCore::note_free(&mut m, s);
+                // (A snapshot's exception may share the chunk: then it stays.)
+                if !om.shares(chunk, s) {
+                    StoreCore::note_free(&mut m, s);
+                }
                 m.pending.push(Record::OverlayDone { slot, chunk });
             }
             m.dormant.remove(&slot);

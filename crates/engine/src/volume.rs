@@ -106,6 +106,8 @@ impl Volume {
                     return Err(Error::Deleted(self.name()));
                 }
                 self.core.check_alive()?;
+                // What the snapshot still reads from the origin may not be synced yet.
+                self.core.sync_for_snapshots()?;
                 self.core.store.commit_sync()
             }
         }

@@ -1,6 +1,8 @@
 //! Model-based test: random operations on the engine and on an obviously correct in-memory
 //! model, comparing every read. `SNAPMV_MODEL_OPS` sets the total operation count (default
-//! 100,000 across seeds); `SNAPMV_MODEL_SEED` replays one seed.
+//! 100,000 across seeds); `SNAPMV_MODEL_SEED` replays one seed. Among the operations: a
+//! burst of origin writes right before a snapshot of the origin, so that the cut usually
+//! finds overlays (first writes whose copy-outs are not durable yet) and takes their chunks.
 
 mod common;
 
@@ -180,15 +182,35 @@ fn run_seed(seed: u64, ops: u64) {
                     ctx(op, &format!("snapshot {t} read at {off}+{len} differs"))
                 );
             }
-            70..=76 => match e.o().create_snapshot(None, "m") {
-                Ok(t) => {
-                    assert!(!m.snaps.contains_key(&t), "{}", ctx(op, "tag reused"));
-                    m.snaps.insert(t, m.origin.clone());
+            70..=76 => {
+                if r <= 72 {
+                    // First writes right before the cut: their overlays are still pending
+                    // (their copy-outs not durable yet), so the snapshot takes their chunks.
+                    for _ in 0..rng.usize(1..=4) {
+                        let start = rng.usize(0..size / 512) * 512;
+                        let n = rng.usize(1..=((size - start).min(2 * cs) / 512)) * 512;
+                        let mut buf = vec![0u8; n];
+                        rng.fill(&mut buf);
+                        match e.o().volume().write(start as u64, &buf) {
+                            Ok(()) => m.origin[start..start + n].copy_from_slice(&buf),
+                            Err(Error::NoSpace { .. }) => {}
+                            Err(err) => panic!("{}", ctx(op, &format!("origin write: {err}"))),
+                        }
+                    }
                 }
-                // (the rollback may have finished since)
-                Err(Error::Busy(msg)) => assert!(msg.contains("rolling back"), "{}", ctx(op, &msg)),
-                Err(err) => panic!("{}", ctx(op, &format!("snapshot: {err}"))),
-            },
+                let created = e.o().create_snapshot(None, "m");
+                match created {
+                    Ok(t) => {
+                        assert!(!m.snaps.contains_key(&t), "{}", ctx(op, "tag reused"));
+                        m.snaps.insert(t, m.origin.clone());
+                    }
+                    // (the rollback may have finished since)
+                    Err(Error::Busy(msg)) => {
+                        assert!(msg.contains("rolling back"), "{}", ctx(op, &msg))
+                    }
+                    Err(err) => panic!("{}", ctx(op, &format!("snapshot: {err}"))),
+                }
+            }
             77..=80 if !live.is_empty() => {
                 let p = pick(&mut rng);
                 let t = e.o().create_snapshot(Some(p), "").unwrap_or_else(|err| {
@@ -318,6 +340,8 @@ fn exclusive_chunks_count_what_delete_would_free() {
     let a = o.create_snapshot(None, "").unwrap();
     // Origin writes to chunks 0..4 copy them out once, for A alone.
     o.volume().write(0, &[1u8; 4 * 4096]).unwrap();
+    // (Written out first: a snapshot cut while overlays exist would own their chunks.)
+    o.volume().flush().unwrap();
     let b = o.create_snapshot(None, "").unwrap();
     // Chunks 0..2 again: copies for B alone. A's own write to chunk 9: A's.
     o.volume().write(0, &[2u8; 2 * 4096]).unwrap();

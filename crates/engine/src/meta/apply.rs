@@ -79,6 +79,9 @@ pub enum RecordError {
     /// A pending write finishes that was never recorded.
     #[error("origin slot {slot} chunk {chunk}: no pending write to finish")]
     NoOverlayToFinish { slot: u32, chunk: u64 },
+    /// A version takes the store chunk of a pending write that does not exist.
+    #[error("origin slot {slot} chunk {chunk}: no pending write for node {node} to share")]
+    NoOverlayToShare { slot: u32, chunk: u64, node: u32 },
 }
 
 impl MetaState {
@@ -228,7 +231,10 @@ impl MetaState {
                 if list.is_empty() {
                     o.exceptions.remove(chunk);
                 }
-                bit_set(&mut self.alloc, store, false);
+                // A pending write sharing the chunk keeps it.
+                if o.overlays.get(chunk) != Some(&store) {
+                    bit_set(&mut self.alloc, store, false);
+                }
             }
             Record::RollbackStart { slot, tag, source } => {
                 let o = self.origin(*slot)?;
@@ -288,7 +294,34 @@ impl MetaState {
                         slot: *slot,
                         chunk: *chunk,
                     })?;
-                bit_set(&mut self.alloc, store, false);
+                // An exception sharing the chunk keeps it.
+                if !o.shares(*chunk, store) {
+                    bit_set(&mut self.alloc, store, false);
+                }
+            }
+            Record::ShareOverlay { slot, chunk, node } => {
+                let o = self.origin(*slot)?;
+                let store = *o.overlays.get(chunk).ok_or(RecordError::NoOverlayToShare {
+                    slot: *slot,
+                    chunk: *chunk,
+                    node: *node,
+                })?;
+                if *node as usize >= o.nodes.len() || *node == ROOT {
+                    return Err(RecordError::ExceptionOutOfRange {
+                        slot: *slot,
+                        chunk: *chunk,
+                        node: *node,
+                    });
+                }
+                let list = o.exceptions.entry(*chunk).or_default();
+                if list.iter().any(|(n, s)| n == node || *s == store) {
+                    return Err(RecordError::TwoExceptions {
+                        slot: *slot,
+                        chunk: *chunk,
+                        node: *node,
+                    });
+                }
+                list.push((*node, store));
             }
         }
         Ok(())

@@ -104,6 +104,16 @@ pub struct OriginMeta {
     pub overlays: BTreeMap<u64, u64>,
 }
 
+impl OriginMeta {
+    /// Whether an exception of origin chunk `chunk` uses store chunk `store` (a pending write
+    /// shares its chunk with the chain node of a snapshot cut while it was pending).
+    pub fn shares(&self, chunk: u64, store: u64) -> bool {
+        self.exceptions
+            .get(&chunk)
+            .is_some_and(|l| l.iter().any(|(_, s)| *s == store))
+    }
+}
+
 /// The whole metadata of a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaState {

@@ -38,6 +38,11 @@ pub enum Record {
     /// Origin chunk `chunk`'s newest content, acknowledged but not yet on the origin, is in
     /// store chunk `store` (allocated).
     OverlayAt { slot: u32, chunk: u64, store: u64 },
-    /// The pending content of origin chunk `chunk` is on the origin; its store chunk is free.
+    /// The pending content of origin chunk `chunk` is on the origin; its store chunk is free,
+    /// unless an exception shares it (`ShareOverlay`).
     OverlayDone { slot: u32, chunk: u64 },
+    /// Version `node` (a new chain node) takes the store chunk of origin chunk `chunk`'s
+    /// pending write as its exception (format 3): a snapshot cut while the overlay exists. The
+    /// chunk stays allocated until both the exception and the pending write let go of it.
+    ShareOverlay { slot: u32, chunk: u64, node: u32 },
 }

@@ -103,6 +103,12 @@ impl Record {
                 e.u32(*slot);
                 e.u64(*chunk);
             }
+            Record::ShareOverlay { slot, chunk, node } => {
+                e.u8(14);
+                e.u32(*slot);
+                e.u64(*chunk);
+                e.u32(*node);
+            }
         }
     }
 
@@ -158,6 +164,11 @@ impl Record {
             13 => Record::OverlayDone {
                 slot: d.u32()?,
                 chunk: d.u64()?,
+            },
+            14 => Record::ShareOverlay {
+                slot: d.u32()?,
+                chunk: d.u64()?,
+                node: d.u32()?,
             },
             other => return Err(DecodeError::UnknownRecord(other)),
         })

@@ -20,6 +20,7 @@ impl OriginCore {
             return Ok(false);
         }
         self.drain_overlays(false);
+        self.finish_deaths();
         self.background_sync();
         // Running is raised before needed is cleared, so that `status` never sees neither
         // while a reclaim is about to start (it would report nothing pending).

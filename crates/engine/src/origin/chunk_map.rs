@@ -92,6 +92,12 @@ impl OriginCore {
 
     /// Publishes an exception and queues its record (metadata lock held).
     pub(super) fn publish(&self, m: &mut MetaCore, c: u64, ex: Ex) {
+        self.publish_as(m, c, ex, false)
+    }
+
+    /// `publish`; `shared`: the store chunk is the pending overlay's of `c` (a snapshot cut
+    /// while it is pending), already allocated, and the record is `ShareOverlay`.
+    pub(super) fn publish_as(&self, m: &mut MetaCore, c: u64, ex: Ex, shared: bool) {
         let old = self.map[c as usize].load_full();
         let mut l: ExList = old.as_deref().cloned().unwrap_or_default();
         l.push(ex);
@@ -100,8 +106,16 @@ impl OriginCore {
         if let Some(n) = self.node(ex.node) {
             n.exceptions.fetch_add(1, SeqCst);
         }
-        StoreCore::note_alloc(m, ex.store);
         self.note_record(m);
+        if shared {
+            m.pending.push(Record::ShareOverlay {
+                slot: self.slot,
+                chunk: c,
+                node: ex.node,
+            });
+            return;
+        }
+        StoreCore::note_alloc(m, ex.store);
         m.pending.push(Record::AddException {
             slot: self.slot,
             chunk: c,

@@ -1,4 +1,4 @@
-use super::overlay::MAX_OVERLAY_BYTES;
+use super::overlay::{MAX_OVERLAY_BYTES, NO_CHUNK};
 use super::*;
 
 impl OriginCore {
@@ -157,6 +157,24 @@ impl OriginCore {
     }
 
     pub fn origin_write(&self, offset: u64, len: u64, bufs: &[std::io::IoSlice<'_>]) -> Result<()> {
+        loop {
+            match self.origin_write_once(offset, len, bufs)? {
+                // Outside the gate: a snapshot create does not wait for this commit.
+                Some(epoch) => self.store.wait_durable(epoch)?,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// One attempt at an origin write. `Some(epoch)`: nothing of it landed; it must wait for
+    /// batch `epoch` (a copy-out it needs an overlay for, and there is no room for one) and
+    /// start again.
+    fn origin_write_once(
+        &self,
+        offset: u64,
+        len: u64,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Result<Option<u64>> {
         let _pass = self.gate.enter();
         self.check_alive()?;
         let mut newest = self.newest.load(SeqCst);
@@ -180,9 +198,9 @@ impl OriginCore {
             write_all(bufs, offset)?;
             // The restored marks: without them a restart would copy the snapshot's chunk
             // back over this write.
-            return self.records_written();
+            return self.records_written().map(|_| None);
         }
-        if self.live_snaps.load(SeqCst) == 0 {
+        if self.live_snaps.load(SeqCst) == 0 && self.dying_count.load(SeqCst) == 0 {
             // No snapshot left (a new one would wait at the gate): nobody needs a copy.
             newest = 0;
         }
@@ -195,13 +213,102 @@ impl OriginCore {
         let durable = self.store.durable_epoch.load(SeqCst);
         if self.chunks(offset, len).all(|c| in_place(c, durable)) {
             write_all(bufs, offset)?;
+            // The fix-ups under the gate: a snapshot cut meanwhile must see this write in any
+            // overlay it takes, as it sees it on the origin.
+            let wait_records = self.after_direct_write(offset, len, bufs)?;
             drop(_pass);
-            return self.after_direct_write(offset, len, bufs);
+            if wait_records {
+                self.records_written()?;
+            }
+            return Ok(None);
         }
         // Copy out first, every chunk: a full store fails the write before any of it lands.
         for c in self.chunks(offset, len) {
             self.ensure_copied(c, newest)?;
         }
+        // The store chunks of the overlays this write starts, also before any of it lands:
+        // with no room for one (the overlay budget spent, or no free chunk) the write waits
+        // for its copy-outs' commit outside the gate and starts again, so that a snapshot
+        // create never waits behind a commit (the cut stays exact: nothing of it landed).
+        let mut spare = match self.overlay_chunks(offset, len, newest) {
+            Ok(spare) => spare,
+            Err(epoch) => return Ok(Some(epoch)),
+        };
+        let r = self.write_with_overlays(offset, len, bufs, newest, &mut spare);
+        for s in spare {
+            self.store.unalloc_chunk(s);
+        }
+        let wait_records = r?;
+        if wait_records {
+            drop(_pass);
+            self.records_written()?;
+        }
+        Ok(None)
+    }
+
+    /// Store chunks for the overlays an origin write will start (see `origin_write_once`), or
+    /// the batch to wait for when there is no room for them.
+    fn overlay_chunks(
+        &self,
+        offset: u64,
+        len: u64,
+        newest: u32,
+    ) -> std::result::Result<Vec<u64>, u64> {
+        let durable = self.store.durable_epoch.load(SeqCst);
+        let mut need = Vec::new();
+        let mut bytes = 0;
+        let mut wait = 0;
+        for c in self.chunks(offset, len) {
+            if newest == 0 || self.overlay_flag[c as usize].load(SeqCst) {
+                continue;
+            }
+            let e = if self.top[c as usize].load(SeqCst) == newest {
+                self.copy_epoch[c as usize].load(SeqCst)
+            } else {
+                0
+            };
+            if e <= durable {
+                continue;
+            }
+            need.push(c);
+            bytes += self.chunk_len(c) as usize;
+            wait = wait.max(e);
+        }
+        if need.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.overlay_bytes.load(SeqCst) + bytes > MAX_OVERLAY_BYTES {
+            return Err(wait);
+        }
+        self.store
+            .alloc_chunks(need.len(), || {
+                format!("overlays of origin {} at byte {offset}", self.id)
+            })
+            .map_err(|_| wait)
+    }
+
+    /// The rest of an origin write whose chunks are copied out; `spare`: store chunks for its
+    /// overlays. Returns whether overlay records must be waited for.
+    fn write_with_overlays(
+        &self,
+        offset: u64,
+        len: u64,
+        bufs: &[std::io::IoSlice<'_>],
+        newest: u32,
+        spare: &mut Vec<u64>,
+    ) -> Result<bool> {
+        let write_all = |bufs: &[std::io::IoSlice<'_>], at: u64| {
+            self.io(
+                || format!("writing origin {} at {at}", self.origin.name()),
+                self.origin.write_vectored_at(bufs, at),
+            )
+        };
+        let in_place = |c: u64, durable: u64| {
+            !self.overlay_flag[c as usize].load(SeqCst)
+                && (newest == 0
+                    || (self.top[c as usize].load(SeqCst) == newest
+                        && self.copy_epoch[c as usize].load(SeqCst) <= durable))
+        };
         let mut wait_records = false;
         let mut done = 0u64;
         for c in self.chunks(offset, len) {
@@ -229,6 +336,13 @@ impl OriginCore {
                 ov.epoch = ov.epoch.max(e);
                 ov.store
             });
+            if overlay_store == Some(NO_CHUNK) {
+                // A snapshot took the overlay's chunk: the whole overlay (this piece in it)
+                // goes to a new one, or onto the origin.
+                self.rehome_overlay(c)?;
+                wait_records = true;
+                continue;
+            }
             if let Some(s) = overlay_store {
                 // The store's copy of the overlay too (the stripe lock orders these writes).
                 let off = self.store_off(s) + within as u64;
@@ -244,15 +358,19 @@ impl OriginCore {
                 continue;
             }
             let clen = self.chunk_len(c) as usize;
-            let store_chunk = if self.overlay_bytes.load(SeqCst) + clen > MAX_OVERLAY_BYTES {
-                None
-            } else {
-                // No room for the overlay's store copy: wait for the commit instead.
-                self.store
+            let store_chunk = match spare.pop() {
+                Some(s) => Some(s),
+                // An overlay `overlay_chunks` counted on was written out meanwhile (rare).
+                None if self.overlay_bytes.load(SeqCst) + clen > MAX_OVERLAY_BYTES => None,
+                None => self
+                    .store
                     .alloc_chunk(|| format!("overlay of origin {} chunk {c}", self.id))
-                    .ok()
+                    .ok(),
             };
             let Some(s) = store_chunk else {
+                // No room for the overlay's store copy: wait for the commit instead (under
+                // the gate, as part of this write may have landed; `overlay_chunks` makes
+                // this rare).
                 self.store.wait_durable(e)?;
                 write_all(&piece, start)?;
                 continue;
@@ -302,22 +420,19 @@ impl OriginCore {
             self.store.commit_wake.notify_one();
             wait_records = true;
         }
-        if wait_records {
-            drop(_pass);
-            self.records_written()?;
-        }
-        Ok(())
+        Ok(wait_records)
     }
 
     /// After a write that went straight to the origin (no chunk lock): a writer may have
     /// started an overlay of one of its chunks meanwhile, from origin data read before this
-    /// write landed. Patch such overlays (see `fix_up_direct`).
+    /// write landed. Patch such overlays (see `fix_up_direct`); returns whether an overlay
+    /// record must be in the journal before the write is acknowledged.
     pub(super) fn after_direct_write(
         &self,
         offset: u64,
         len: u64,
         bufs: &[std::io::IoSlice<'_>],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut wait_records = false;
         let mut done = 0u64;
         for c in self.chunks(offset, len) {
@@ -329,10 +444,7 @@ impl OriginCore {
             }
             done += end - start;
         }
-        if wait_records {
-            self.records_written()?;
-        }
-        Ok(())
+        Ok(wait_records)
     }
 
     /// `piece` (bytes `start..start + len` of chunk `c`) was just written straight to the
@@ -355,6 +467,10 @@ impl OriginCore {
             crate::iov::gather(piece, &mut ov.data[within..within + len as usize]);
             ov.store
         });
+        if store == Some(NO_CHUNK) {
+            self.rehome_overlay(c)?;
+            return Ok(true);
+        }
         match store {
             Some(s) => {
                 let off = self.store_off(s) + within as u64;

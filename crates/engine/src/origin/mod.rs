@@ -160,6 +160,15 @@ pub(crate) struct OriginCore {
     /// must sync small).
     dirty: AtomicBool,
     last_sync: Mutex<std::time::Instant>,
+    /// A snapshot of the origin was taken without an origin fsync since the last one: its
+    /// chunks still on the origin may be in the page cache only, so a flush of a snapshot
+    /// volume fsyncs the origin too (`sync_for_snapshots`).
+    cut_unsynced: AtomicBool,
+    /// Deleted snapshots whose delete is not durable yet: (batch, leaf). Their leaves stay
+    /// alive for copy-out decisions until it is (`finish_deaths`): a host crash may undo the
+    /// delete, and the snapshot must then come back whole.
+    dying: Mutex<Vec<(u64, u32)>>,
+    dying_count: AtomicUsize,
 }
 
 fn now_secs() -> u64 {
@@ -269,13 +278,23 @@ impl OriginCore {
             overlay_error: Mutex::new(None),
             record_epoch: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
+            cut_unsynced: AtomicBool::new(false),
+            dying: Mutex::new(Vec::new()),
+            dying_count: AtomicUsize::new(0),
             last_sync: Mutex::new(std::time::Instant::now()),
         }))
     }
 
     /// The metadata, for a checkpoint (called with the metadata lock held).
     pub fn to_meta(&self) -> OriginMeta {
-        let nodes = self.tree.to_meta();
+        let mut nodes = self.tree.to_meta();
+        // A deleted snapshot whose leaf still counts as alive for copy-outs is dead in the
+        // metadata: its DeleteTag is in the journal before this checkpoint.
+        for &(_, leaf) in lock(&self.dying).iter() {
+            if let Some(n) = nodes.get_mut(leaf as usize) {
+                n.dead = true;
+            }
+        }
         let tags = lock(&self.snaps)
             .values()
             .map(|s| (s.tag, s.leaf.load(SeqCst)))
@@ -348,6 +367,22 @@ impl OriginCore {
 
     pub fn sync_origin(&self) -> std::io::Result<()> {
         self.origin.sync()
+    }
+
+    /// Fsyncs the origin if a snapshot was taken since its last fsync (see `cut_unsynced`):
+    /// part of a snapshot volume's flush.
+    pub(crate) fn sync_for_snapshots(&self) -> Result<()> {
+        if !self.cut_unsynced.swap(false, SeqCst) {
+            return Ok(());
+        }
+        let r = self.io(
+            || format!("syncing origin {} for its snapshots", self.origin.name()),
+            self.origin.sync(),
+        );
+        if r.is_err() {
+            self.cut_unsynced.store(true, SeqCst);
+        }
+        r
     }
 
     fn store_off(&self, s: u64) -> u64 {

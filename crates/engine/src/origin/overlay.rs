@@ -5,13 +5,21 @@ use super::*;
 /// goes to the origin once batch `epoch` is durable, so the copy always reaches the store's
 /// media before the overwrite can reach the origin's. So that an acknowledged write survives
 /// the death of the process, the same content is kept in store chunk `store`, named by an
-/// OverlayAt record (batch `rec_epoch`) that is in the journal before the write is
-/// acknowledged; opening the origin again writes any such chunk onto the origin.
+/// OverlayAt record that is in the journal before the write is acknowledged; opening the
+/// origin writes any such chunk onto the origin.
+///
+/// A snapshot cut while the overlay exists gives its store chunk to the new chain node
+/// (`ShareOverlay`): `store` becomes `NO_CHUNK`; the journal still names the chunk as the
+/// overlay's (a restart writes it onto the origin: it holds the overlay). The next write to the overlay gives it a chunk of its own
+/// again (`rehome_overlay`) before it is acknowledged.
 pub(super) struct Overlay {
     pub(super) epoch: u64,
     pub(super) data: Vec<u8>,
     pub(super) store: u64,
 }
+
+/// `Overlay::store` of an overlay whose chunk a snapshot took.
+pub(super) const NO_CHUNK: u64 = u64::MAX;
 
 /// Most memory held by overlays per origin; past it, first writes wait for their commit.
 pub(super) const MAX_OVERLAY_BYTES: usize = 64 << 20;
@@ -106,7 +114,10 @@ impl OriginCore {
                 let mut ov = lock(&self.overlays);
                 for (c, _) in &done {
                     if let Some(o) = ov.remove(c) {
-                        StoreCore::note_free(&mut m, o.store);
+                        // (A shared chunk stays: the snapshot's exception owns it.)
+                        if o.store != NO_CHUNK {
+                            StoreCore::note_free(&mut m, o.store);
+                        }
                         m.pending.push(Record::OverlayDone {
                             slot: self.slot,
                             chunk: *c,
@@ -130,6 +141,119 @@ impl OriginCore {
         }
     }
 
+    /// Gives the overlay of chunk `c`, whose store chunk a snapshot took, a store copy of its
+    /// own again (stripe lock of `c` held): a fresh chunk holding the whole overlay, recorded
+    /// as `OverlayDone` + `OverlayAt` in one batch (the journal then names the new chunk). With
+    /// no free chunk, waits for the chunk's copy-outs to be durable and writes the overlay onto
+    /// the origin instead, ending it. Returns the overlay's store chunk, or `None` if it ended;
+    /// either way a record must be in the journal before the caller's write is acknowledged.
+    pub(super) fn rehome_overlay(&self, c: u64) -> Result<Option<u64>> {
+        let (data, epoch) = match lock(&self.overlays).get(&c) {
+            Some(o) if o.store == NO_CHUNK => (o.data.clone(), o.epoch),
+            Some(o) => return Ok(Some(o.store)),
+            None => return Ok(None),
+        };
+        match self
+            .store
+            .alloc_chunk(|| format!("overlay of origin {} chunk {c}", self.id))
+        {
+            Ok(y) => {
+                if let Err(e) = self.io(
+                    || format!("writing COW store {} chunk {y}", self.store.name),
+                    self.store.storage.write_at(&data, self.store_off(y)),
+                ) {
+                    self.store.unalloc_chunk(y);
+                    return Err(e);
+                }
+                let mut m = self.store.lock_meta();
+                let mut ov = lock(&self.overlays);
+                let Some(o) = ov.get_mut(&c) else {
+                    drop(ov);
+                    drop(m);
+                    self.store.unalloc_chunk(y);
+                    return Err(Error::Corrupt {
+                        store: self.store.name.clone(),
+                        what: format!("origin {}: overlay of chunk {c} vanished", self.id),
+                    });
+                };
+                StoreCore::note_alloc(&mut m, y);
+                self.note_record(&m);
+                m.pending.push(Record::OverlayDone {
+                    slot: self.slot,
+                    chunk: c,
+                });
+                m.pending.push(Record::OverlayAt {
+                    slot: self.slot,
+                    chunk: c,
+                    store: y,
+                });
+                o.store = y;
+                Ok(Some(y))
+            }
+            Err(_) => {
+                let wait = epoch.max(self.copy_epoch[c as usize].load(SeqCst));
+                self.store.wait_durable(wait)?;
+                self.io(
+                    || format!("writing origin {} chunk {c}", self.origin.name()),
+                    self.origin.write_at(&data, c * self.cs),
+                )?;
+                let epoch = {
+                    let mut m = self.store.lock_meta();
+                    lock(&self.overlays).remove(&c);
+                    m.pending.push(Record::OverlayDone {
+                        slot: self.slot,
+                        chunk: c,
+                    });
+                    m.epoch
+                };
+                self.store.wait_written(epoch)?;
+                self.overlay_flag[c as usize].store(false, SeqCst);
+                self.overlay_bytes.fetch_sub(data.len(), SeqCst);
+                self.overlay_count.fetch_sub(1, SeqCst);
+                Ok(None)
+            }
+        }
+    }
+
+    /// At a snapshot cut (gate closed, metadata lock held as `m`, chain node `node` of seq
+    /// `seq` just pushed): every overlay's store chunk becomes the new node's exception — it
+    /// holds exactly the origin's content at the cut — and the overlay keeps its data but
+    /// not the chunk (see `Overlay`). Overlays without a chunk must be rehomed first.
+    pub(super) fn share_overlays(&self, m: &mut MetaCore, node: u32, seq: u32) {
+        let mut ov = lock(&self.overlays);
+        for (&c, o) in ov.iter_mut() {
+            if o.store == NO_CHUNK {
+                debug_assert!(false, "overlay of chunk {c} was not rehomed before the cut");
+                continue;
+            }
+            self.publish_as(
+                m,
+                c,
+                Ex {
+                    node,
+                    seq,
+                    store: o.store,
+                },
+                true,
+            );
+            o.store = NO_CHUNK;
+            self.copy_epoch[c as usize].store(m.epoch, SeqCst);
+            self.top[c as usize].store(seq, SeqCst);
+        }
+    }
+
+    /// Overlays whose store chunk an earlier snapshot took and that were not written since.
+    pub(super) fn detached_overlays(&self) -> Vec<u64> {
+        if self.overlay_count.load(SeqCst) == 0 {
+            return Vec::new();
+        }
+        lock(&self.overlays)
+            .iter()
+            .filter(|(_, o)| o.store == NO_CHUNK)
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
     /// Commits and writes out every overlay (before an operation that reads the origin device
     /// as the truth: a snapshot, a rollback, a flush).
     pub(super) fn settle_overlays(&self) -> Result<()> {
@@ -146,10 +270,17 @@ impl OriginCore {
     pub fn origin_flush(&self) -> Result<()> {
         self.check_alive()?;
         self.settle_overlays()?;
-        self.io(
+        // (Cleared before the sync: a snapshot taken meanwhile raises it again.)
+        let cut = self.cut_unsynced.swap(false, SeqCst);
+        if let Err(e) = self.io(
             || format!("syncing origin {}", self.origin.name()),
             self.origin.sync(),
-        )?;
+        ) {
+            if cut {
+                self.cut_unsynced.store(true, SeqCst);
+            }
+            return Err(e);
+        }
         // Records an acknowledged write depends on (restored chunks, overlays written) must
         // be durable too, and restored-chunk records with the data they describe.
         if self.store.needs_commit() || self.rollback.load().is_some() {

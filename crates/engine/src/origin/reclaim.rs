@@ -148,7 +148,8 @@ impl OriginCore {
     /// pending or running (0 otherwise).
     pub(super) fn garbage_estimate(&self) -> u64 {
         if !self.reclaim_needed.load(SeqCst) && !self.reclaim_running.load(SeqCst) {
-            return 0;
+            // A delete not yet durable: its reclaim is still to come.
+            return self.dying_count.load(SeqCst).min(1) as u64;
         }
         let readers = self.readers();
         self.map

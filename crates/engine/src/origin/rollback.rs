@@ -147,6 +147,9 @@ impl OriginCore {
             })));
             m.epoch
         };
+        // The source may read chunks from the origin that a snapshot taken without a sync
+        // left in the page cache only: the rollback is durable with them.
+        self.sync_for_snapshots()?;
         self.commit(epoch)?;
         self.store.wake_worker();
         Ok(())

@@ -1,7 +1,12 @@
 use super::*;
 
 impl OriginCore {
-    pub fn create_snapshot(&self, of: Option<u32>, memo: &str) -> Result<u32> {
+    /// Takes a snapshot (see `Origin::create_snapshot`). `sync`: answer only once the snapshot
+    /// survives a host crash holding every write completed before the call (an origin fsync
+    /// and a commit round, both with the gate open); otherwise answer once its records are in
+    /// the journal (it survives the death of the process) and let the next commit round make
+    /// it durable.
+    pub fn create_snapshot(&self, of: Option<u32>, memo: &str, sync: bool) -> Result<u32> {
         if memo.len() > MAX_MEMO {
             return Err(Error::InvalidArgument(format!(
                 "memo of {} bytes is longer than {MAX_MEMO}",
@@ -25,13 +30,19 @@ impl OriginCore {
                     )));
                 }
                 let _closed = self.gate.close();
-                self.settle_overlays()?;
-                // The snapshot holds every write completed before it: make those durable, as
-                // its chunks still on the origin are read from there.
-                self.io(
-                    || format!("syncing origin {} before a snapshot", self.origin.name()),
-                    self.origin.sync(),
-                )?;
+                // Overlays survive the cut (`share_overlays`); those an earlier cut took the
+                // chunk of and that were not written since get one again first.
+                for c in self.detached_overlays() {
+                    let _g = self.stripe(c);
+                    self.rehome_overlay(c)?;
+                }
+                if let Some(e) = lock(&self.overlay_error).take() {
+                    return Err(Error::io(e, std::io::Error::other("overlay write failed")));
+                }
+                // No origin fsync here: the snapshot reads its chunks still on the origin from
+                // the page cache until a write copies them out (from the page cache too), so a
+                // process death keeps the cut exact; a host crash keeps what was flushed
+                // (README "Crash behaviour"). `sync` fsyncs after the gate reopens.
                 let mut m = self.store.lock_meta();
                 let tag = self.next_tag.load(SeqCst);
                 let seq = self
@@ -56,7 +67,11 @@ impl OriginCore {
                     },
                 )?;
                 self.add_snapshot(&mut m, chain, tag, 0, birth, memo)?;
+                self.share_overlays(&mut m, chain, seq);
                 self.newest.store(seq, SeqCst);
+                if !sync {
+                    self.cut_unsynced.store(true, SeqCst);
+                }
                 (m.epoch, tag)
             }
             Some(parent) => {
@@ -75,11 +90,34 @@ impl OriginCore {
                 (m.epoch, tag)
             }
         };
-        self.commit(epoch.0)?;
+        self.answer(epoch.0, sync, Some(of.is_none()))?;
         Ok(epoch.1)
     }
 
-    pub fn delete_snapshot(&self, tag: u32) -> Result<()> {
+    /// The end of a create or delete: the records of batch `epoch` are in the journal (a
+    /// process death keeps them) and a commit round is on its way; with `sync`, the round is
+    /// done, and for a create (`of_origin`: `Some`) the origin is synced first: the pre-cut
+    /// writes a snapshot of the origin reads from there, and those of earlier snapshots
+    /// taken without a sync that a snapshot of a snapshot may share.
+    fn answer(&self, epoch: u64, sync: bool, of_origin: Option<bool>) -> Result<()> {
+        if !sync {
+            self.store.wait_written(epoch)?;
+            self.store.request_commit();
+            return Ok(());
+        }
+        match of_origin {
+            Some(true) => self.io(
+                || format!("syncing origin {} for a snapshot", self.origin.name()),
+                self.origin.sync(),
+            )?,
+            Some(false) => self.sync_for_snapshots()?,
+            None => {}
+        }
+        self.commit(epoch)
+    }
+
+    /// Deletes snapshot `tag`; `sync` as in `create_snapshot` (without the origin fsync).
+    pub fn delete_snapshot(&self, tag: u32, sync: bool) -> Result<()> {
         let _ops = lock(&self.ops);
         self.check_alive()?;
         let s = self.snap(tag)?;
@@ -87,9 +125,10 @@ impl OriginCore {
             let _closed = s.gate.close();
             s.deleted.store(true, SeqCst);
             let mut m = self.store.lock_meta();
-            if let Some(n) = self.node(s.leaf.load(SeqCst)) {
-                n.dead.store(true, SeqCst);
-            }
+            // The leaf dies (for copy-outs and reclaim) once the delete is durable.
+            lock(&self.dying).push((m.epoch, s.leaf.load(SeqCst)));
+            self.dying_count.fetch_add(1, SeqCst);
+            self.store.dying.fetch_add(1, SeqCst);
             let mut snaps = lock(&self.snaps);
             snaps.remove(&tag);
             self.live_snaps.store(snaps.len(), SeqCst);
@@ -100,10 +139,37 @@ impl OriginCore {
             });
             m.epoch
         };
-        self.commit(epoch)?;
-        self.reclaim_needed.store(true, SeqCst);
+        self.answer(epoch, sync, None)?;
+        self.finish_deaths();
         self.store.wake_worker();
         Ok(())
+    }
+
+    /// Marks the leaves of deleted snapshots dead once their delete is durable, and asks for
+    /// a reclaim.
+    pub(super) fn finish_deaths(&self) {
+        if self.dying_count.load(SeqCst) == 0 {
+            return;
+        }
+        let durable = self.store.durable_epoch.load(SeqCst);
+        let _m = self.store.lock_meta();
+        let mut dying = lock(&self.dying);
+        let before = dying.len();
+        dying.retain(|&(epoch, leaf)| {
+            if epoch > durable {
+                return true;
+            }
+            if let Some(n) = self.node(leaf) {
+                n.dead.store(true, SeqCst);
+            }
+            false
+        });
+        let done = before - dying.len();
+        if done > 0 {
+            self.dying_count.fetch_sub(done, SeqCst);
+            self.store.dying.fetch_sub(done, SeqCst);
+            self.reclaim_needed.store(true, SeqCst);
+        }
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
@@ -147,6 +213,10 @@ impl OriginCore {
             return Err(Error::HasSnapshots(self.id.clone()));
         }
         self.settle_overlays()?;
+        if self.dying_count.load(SeqCst) > 0 {
+            self.store.commit_sync()?;
+            self.finish_deaths();
+        }
         self.reclaim()?;
         Ok(())
     }

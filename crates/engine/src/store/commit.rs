@@ -202,6 +202,10 @@ impl StoreCore {
         *d = (*d).max(epoch);
         self.durable_epoch.store(*d, SeqCst);
         self.durable_cv.notify_all();
+        drop(d);
+        if self.dying.load(SeqCst) > 0 {
+            self.wake_worker();
+        }
     }
 
     pub(super) fn fail(&self, what: CommitError) {

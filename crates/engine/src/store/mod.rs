@@ -98,6 +98,9 @@ pub(crate) struct StoreCore {
     pub durable: Mutex<u64>,
     pub durable_cv: Condvar,
     pub durable_epoch: AtomicU64,
+    /// Snapshot deletes waiting for durability before their leaves die: the worker is woken
+    /// after each commit round while there are any.
+    pub dying: std::sync::atomic::AtomicUsize,
     /// Highest batch whose records are in the journal (written, perhaps not yet synced): what
     /// a killed process's successor replays, since the page cache outlives the process.
     pub written_epoch: AtomicU64,
@@ -259,6 +262,7 @@ impl Store {
             durable: Mutex::new(0),
             durable_cv: Condvar::new(),
             durable_epoch: AtomicU64::new(0),
+            dying: std::sync::atomic::AtomicUsize::new(0),
             written_epoch: AtomicU64::new(0),
             journal: Mutex::new(()),
             failed: Mutex::new(None),
