@@ -430,6 +430,50 @@ fn snapshot_create_of_origin_and_of_snapshot() {
 
 /// `snapshot_create` with `tag` (dm-snap-mv `dms s NAME TAG`): a snapshot of a snapshot that
 /// is not exported, through the origin's export; its data is the parent's, not the origin's.
+/// `"sync": true` (CLI `--sync`) on create and delete: the same snapshots, answered once
+/// durable; a bad `sync` value is refused.
+#[test]
+fn snapshot_create_and_delete_with_sync() {
+    let f = fixture("sync");
+    f.create_vol();
+    let mut c = Client::connect(&f.d.export_socket("vol")).unwrap();
+    write_byte(&mut c, 0, 4096, 7);
+    let t =
+        f.d.ok("snapshot_create", json!({"name": "vol", "sync": true}))["tag"]
+            .as_u64()
+            .unwrap();
+    write_byte(&mut c, 0, 4096, 8);
+    drop(c);
+    let out =
+        f.d.cli(&["--json", "snapshot", "vol", "--sync", "-m", "durable"]);
+    let t2 = serde_json::from_str::<Value>(&out).unwrap()["tag"]
+        .as_u64()
+        .unwrap();
+    f.d.ok(
+        "snapshot_export",
+        json!({"name": "s", "origin_id": "o.img", "cow": f.cow, "tag": t}),
+    );
+    let mut s = Client::connect(&f.d.export_socket("s")).unwrap();
+    assert!(read_bytes(&mut s, 0, 4096).iter().all(|&b| b == 7));
+    drop(s);
+    f.d.ok("export_remove", json!({"name": "s"}));
+    f.d.ok(
+        "snapshot_delete",
+        json!({"name": "vol", "tag": t, "sync": true}),
+    );
+    f.d.cli(&["delete", "vol", &t2.to_string(), "--sync"]);
+    let l = f.d.ok("snapshot_list", json!({}));
+    assert!(
+        l["origins"][0]["snapshots"].as_array().unwrap().is_empty(),
+        "{l}"
+    );
+    f.d.err(
+        "snapshot_create",
+        json!({"name": "vol", "sync": "yes"}),
+        codes::INVALID_PARAMS,
+    );
+}
+
 #[test]
 fn snapshot_create_of_an_unexported_tag() {
     let f = fixture("sct");

@@ -62,6 +62,9 @@ enum Command {
         /// A note stored with the snapshot.
         #[arg(short, long)]
         memo: Option<String>,
+        /// Return only once the snapshot survives a host crash, not just the daemon's death.
+        #[arg(long)]
+        sync: bool,
         #[command(flatten)]
         out: Out,
     },
@@ -75,6 +78,9 @@ enum Command {
         /// Without TAG: remove the export even while a guest is connected.
         #[arg(long, conflicts_with = "tag")]
         force: bool,
+        /// With TAG: return only once the delete survives a host crash.
+        #[arg(long, requires = "tag")]
+        sync: bool,
         #[command(flatten)]
         out: Out,
     },
@@ -380,19 +386,24 @@ fn main() -> ExitCode {
             name,
             tag,
             memo,
+            sync,
             out,
         } => {
             let ctx = ctx(out);
-            (ctx.json, cli::snapshot(&ctx, &name, tag, memo.as_deref()))
+            (
+                ctx.json,
+                cli::snapshot(&ctx, &name, tag, memo.as_deref(), sync),
+            )
         }
         Command::Delete {
             name,
             tag,
             force,
+            sync,
             out,
         } => {
             let ctx = ctx(out);
-            (ctx.json, cli::delete(&ctx, &name, tag, force))
+            (ctx.json, cli::delete(&ctx, &name, tag, force, sync))
         }
         Command::Rollback {
             name,

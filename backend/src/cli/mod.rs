@@ -286,17 +286,19 @@ pub fn remove(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `snapmv snapshot NAME [-m MEMO]`: `snapshot_create`.
+/// `snapmv snapshot NAME [TAG] [-m MEMO] [--sync]`: `snapshot_create`.
 pub fn snapshot(
     ctx: &Ctx,
     name: &str,
     tag: Option<u32>,
     memo: Option<&str>,
+    sync: bool,
 ) -> Result<(), CliError> {
     let r = ctx.call::<rpc::SnapshotCreate>(&m::SnapshotCreateParams {
         name: name.into(),
         memo: memo.unwrap_or("").into(),
         tag,
+        sync,
     })?;
     if ctx.json {
         ctx.print_result(&r);
@@ -314,11 +316,18 @@ pub fn snapshot(
 
 /// `snapmv delete NAME [TAG]`: `snapshot_delete`, or `origin_delete` without a tag (`force`:
 /// even while a guest is connected to the export).
-pub fn delete(ctx: &Ctx, name: &str, tag: Option<u32>, force: bool) -> Result<(), CliError> {
+pub fn delete(
+    ctx: &Ctx,
+    name: &str,
+    tag: Option<u32>,
+    force: bool,
+    sync: bool,
+) -> Result<(), CliError> {
     let r = match tag {
         Some(tag) => ctx.call::<rpc::SnapshotDelete>(&m::SnapshotDeleteParams {
             name: name.into(),
             tag,
+            sync,
         })?,
         None => ctx.call::<rpc::OriginDelete>(&m::ExportRemoveParams {
             name: name.into(),

@@ -295,6 +295,7 @@ mod tests {
                 name: "x".into(),
                 memo: String::new(),
                 tag: None,
+                sync: false,
             })
             .unwrap();
         assert_eq!(r.tag, 4);

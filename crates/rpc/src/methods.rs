@@ -208,6 +208,10 @@ pub struct SnapshotCreateParams {
     /// then be an export of the origin; snapshot `tag` need not be exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<u32>,
+    /// Answer only once the snapshot survives a host crash (a commit round; see
+    /// docs/rpc.md). Without it the answer comes once the snapshot survives the daemon's death.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sync: bool,
 }
 
 /// `snapshot_create` result.
@@ -225,6 +229,9 @@ pub struct SnapshotDeleteParams {
     pub name: String,
     /// Tag of the snapshot to delete.
     pub tag: u32,
+    /// Answer only once the delete survives a host crash (a commit round).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sync: bool,
 }
 
 /// `snapshot_rollback` parameters.

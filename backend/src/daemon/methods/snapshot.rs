@@ -43,9 +43,12 @@ impl Daemon {
                 rec.origin_id, rec.name
             ),
         };
-        let tag = origin
-            .create_snapshot(of, &p.memo)
-            .map_err(MethodError::engine(format!("cannot snapshot {what}")))?;
+        let created = if p.sync {
+            origin.create_snapshot_sync(of, &p.memo)
+        } else {
+            origin.create_snapshot(of, &p.memo)
+        };
+        let tag = created.map_err(MethodError::engine(format!("cannot snapshot {what}")))?;
         info!("snapshot {tag} taken of {what}");
         Ok(m::SnapshotCreateResult { tag })
     }
@@ -65,12 +68,15 @@ impl Daemon {
                 users.join(", ")
             )));
         }
-        origin
-            .delete_snapshot(p.tag)
-            .map_err(MethodError::engine(format!(
-                "cannot delete snapshot {} of origin {} (export {})",
-                p.tag, rec.origin_id, rec.name
-            )))?;
+        let deleted = if p.sync {
+            origin.delete_snapshot_sync(p.tag)
+        } else {
+            origin.delete_snapshot(p.tag)
+        };
+        deleted.map_err(MethodError::engine(format!(
+            "cannot delete snapshot {} of origin {} (export {})",
+            p.tag, rec.origin_id, rec.name
+        )))?;
         info!("snapshot {} of origin {} deleted", p.tag, rec.origin_id);
         Ok(m::Done { name: rec.name })
     }
