@@ -139,6 +139,25 @@ fn digest(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
 
+/// The files' digests once the daemon has stopped writing them. A snapshot answers once its
+/// record is durable, but the worker goes on after it (the overlays the cut kept are written
+/// back to the origin, a commit round checkpoints): a test that asserts "a refused request
+/// wrote nothing" must take its baseline after that background work, or it blames the refusal
+/// for the worker's writes.
+fn settled_digests<const N: usize>(paths: [&Path; N]) -> [Vec<u8>; N] {
+    let mut before = paths.map(digest);
+    // Longer than the worker's idle wake-up (1 s), so one quiet interval means idle.
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let now = paths.map(digest);
+        if now == before {
+            return now;
+        }
+        before = now;
+    }
+    panic!("the daemon kept writing {paths:?} for 30 s after its last request");
+}
+
 #[test]
 fn paths_to_another_exports_files_are_refused() {
     let f = fixture("hostile-paths");
@@ -153,8 +172,8 @@ fn paths_to_another_exports_files_are_refused() {
         let ret = run1(&mut c.queues[0], |q| q.flush(0, NO_FLAGS)).unwrap();
         assert_eq!(ret, 0);
     }
-    f.d.ok("snapshot_create", json!({"name": "vol"}));
-    let (o_before, c_before) = (digest(&f.origin), digest(&f.cow));
+    f.d.ok("snapshot_create", json!({"name": "vol", "sync": true}));
+    let [o_before, c_before] = settled_digests([&f.origin, &f.cow]);
     let other_o = f.dir.path().join("o2.img");
     let other_c = f.dir.path().join("c2.img");
     sparse_file(&other_o, 4 * MIB);
@@ -412,18 +431,8 @@ fn export_sockets_are_private_under_umask0() {
 #[test]
 fn hard_link_to_an_open_store_is_the_same_store() {
     let f = fixture("hostile-hardlink");
-    f.d.ok("snapshot_create", json!({"name": "vol"}));
-    // The create answers once its record is in the journal; the commit round it requested
-    // follows: wait for the store to settle.
-    let mut before = digest(&f.cow);
-    for _ in 0..50 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let now = digest(&f.cow);
-        if now == before {
-            break;
-        }
-        before = now;
-    }
+    f.d.ok("snapshot_create", json!({"name": "vol", "sync": true}));
+    let [before] = settled_digests([&f.cow]);
     let hard_c = f.dir.path().join("hard-to-store");
     std::fs::hard_link(&f.cow, &hard_c).unwrap();
     let other = |i: usize| {
