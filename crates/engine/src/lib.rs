@@ -22,8 +22,8 @@ mod volume;
 
 pub use check::{check, check_storage, CheckReport};
 pub use error::{CommitFailed, Error, ErrorKind, Result};
-pub use origin::{OriginStatus, RollbackProgress, SnapshotInfo};
-pub use registry::{Origin, StoreStatus};
+pub use origin::{GroupError, OriginStatus, RollbackProgress, SnapshotInfo};
+pub use registry::{snapshot_group, Origin, StoreStatus};
 pub use storage::{current_boot_id, in_use, BootId, FileStorage, InUse, OpenMode, Storage};
 pub use store::{FormatOptions, Store};
 pub use volume::Volume;

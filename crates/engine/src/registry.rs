@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::meta::{OriginMeta, Record, MAX_ORIGIN_ID};
-use crate::origin::{OriginCore, OriginStatus, RollbackProgress, SnapshotInfo};
+use crate::origin::{GroupError, Member, OriginCore, OriginStatus, RollbackProgress, SnapshotInfo};
 use crate::storage::{FileStorage, Storage};
 use crate::store::{AttachedOrigin, Guard, Store, StoreCore};
 use crate::volume::Volume;
@@ -151,6 +151,30 @@ impl Origin {
     pub fn status(&self) -> OriginStatus {
         self.core.status()
     }
+}
+
+/// Snapshots several volumes at one instant (a consistency group): each `(origin, of)` is the
+/// origin (`of: None`) or its snapshot `of`; origins may be in one store or several, one volume
+/// per origin. Every volume's writes are held back before any is cut, so a write completed
+/// before another was issued (to any member) is in every snapshot that holds the later one.
+/// Returns the new tags in the given order, when [`Origin::create_snapshot`] would (with
+/// `sync`: [`Origin::create_snapshot_sync`]). All or nothing: on a failure the snapshots
+/// already cut are deleted again, and the error names the member. Members in one store are
+/// recorded in one journal batch; across stores a death of the process between their
+/// batches can leave part of the group (the caller did not get an answer).
+pub fn snapshot_group(
+    volumes: &[(&Origin, Option<u32>)],
+    memo: &str,
+    sync: bool,
+) -> std::result::Result<Vec<u32>, GroupError> {
+    let members: Vec<Member> = volumes
+        .iter()
+        .map(|(o, of)| Member {
+            core: o.core.clone(),
+            of: *of,
+        })
+        .collect();
+    crate::origin::snapshot_group(&members, memo, sync)
 }
 
 /// The origin behind an entry of the store's map (this module is the only one that inserts,

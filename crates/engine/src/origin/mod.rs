@@ -7,7 +7,8 @@
 //!   snapshot;
 //! - `overlay.rs`: origin writes held in memory (and in the store) until their copy-out is
 //!   durable, and their write-out;
-//! - `snapshot.rs`: create, delete, list, status, unbind;
+//! - `snapshot.rs`: create, delete, list, status, unbind; `group.rs`: several origins' snapshots
+//!   cut at one instant;
 //! - `rollback.rs`: live rollback and its background copy-back;
 //! - `reclaim.rs`: the reader census (`Readers`, pure) and the reclaim of what no reader needs;
 //! - `background.rs`: the worker's slice of work per origin; `diff.rs`: changed-block diff.
@@ -49,6 +50,7 @@ mod background;
 mod chunk_map;
 mod cow;
 mod diff;
+mod group;
 mod overlay;
 mod reclaim;
 mod rollback;
@@ -58,6 +60,8 @@ mod tests;
 mod tree;
 
 pub(crate) use chunk_map::{Ex, ExList};
+pub use group::GroupError;
+pub(crate) use group::{snapshot_group, Member};
 use overlay::Overlay;
 pub(crate) use rollback::RollbackRt;
 use tree::NodeRt;
