@@ -52,14 +52,18 @@ enum Command {
         out: Out,
     },
     /// Snapshot what an export serves: the origin (dms so) or a snapshot (dms ss); with TAG,
-    /// snapshot TAG of the origin NAME serves, exported or not (dms s NAME TAG).
+    /// snapshot TAG of the origin NAME serves, exported or not (dms s NAME TAG); with several
+    /// exports (NAME NAME…), snapshot them all at one instant (a consistency group).
     Snapshot {
-        /// Export of the origin or of a snapshot.
-        name: String,
-        /// Snapshot this snapshot of the origin (NAME must export the origin); 1 or more.
-        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
-        tag: Option<u32>,
-        /// A note stored with the snapshot.
+        /// Export(s) of an origin or of a snapshot, then optionally TAG: `NAME TAG` (a number
+        /// as the second of two arguments) snapshots snapshot TAG of the origin NAME exports;
+        /// two or more names (or `--group`) form a consistency group.
+        #[arg(required = true, value_name = "NAME|TAG")]
+        targets: Vec<String>,
+        /// Take the arguments as export names even when the second of two is a number.
+        #[arg(long)]
+        group: bool,
+        /// A note stored with the snapshot (each snapshot of a group).
         #[arg(short, long)]
         memo: Option<String>,
         /// Return only once the snapshot survives a host crash, not just the daemon's death.
@@ -383,8 +387,8 @@ fn main() -> ExitCode {
             (ctx.json, cli::remove(&ctx, &name, force))
         }
         Command::Snapshot {
-            name,
-            tag,
+            targets,
+            group,
             memo,
             sync,
             out,
@@ -392,7 +396,7 @@ fn main() -> ExitCode {
             let ctx = ctx(out);
             (
                 ctx.json,
-                cli::snapshot(&ctx, &name, tag, memo.as_deref(), sync),
+                cli::snapshot(&ctx, &targets, group, memo.as_deref(), sync),
             )
         }
         Command::Delete {

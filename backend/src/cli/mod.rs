@@ -84,6 +84,9 @@ pub enum CliError {
     /// `import-diff` refused a diff that does not fit its target.
     #[error("{0}")]
     Refused(String),
+    /// Arguments clap cannot check by itself are wrong.
+    #[error("{0}")]
+    Usage(String),
     /// The rollback waiter thread could not be run.
     #[error("rollback of export {name}: {what}")]
     Wait {
@@ -119,6 +122,7 @@ impl CliError {
                 _ => codes::IO_ERROR,
             },
             CliError::Refused(_) => codes::INVALID_STATE,
+            CliError::Usage(_) => codes::INVALID_PARAMS,
             CliError::NotAStore { .. } | CliError::Unclean { .. } => codes::CORRUPT,
         }
     }
@@ -286,30 +290,65 @@ pub fn remove(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `snapmv snapshot NAME [TAG] [-m MEMO] [--sync]`: `snapshot_create`.
+/// `snapmv snapshot NAME [TAG] [-m MEMO] [--sync]` and `snapmv snapshot NAME NAME… [--group]`:
+/// `snapshot_create` with `name` (and `tag`) or with `names`.
 pub fn snapshot(
     ctx: &Ctx,
-    name: &str,
-    tag: Option<u32>,
+    targets: &[String],
+    group: bool,
     memo: Option<&str>,
     sync: bool,
 ) -> Result<(), CliError> {
-    let r = ctx.call::<rpc::SnapshotCreate>(&m::SnapshotCreateParams {
-        name: name.into(),
-        memo: memo.unwrap_or("").into(),
-        tag,
-        sync,
-    })?;
+    let memo = memo.unwrap_or("").to_string();
+    let tag = match targets {
+        [_, t] if !group => t.parse::<u32>().ok(),
+        _ => None,
+    };
+    if tag == Some(0) {
+        return Err(CliError::Usage(
+            "snapshot tag 0 does not exist: tags start at 1".into(),
+        ));
+    }
+    let p = match targets {
+        [name] => m::SnapshotCreateParams {
+            name: name.clone(),
+            memo,
+            sync,
+            ..Default::default()
+        },
+        [name, _] if tag.is_some() => m::SnapshotCreateParams {
+            name: name.clone(),
+            memo,
+            tag,
+            sync,
+            ..Default::default()
+        },
+        names => m::SnapshotCreateParams {
+            names: names.to_vec(),
+            memo,
+            sync,
+            ..Default::default()
+        },
+    };
+    let r = ctx.call::<rpc::SnapshotCreate>(&p)?;
     if ctx.json {
         ctx.print_result(&r);
-    } else {
-        match tag {
-            None => println!("snapshot {} of export {name} created", r.tag),
-            Some(t) => println!(
-                "snapshot {} of snapshot {t} (origin of export {name}) created",
-                r.tag
-            ),
+        return Ok(());
+    }
+    match (&r.tags, r.tag, tag) {
+        (Some(tags), _, _) => {
+            let each: Vec<String> = tags
+                .iter()
+                .map(|t| format!("snapshot {} of export {}", t.tag, t.name))
+                .collect();
+            println!("created at one instant: {}", each.join(", "));
         }
+        (None, Some(t), None) => println!("snapshot {t} of export {} created", p.name),
+        (None, Some(t), Some(of)) => println!(
+            "snapshot {t} of snapshot {of} (origin of export {}) created",
+            p.name
+        ),
+        (None, None, _) => println!("snapshot created (the daemon gave no tag)"),
     }
     Ok(())
 }

@@ -293,12 +293,10 @@ mod tests {
         let r = c
             .call::<crate::method::SnapshotCreate>(&crate::methods::SnapshotCreateParams {
                 name: "x".into(),
-                memo: String::new(),
-                tag: None,
-                sync: false,
+                ..Default::default()
             })
             .unwrap();
-        assert_eq!(r.tag, 4);
+        assert_eq!(r.tag, Some(4));
         let e = c.call_raw("bad", Value::Null).unwrap_err();
         assert_eq!(e.code(), Some(codes::NOT_FOUND));
         assert!(e.to_string().contains("export x not found"));

@@ -195,17 +195,22 @@ pub struct OptionalNameParams {
 #[serde(deny_unknown_fields)]
 pub struct NoParams {}
 
-/// `snapshot_create` parameters.
+/// `snapshot_create` parameters: `name`, or `names` for a consistency group.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreateParams {
     /// Export of the origin (snapshot of the origin) or of a snapshot (snapshot of it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
-    /// A note stored with the snapshot.
+    /// Instead of `name`: exports of several origins (in one store or several), snapshotted
+    /// at one instant, all or nothing (a consistency group; one export per origin).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// A note stored with the snapshot (with `names`: with each of them).
     #[serde(default)]
     pub memo: String,
     /// Snapshot this snapshot of the origin instead (dm-snap-mv `dms s NAME TAG`): `name` must
-    /// then be an export of the origin; snapshot `tag` need not be exported.
+    /// then be an export of the origin; snapshot `tag` need not be exported. Not with `names`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<u32>,
     /// Answer only once the snapshot survives a host crash (a commit round; see
@@ -214,9 +219,22 @@ pub struct SnapshotCreateParams {
     pub sync: bool,
 }
 
-/// `snapshot_create` result.
+/// `snapshot_create` result: `tag` for `name`, `tags` for `names`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotCreateResult {
+    /// The new snapshot's tag (a create with `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<u32>,
+    /// Each export's new snapshot, in the order of `names` (a create with `names`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<NamedTag>>,
+}
+
+/// A snapshot taken through an export.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NamedTag {
+    /// The export.
+    pub name: String,
     /// The new snapshot's tag.
     pub tag: u32,
 }

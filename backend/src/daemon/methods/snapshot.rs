@@ -12,6 +12,15 @@ impl Daemon {
         &self,
         p: m::SnapshotCreateParams,
     ) -> MResult<m::SnapshotCreateResult> {
+        match (p.name.is_empty(), p.names.is_empty()) {
+            (false, true) => {}
+            (true, false) => return self.snapshot_group(p),
+            _ => {
+                return Err(MethodError::InvalidParams(
+                    "give either name (one export) or names (a consistency group)".into(),
+                ))
+            }
+        }
         let mut guard = self.lock();
         let inner = &mut *guard;
         let rec = self.find_export(inner, &p.name)?;
@@ -50,7 +59,65 @@ impl Daemon {
         };
         let tag = created.map_err(MethodError::engine(format!("cannot snapshot {what}")))?;
         info!("snapshot {tag} taken of {what}");
-        Ok(m::SnapshotCreateResult { tag })
+        Ok(m::SnapshotCreateResult {
+            tag: Some(tag),
+            tags: None,
+        })
+    }
+
+    /// `snapshot_create` with `names`: every export's volume cut at one instant, all or
+    /// nothing (the engine's `snapshot_group`).
+    fn snapshot_group(&self, p: m::SnapshotCreateParams) -> MResult<m::SnapshotCreateResult> {
+        if p.tag.is_some() {
+            return Err(MethodError::InvalidParams(
+                "tag is for a snapshot through one export (name), not for a group (names)".into(),
+            ));
+        }
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let mut members = Vec::with_capacity(p.names.len());
+        for (i, name) in p.names.iter().enumerate() {
+            if p.names[..i].contains(name) {
+                return Err(MethodError::InvalidParams(format!(
+                    "export {name} is named twice in the group"
+                )));
+            }
+            let rec = self.find_export(inner, name)?;
+            let origin = self.origin_of(inner, &rec)?;
+            members.push((rec, origin));
+        }
+        let vols: Vec<(&snapmv_engine::Origin, Option<u32>)> =
+            members.iter().map(|(r, o)| (o, r.tag)).collect();
+        let tags = snapmv_engine::snapshot_group(&vols, &p.memo, p.sync).map_err(|e| {
+            let what = match e.member {
+                Some(i) => format!(
+                    "cannot snapshot the group {}: export {} failed, no snapshot was kept{}",
+                    p.names.join(" "),
+                    p.names[i],
+                    left_note(&p.names, &e.left)
+                ),
+                None => format!("cannot snapshot the group {}", p.names.join(" ")),
+            };
+            MethodError::engine(what)(e.error)
+        })?;
+        let tags: Vec<m::NamedTag> = p
+            .names
+            .iter()
+            .zip(tags)
+            .map(|(name, tag)| m::NamedTag {
+                name: name.clone(),
+                tag,
+            })
+            .collect();
+        let each: Vec<String> = tags
+            .iter()
+            .map(|t| format!("{} {}", t.name, t.tag))
+            .collect();
+        info!("group snapshot taken at one instant: {}", each.join(", "));
+        Ok(m::SnapshotCreateResult {
+            tag: None,
+            tags: Some(tags),
+        })
     }
 
     pub(crate) fn snapshot_delete(&self, p: m::SnapshotDeleteParams) -> MResult<m::Done> {
@@ -183,4 +250,19 @@ impl Daemon {
         }
         Ok(m::SnapshotList { origins })
     }
+}
+
+/// The snapshots a failed group could not delete again (normally none).
+fn left_note(names: &[String], left: &[(usize, u32)]) -> String {
+    if left.is_empty() {
+        return String::new();
+    }
+    let l: Vec<String> = left
+        .iter()
+        .map(|(i, t)| format!("snapshot {t} of export {}", names[*i]))
+        .collect();
+    format!(
+        " (except {}, which could not be deleted again)",
+        l.join(", ")
+    )
 }

@@ -1,0 +1,218 @@
+//! Operations through the daemon (issue 15): consistency groups (`snapshot_create` with
+//! `names`, CLI `snapmv snapshot A B`), memo edit, export rename, the low-space threshold.
+
+use serde_json::{json, Value};
+use snapmv_rpc::codes;
+use snapmv_tests::blkio_client::{run1, Client, NO_FLAGS};
+use snapmv_tests::daemon::{scratch, sparse_file, Daemon};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+
+const MIB: u64 = 1 << 20;
+/// Sectors the writer cycles through (256 KiB).
+const SECTORS: u64 = 512;
+
+struct Fx {
+    dir: tempfile::TempDir,
+    d: Daemon,
+}
+
+impl Fx {
+    fn new(name: &str) -> Fx {
+        let dir = scratch(name);
+        let d = Daemon::start(dir.path());
+        Fx { dir, d }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// Exports origin `NAME.img` (4 MiB) as `name`, in store `cow` (16 MiB; formatted by its
+    /// first use).
+    fn origin(&self, name: &str, cow: &str, format: bool) {
+        let origin = self.path(&format!("{name}.img"));
+        sparse_file(std::path::Path::new(&origin), 4 * MIB);
+        let cow = self.path(cow);
+        if format {
+            sparse_file(std::path::Path::new(&cow), 16 * MIB);
+        }
+        self.d.ok(
+            "origin_create",
+            json!({"name": name, "origin": origin, "cow": cow, "bind": true, "format": format}),
+        );
+    }
+}
+
+fn sector(seq: u64) -> Vec<u8> {
+    seq.to_le_bytes().repeat(64)
+}
+
+/// The writes (1..=n, write i at sector i % SECTORS) snapshot `tag` of origin `id` holds,
+/// which must be a prefix; returns its length.
+fn prefix(f: &Fx, id: &str, cow: &str, tag: u64) -> u64 {
+    f.d.ok(
+        "snapshot_export",
+        json!({"name": "check", "origin_id": format!("{id}.img"), "cow": f.path(cow), "tag": tag}),
+    );
+    let mut c = Client::connect(&f.d.export_socket("check")).unwrap();
+    let len = (SECTORS * 512) as usize;
+    let p = c.ptr(0);
+    assert_eq!(
+        run1(&mut c.queues[0], |q| q.read(0, p, len, 0, NO_FLAGS)).unwrap(),
+        0
+    );
+    let seqs: Vec<u64> = c.mem()[..len]
+        .chunks(512)
+        .map(|s| {
+            let v = u64::from_le_bytes(s[..8].try_into().unwrap());
+            assert_eq!(s, &sector(v)[..], "{id}: torn sector");
+            v
+        })
+        .collect();
+    drop(c);
+    f.d.ok("export_remove", json!({"name": "check"}));
+    let n = seqs.iter().copied().max().unwrap_or(0);
+    for (s, &v) in seqs.iter().enumerate() {
+        let want = if s as u64 <= n {
+            n - (n - s as u64) % SECTORS
+        } else {
+            0
+        };
+        assert_eq!(
+            v, want,
+            "{id}: sector {s} holds write {v}, not a prefix of {n} writes"
+        );
+    }
+    n
+}
+
+/// A guest-like writer writes A_i, waits for its completion, then B_i (A and B in two stores);
+/// each group snapshot through the RPC must hold, for B_i, A_i too.
+#[test]
+fn group_snapshot_is_one_cut_across_two_stores() {
+    let f = Fx::new("group");
+    f.origin("a", "c1.img", true);
+    f.origin("b", "c2.img", true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let socks = [f.d.export_socket("a"), f.d.export_socket("b")];
+        let (stop, written) = (stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            let mut cs: Vec<Client> = socks.iter().map(|s| Client::connect(s).unwrap()).collect();
+            let mut i = 0;
+            while !stop.load(SeqCst) {
+                i += 1;
+                for c in &mut cs {
+                    c.mem()[..512].copy_from_slice(&sector(i));
+                    let p = c.ptr(0);
+                    let off = (i % SECTORS) * 512;
+                    let r = run1(&mut c.queues[0], |q| q.write(off, p, 512, 0, NO_FLAGS));
+                    assert_eq!(r.unwrap(), 0, "write {i}");
+                }
+                written.store(i, SeqCst);
+            }
+        })
+    };
+    let groups = snapmv_tests::env_u64("SNAPMV_RPC_GROUPS", 25);
+    for g in 0..groups {
+        // (b first: the daemon must not cut in the order given.)
+        let r = f.d.ok(
+            "snapshot_create",
+            json!({"names": ["b", "a"], "memo": format!("g{g}")}),
+        );
+        let tags = r["tags"].as_array().unwrap();
+        assert_eq!(
+            (tags[0]["name"].as_str(), tags[1]["name"].as_str()),
+            (Some("b"), Some("a"))
+        );
+        assert_eq!(r.get("tag"), None, "{r}");
+        let (tb, ta) = (
+            tags[0]["tag"].as_u64().unwrap(),
+            tags[1]["tag"].as_u64().unwrap(),
+        );
+        let nb = prefix(&f, "b", "c2.img", tb);
+        let na = prefix(&f, "a", "c1.img", ta);
+        assert!(
+            na >= nb && na <= nb + 1,
+            "group {g}: cut violated: a holds {na} writes, b {nb}"
+        );
+        f.d.ok("snapshot_delete", json!({"name": "a", "tag": ta}));
+        f.d.ok("snapshot_delete", json!({"name": "b", "tag": tb}));
+    }
+    stop.store(true, SeqCst);
+    writer.join().unwrap();
+    assert!(written.load(SeqCst) > groups, "the writer hardly ran");
+}
+
+/// The CLI form, and the refusals: a missing export fails the whole group (nothing kept,
+/// the export named), `tag` with `names`, both `name` and `names`, a name twice.
+#[test]
+fn group_snapshot_cli_and_errors() {
+    let f = Fx::new("group-cli");
+    f.origin("a", "c1.img", true);
+    f.origin("b", "c2.img", true);
+    f.origin("c", "c1.img", false);
+    let out =
+        f.d.cli(&["--json", "snapshot", "a", "b", "c", "-m", "trio"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = v["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    let text = f.d.cli(&["snapshot", "a", "b"]);
+    assert!(
+        text.contains("one instant") && text.contains("export b"),
+        "{text}"
+    );
+    // `NAME TAG` keeps its meaning; --group takes "1" as an export name.
+    let t = v["tags"][0]["tag"].as_u64().unwrap().to_string();
+    let text = f.d.cli(&["snapshot", "a", &t]);
+    assert!(text.contains(&format!("of snapshot {t}")), "{text}");
+    let e = f.d.cli_fail(&["snapshot", "--group", "a", &t]);
+    assert!(e.contains(&format!("export {t} not found")), "{e}");
+    let e = f.d.err(
+        "snapshot_create",
+        json!({"names": ["a", "nope"]}),
+        codes::NOT_FOUND,
+    );
+    assert!(e.contains("nope"), "{e}");
+    f.d.err(
+        "snapshot_create",
+        json!({"names": ["a", "a"]}),
+        codes::INVALID_PARAMS,
+    );
+    f.d.err(
+        "snapshot_create",
+        json!({"names": ["a"], "tag": 1}),
+        codes::INVALID_PARAMS,
+    );
+    f.d.err(
+        "snapshot_create",
+        json!({"name": "a", "names": ["b"]}),
+        codes::INVALID_PARAMS,
+    );
+    f.d.err("snapshot_create", json!({}), codes::INVALID_PARAMS);
+    let l = f.d.ok("snapshot_list", json!({}));
+    let count = |id: &str| {
+        l["origins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["origin_id"] == id)
+            .unwrap()["snapshots"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    // a: trio, the pair, the snapshot of a snapshot; b: trio, pair; c: trio.
+    assert_eq!(
+        (count("a.img"), count("b.img"), count("c.img")),
+        (3, 2, 1),
+        "{l}"
+    );
+}
