@@ -30,6 +30,9 @@
 //! 5. leaves: `snaps`, `overlays`, `excepted`, `overlay_error`, `last_sync`, a rollback's
 //!    `stalled`, and the store's `durable` and `worker_lock`.
 //!
+//! A consistency group (`group.rs`) holds several origins' `ops`, then their gates: each
+//! group in (store name, origin id) order, all `ops` before any gate.
+//!
 //! Waiting for a commit (`wait_durable`, `wait_written`) may happen with locks of groups 1–3
 //! held (the commit thread takes only group 4 and, with `try_lock`, stripes).
 
