@@ -216,3 +216,130 @@ fn group_snapshot_cli_and_errors() {
         "{l}"
     );
 }
+
+/// `snapshot_memo` (CLI `snapmv memo`): changed, listed, kept across a restart (a journal
+/// record, durable when the call returns); bad tag, long memo refused.
+#[test]
+fn memo_edit_through_rpc_and_cli() {
+    let mut f = Fx::new("memo");
+    f.origin("a", "c1.img", true);
+    let t =
+        f.d.ok("snapshot_create", json!({"name": "a", "memo": "old"}))["tag"]
+            .as_u64()
+            .unwrap();
+    let r = f.d.ok(
+        "snapshot_memo",
+        json!({"name": "a", "tag": t, "memo": "before upgrade"}),
+    );
+    assert_eq!(r, json!({"name": "a", "tag": t, "memo": "before upgrade"}));
+    let out =
+        f.d.cli(&["memo", "a", &t.to_string(), "kept across restarts"]);
+    assert!(out.contains("memo set to"), "{out}");
+    f.d.err(
+        "snapshot_memo",
+        json!({"name": "a", "tag": 99, "memo": "x"}),
+        codes::NOT_FOUND,
+    );
+    f.d.err(
+        "snapshot_memo",
+        json!({"name": "a", "tag": t, "memo": "m".repeat(300)}),
+        codes::INVALID_PARAMS,
+    );
+    f.d.kill();
+    f.d.restart();
+    let l = f.d.ok("snapshot_list", json!({"name": "a"}));
+    assert_eq!(
+        l["origins"][0]["snapshots"][0]["memo"], "kept across restarts",
+        "{l}"
+    );
+}
+
+/// `export_rename` (CLI `snapmv rename`) while a client is connected and writing: the client
+/// goes on, the counters follow the new name, the socket path and the serial stay, a restart
+/// serves the new name on the old socket, and the old name is refused for a new export.
+#[test]
+fn export_rename_keeps_the_socket_and_the_client() {
+    let mut f = Fx::new("rename");
+    f.origin("a", "c1.img", true);
+    let sock = f.d.export_socket("a");
+    let mut c = Client::connect(&sock).unwrap();
+    let write = |c: &mut Client, n: u64| {
+        c.mem()[..4096].fill(n as u8);
+        let p = c.ptr(0);
+        assert_eq!(
+            run1(&mut c.queues[0], |q| q.write(
+                n * 4096,
+                p,
+                4096,
+                0,
+                NO_FLAGS
+            ))
+            .unwrap(),
+            0
+        );
+    };
+    write(&mut c, 1);
+    let v =
+        f.d.ok("export_rename", json!({"name": "a", "new_name": "vm1"}));
+    assert_eq!(
+        (v["name"].as_str(), v["serial"].as_str()),
+        (Some("vm1"), Some("a")),
+        "{v}"
+    );
+    assert_eq!(v["socket"].as_str(), Some(sock.to_str().unwrap()));
+    assert_eq!(v["connected"], true, "{v}");
+    write(&mut c, 2);
+    let s = f.d.ok("stats", json!({"name": "vm1"}));
+    assert_eq!(
+        s["exports"][0]["writes"], 2,
+        "counters survive the rename: {s}"
+    );
+    f.d.err("stats", json!({"name": "a"}), codes::NOT_FOUND);
+    // The old name is the disk's serial now: refused for another export and as a new name.
+    let e = f.d.err(
+        "export_rename",
+        json!({"name": "vm1", "new_name": "a"}),
+        codes::ALREADY_EXISTS,
+    );
+    assert!(e.contains("serial"), "{e}");
+    f.d.err(
+        "export_rename",
+        json!({"name": "nope", "new_name": "x"}),
+        codes::NOT_FOUND,
+    );
+    f.d.err(
+        "export_rename",
+        json!({"name": "vm1", "new_name": "a/b"}),
+        codes::INVALID_PARAMS,
+    );
+    f.origin("b", "c2.img", true);
+    f.d.err(
+        "export_rename",
+        json!({"name": "vm1", "new_name": "b"}),
+        codes::ALREADY_EXISTS,
+    );
+    let out = f.d.cli(&["rename", "vm1", "vm-one"]);
+    assert!(out.contains("renamed to vm-one"), "{out}");
+    drop(c);
+    f.d.kill();
+    f.d.restart();
+    let l = f.d.ok("export_list", json!({}));
+    let e = l["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "vm-one")
+        .expect("renamed export after a restart");
+    assert_eq!(e["serial"], "a");
+    assert_eq!(e["socket"].as_str(), Some(sock.to_str().unwrap()));
+    let mut c = Client::connect(&sock).unwrap();
+    let p = c.ptr(0);
+    assert_eq!(
+        run1(&mut c.queues[0], |q| q.read(2 * 4096, p, 4096, 0, NO_FLAGS)).unwrap(),
+        0
+    );
+    assert!(
+        c.mem()[..4096].iter().all(|&b| b == 2),
+        "data written after the rename"
+    );
+}

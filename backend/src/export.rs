@@ -44,6 +44,9 @@ pub struct ExportConfig {
     pub socket_access: SocketAccess,
     /// Where the guest's cache-mode choice is kept across restarts (default: not kept).
     pub cache_mode_file: Option<PathBuf>,
+    /// The disk's serial (GET_ID) when it is not `name`: the name of an export renamed since
+    /// it was created.
+    pub serial: Option<String>,
 }
 
 impl ExportConfig {
@@ -57,6 +60,7 @@ impl ExportConfig {
             readonly: false,
             socket_access: SocketAccess::default(),
             cache_mode_file: None,
+            serial: None,
         }
     }
 }
@@ -325,7 +329,8 @@ impl ExportManager {
             name: cfg.name.clone(),
             disk,
             opts: DeviceOptions {
-                name: cfg.name.clone(),
+                // (The device's name is what GET_ID answers: the serial, once renamed.)
+                name: cfg.serial.clone().unwrap_or_else(|| cfg.name.clone()),
                 num_queues: cfg.num_queues,
                 max_queue_size: cfg.queue_size,
                 readonly: cfg.readonly,
@@ -377,6 +382,22 @@ impl ExportManager {
             .remove(name)
             .ok_or_else(|| ExportError::NotFound(name.to_owned()))?;
         stop_export(export);
+        Ok(())
+    }
+
+    /// Renames export `old` to `new` while it serves: its socket, its client and its
+    /// counters stay; the disk keeps its serial (GET_ID answers the name it started with).
+    pub fn rename(&self, old: &str, new: &str) -> Result<(), ExportError> {
+        let mut exports = self.exports.lock().unwrap_or_else(|e| e.into_inner());
+        if exports.contains_key(new) {
+            return Err(ExportError::AlreadyExists(new.to_owned()));
+        }
+        let mut e = exports
+            .remove(old)
+            .ok_or_else(|| ExportError::NotFound(old.to_owned()))?;
+        e.cfg.serial.get_or_insert_with(|| e.cfg.name.clone());
+        e.cfg.name = new.to_owned();
+        exports.insert(new.to_owned(), e);
         Ok(())
     }
 

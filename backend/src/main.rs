@@ -72,6 +72,27 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Change the memo of snapshot TAG of the origin NAME exports (durable when it returns).
+    Memo {
+        /// Export of the origin or of one of its snapshots.
+        name: String,
+        /// Snapshot tag (1 or more).
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        tag: u32,
+        /// The new memo (at most 256 bytes; "" clears it).
+        memo: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Rename an export while it serves; its socket path and disk serial stay.
+    Rename {
+        /// The export's name.
+        name: String,
+        /// Its new name.
+        new_name: String,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Delete snapshot TAG (dms ds); without TAG unbind the origin and remove its export (dms do).
     Delete {
         /// Export of the origin.
@@ -398,6 +419,23 @@ fn main() -> ExitCode {
                 ctx.json,
                 cli::snapshot(&ctx, &targets, group, memo.as_deref(), sync),
             )
+        }
+        Command::Memo {
+            name,
+            tag,
+            memo,
+            out,
+        } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::memo(&ctx, &name, tag, &memo))
+        }
+        Command::Rename {
+            name,
+            new_name,
+            out,
+        } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::rename(&ctx, &name, &new_name))
         }
         Command::Delete {
             name,

@@ -112,6 +112,18 @@ pub struct ExportRecord {
     /// `"nbd"` for an NBD export; absent: vhost-user-blk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// The name the export was created with, once it has been renamed: the disk's serial
+    /// (GET_ID) and the guest's cache-mode file keep following it, so a guest sees the same
+    /// disk after a rename and a restart. Absent: `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+impl ExportRecord {
+    /// The disk's identity: its serial and the key of its cache-mode file.
+    pub fn identity(&self) -> &str {
+        self.serial.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// Everything in the state file.
@@ -338,6 +350,7 @@ mod tests {
                 socket_group: Some(65534),
                 socket_mode: Some(0o660),
                 protocol: None,
+                serial: None,
             }],
         }
     }

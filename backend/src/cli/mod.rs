@@ -290,6 +290,38 @@ pub fn remove(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `snapmv memo NAME TAG TEXT`: `snapshot_memo`.
+pub fn memo(ctx: &Ctx, name: &str, tag: u32, memo: &str) -> Result<(), CliError> {
+    let r = ctx.call::<rpc::SnapshotMemo>(&m::SnapshotMemoParams {
+        name: name.into(),
+        tag,
+        memo: memo.into(),
+    })?;
+    if ctx.json {
+        ctx.print_result(&r);
+    } else {
+        println!("snapshot {tag} of export {name}: memo set to {:?}", r.memo);
+    }
+    Ok(())
+}
+
+/// `snapmv rename NAME NEW_NAME`: `export_rename`.
+pub fn rename(ctx: &Ctx, name: &str, new_name: &str) -> Result<(), CliError> {
+    let r = ctx.call::<rpc::ExportRename>(&m::ExportRenameParams {
+        name: name.into(),
+        new_name: new_name.into(),
+    })?;
+    if ctx.json {
+        ctx.print_result(&r);
+    } else {
+        println!(
+            "export {name} renamed to {new_name} (socket {} kept)",
+            r.socket
+        );
+    }
+    Ok(())
+}
+
 /// `snapmv snapshot NAME [TAG] [-m MEMO] [--sync]` and `snapmv snapshot NAME NAME… [--group]`:
 /// `snapshot_create` with `name` (and `tag`) or with `names`.
 pub fn snapshot(

@@ -41,6 +41,7 @@ impl Daemon {
                         .unwrap_or_else(|| "not being served".into()),
                 )
             },
+            serial: rec.serial.clone(),
         }
     }
 }

@@ -100,7 +100,8 @@ impl Daemon {
                         group: rec.socket_group.or(self.socket_access.group),
                         mode: rec.socket_mode.unwrap_or(self.socket_access.mode),
                     },
-                    cache_mode_file: Some(self.cache_mode_file(&rec.name)),
+                    cache_mode_file: Some(self.cache_mode_file(rec.identity())),
+                    serial: rec.serial.clone(),
                 },
                 volume,
             )

@@ -112,6 +112,8 @@ routes! {
     method::SnapshotDiff => snapshot_diff,
     method::SnapshotStream => snapshot_stream,
     method::Stats => stats,
+    method::SnapshotMemo => snapshot_memo,
+    method::ExportRename => export_rename,
 }
 
 impl Daemon {

@@ -82,7 +82,10 @@ fn random_params_never_panic() {
             names::SNAPSHOT_EXPORT => {
                 json!({"name": name, "origin": origin, "cow": cow, "tag": tag})
             }
+            names::SNAPSHOT_CREATE if rng.bool() => json!({"names": [name, "other"], "memo": "m"}),
             names::SNAPSHOT_CREATE => json!({"name": name, "memo": "m"}),
+            names::SNAPSHOT_MEMO => json!({"name": name, "tag": tag, "memo": "m"}),
+            names::EXPORT_RENAME => json!({"name": name, "new_name": "renamed"}),
             names::SNAPSHOT_DELETE => json!({"name": name, "tag": tag}),
             names::SNAPSHOT_ROLLBACK => json!({"name": name, "tag": tag, "wait": rng.bool()}),
             names::EXPORT_LIST => json!({}),

@@ -21,6 +21,17 @@ pub(crate) fn new_export_name(state: &State, name: &str) -> MResult<()> {
             "export {name} already exists"
         )));
     }
+    // A renamed export's disk keeps its first name as serial and cache-mode key.
+    if let Some(e) = state
+        .exports
+        .iter()
+        .find(|e| e.serial.as_deref() == Some(name))
+    {
+        return Err(MethodError::AlreadyExists(format!(
+            "{name} is the disk serial of export {} (renamed from {name}); choose another name",
+            e.name
+        )));
+    }
     Ok(())
 }
 

@@ -20,6 +20,7 @@ fn export(name: &str, cow: &str, origin_id: &str, tag: Option<u32>) -> ExportRec
         socket_group: None,
         socket_mode: None,
         protocol: None,
+        serial: None,
     }
 }
 

@@ -129,6 +129,12 @@ impl Origin {
         Ok(())
     }
 
+    /// Replaces snapshot `tag`'s memo (at most 256 bytes); returns once the change survives a
+    /// host crash.
+    pub fn set_memo(&self, tag: u32, memo: &str) -> Result<()> {
+        self.core.set_memo(tag, memo)
+    }
+
     /// Live snapshots, by tag.
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
         self.core.snapshots()

@@ -63,6 +63,10 @@ methods! {
     SnapshotStream = names::SNAPSHOT_STREAM, m::SnapshotStreamParams => m::SnapshotStreamResult;
     /// `stats`: per-export I/O statistics and per-store space.
     Stats = names::STATS, m::OptionalNameParams => m::Stats;
+    /// `snapshot_memo`: change a snapshot's memo.
+    SnapshotMemo = names::SNAPSHOT_MEMO, m::SnapshotMemoParams => m::SnapshotMemoResult;
+    /// `export_rename`: rename an export (socket path and disk serial kept).
+    ExportRename = names::EXPORT_RENAME, m::ExportRenameParams => m::ExportInfo;
 }
 
 #[cfg(test)]

@@ -37,6 +37,10 @@ pub mod names {
     pub const SNAPSHOT_STREAM: &str = "snapshot_stream";
     /// Per-export I/O statistics and per-store space.
     pub const STATS: &str = "stats";
+    /// Change a snapshot's memo.
+    pub const SNAPSHOT_MEMO: &str = "snapshot_memo";
+    /// Rename an export.
+    pub const EXPORT_RENAME: &str = "export_rename";
 
     /// Every method, in documentation order.
     pub const ALL: &[&str] = &[
@@ -53,6 +57,8 @@ pub mod names {
         SNAPSHOT_DIFF,
         SNAPSHOT_STREAM,
         STATS,
+        SNAPSHOT_MEMO,
+        EXPORT_RENAME,
     ];
 }
 
@@ -239,6 +245,39 @@ pub struct NamedTag {
     pub tag: u32,
 }
 
+/// `snapshot_memo` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotMemoParams {
+    /// An export of the origin or of one of its snapshots (names the origin).
+    pub name: String,
+    /// The snapshot.
+    pub tag: u32,
+    /// The new memo (at most 256 bytes; empty clears it).
+    pub memo: String,
+}
+
+/// `snapshot_memo` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMemoResult {
+    /// The export given.
+    pub name: String,
+    /// The snapshot.
+    pub tag: u32,
+    /// Its memo now.
+    pub memo: String,
+}
+
+/// `export_rename` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRenameParams {
+    /// The export's name.
+    pub name: String,
+    /// Its new name.
+    pub new_name: String,
+}
+
 /// `snapshot_delete` parameters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -327,6 +366,10 @@ pub struct ExportInfo {
     /// Why the export is not being served (it could not be re-created at start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The disk's serial, when it is not `name` (the export was renamed: the serial is the
+    /// name it was created with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 /// `export_list` result.

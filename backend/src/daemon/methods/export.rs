@@ -90,6 +90,7 @@ impl Daemon {
             socket_group,
             socket_mode,
             protocol: validate::protocol_param(p.protocol.as_deref())?,
+            serial: None,
         };
         if let Err(e) = self.add_export(&rec, volume) {
             self.forget_unused_origin(inner, &cow, &origin_id);
@@ -123,10 +124,59 @@ impl Daemon {
         }
         inner.state.exports.retain(|e| e.name != rec.name);
         inner.failed.remove(&rec.name);
-        self.forget_cache_mode(&rec.name);
+        self.forget_cache_mode(rec.identity());
         info!("export {} removed", rec.name);
         self.save(inner, format!("export {} was removed", rec.name))?;
         Ok(m::Done { name: rec.name })
+    }
+
+    /// `export_rename`: the export keeps serving; its socket path (which the hypervisor's
+    /// configuration names and a reconnecting QEMU dials) and its disk serial (the name it was
+    /// created with, `serial` in the record) stay; the RPC, CLI, `stats` and Prometheus use
+    /// the new name from now on.
+    pub(crate) fn export_rename(&self, p: m::ExportRenameParams) -> MResult<m::ExportInfo> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let rec = self.find_export(inner, &p.name)?;
+        validate::new_export_name(&inner.state, &p.new_name)?;
+        if rec.protocol.as_deref() == Some(m::PROTOCOL_NBD) {
+            return Err(MethodError::InvalidState(format!(
+                "export {} is served over NBD, whose clients ask for it by name; remove it and create it again as {}",
+                rec.name, p.new_name
+            )));
+        }
+        if self.live_get(&rec.name).is_some() {
+            self.exports
+                .rename(&rec.name, &p.new_name)
+                .map_err(|source| MethodError::Export {
+                    what: format!("cannot rename export {}", rec.name),
+                    source,
+                })?;
+        }
+        let Some(r) = inner.state.exports.iter_mut().find(|e| e.name == rec.name) else {
+            return Err(MethodError::NotFound(format!(
+                "export {} not found",
+                rec.name
+            )));
+        };
+        r.serial.get_or_insert_with(|| rec.name.clone());
+        r.name = p.new_name.clone();
+        let renamed = r.clone();
+        if let Some(why) = inner.failed.remove(&rec.name) {
+            inner.failed.insert(p.new_name.clone(), why);
+        }
+        info!(
+            "export {} renamed to {} (socket {} and disk serial {:?} kept)",
+            rec.name,
+            p.new_name,
+            renamed.socket,
+            renamed.serial.as_deref().unwrap_or_default()
+        );
+        self.save(
+            inner,
+            format!("export {} was renamed to {}", rec.name, p.new_name),
+        )?;
+        Ok(self.export_info(inner, &renamed))
     }
 
     pub(crate) fn export_list(&self, _p: m::NoParams) -> MResult<m::ExportList> {

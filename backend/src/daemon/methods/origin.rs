@@ -65,6 +65,7 @@ impl Daemon {
             socket_group,
             socket_mode,
             protocol: validate::protocol_param(p.protocol.as_deref())?,
+            serial: None,
         };
         if let Err(e) = self.add_export(&rec, origin_h.volume()) {
             if bound_now {
@@ -310,7 +311,7 @@ impl Daemon {
             return Err(err);
         }
         inner.state.exports.retain(|e| e.name != rec.name);
-        self.forget_cache_mode(&rec.name);
+        self.forget_cache_mode(rec.identity());
         inner
             .state
             .origins

@@ -120,6 +120,29 @@ impl Daemon {
         })
     }
 
+    /// `snapshot_memo`: a snapshot's memo, changed durably (journal record 17).
+    pub(crate) fn snapshot_memo(&self, p: m::SnapshotMemoParams) -> MResult<m::SnapshotMemoResult> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let rec = self.find_export(inner, &p.name)?;
+        let origin = self.origin_of(inner, &rec)?;
+        origin
+            .set_memo(p.tag, &p.memo)
+            .map_err(MethodError::engine(format!(
+                "cannot change the memo of snapshot {} of origin {} (export {})",
+                p.tag, rec.origin_id, rec.name
+            )))?;
+        info!(
+            "snapshot {} of origin {}: memo set to {:?}",
+            p.tag, rec.origin_id, p.memo
+        );
+        Ok(m::SnapshotMemoResult {
+            name: rec.name,
+            tag: p.tag,
+            memo: p.memo,
+        })
+    }
+
     pub(crate) fn snapshot_delete(&self, p: m::SnapshotDeleteParams) -> MResult<m::Done> {
         let mut guard = self.lock();
         let inner = &mut *guard;

@@ -43,6 +43,8 @@ pub enum RecordError {
     /// Delete of a tag that is not live.
     #[error("origin slot {slot}: delete of unknown tag {tag}")]
     DeleteUnknownTag { slot: u32, tag: u32 },
+    #[error("origin slot {slot}: memo of unknown tag {tag}")]
+    MemoUnknownTag { slot: u32, tag: u32 },
     /// An exception's store chunk is outside the store or already in use.
     #[error("exception for origin slot {slot} chunk {chunk} uses store chunk {store}, which is out of range or taken")]
     ExceptionStoreChunk { slot: u32, chunk: u64, store: u64 },
@@ -322,6 +324,14 @@ impl MetaState {
                     });
                 }
                 list.push((*node, store));
+            }
+            Record::SetMemo { slot, tag, memo } => {
+                let o = self.origin(*slot)?;
+                let leaf = *o.tags.get(tag).ok_or(RecordError::MemoUnknownTag {
+                    slot: *slot,
+                    tag: *tag,
+                })?;
+                o.nodes[leaf as usize].memo = memo.clone();
             }
         }
         Ok(())

@@ -45,4 +45,6 @@ pub enum Record {
     /// pending write as its exception (format 3): a snapshot cut while the overlay exists. The
     /// chunk stays allocated until both the exception and the pending write let go of it.
     ShareOverlay { slot: u32, chunk: u64, node: u32 },
+    /// Snapshot `tag`'s memo is now `memo` (format 4; set on the tag's leaf).
+    SetMemo { slot: u32, tag: u32, memo: String },
 }

@@ -109,6 +109,12 @@ impl Record {
                 e.u64(*chunk);
                 e.u32(*node);
             }
+            Record::SetMemo { slot, tag, memo } => {
+                e.u8(17);
+                e.u32(*slot);
+                e.u32(*tag);
+                e.str(memo);
+            }
         }
     }
 
@@ -169,6 +175,11 @@ impl Record {
                 slot: d.u32()?,
                 chunk: d.u64()?,
                 node: d.u32()?,
+            },
+            17 => Record::SetMemo {
+                slot: d.u32()?,
+                tag: d.u32()?,
+                memo: d.string(MAX_MEMO)?,
             },
             other => return Err(DecodeError::UnknownRecord(other)),
         })

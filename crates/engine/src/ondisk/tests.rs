@@ -82,6 +82,11 @@ fn batch_roundtrip_and_torn_batch_rejected() {
             store: 10,
         },
         Record::OverlayDone { slot: 0, chunk: 6 },
+        Record::SetMemo {
+            slot: 0,
+            tag: 2,
+            memo: "é memo".into(),
+        },
     ];
     let b = encode_batch(4, 11, 0, &recs);
     assert_eq!(b.len() % JOURNAL_ALIGN as usize, 0);

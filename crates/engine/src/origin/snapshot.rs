@@ -209,6 +209,30 @@ impl OriginCore {
         }
     }
 
+    /// Replaces snapshot `tag`'s memo; returns once the change is durable.
+    pub fn set_memo(&self, tag: u32, memo: &str) -> Result<()> {
+        check_memo(memo)?;
+        self.check_alive()?;
+        let epoch = {
+            // Under the metadata lock: a freeze (which copies the memo to the tag's new leaf)
+            // and a delete are ordered with it, in memory and in the journal.
+            let mut m = self.store.lock_meta();
+            let s = self.snap(tag)?;
+            let leaf = s.leaf.load(SeqCst);
+            let n = self
+                .node(leaf)
+                .ok_or_else(|| Error::NotFound(format!("node {leaf} of origin {}", self.id)))?;
+            n.memo.store(Arc::new(memo.to_string()));
+            m.pending.push(Record::SetMemo {
+                slot: self.slot,
+                tag,
+                memo: memo.to_string(),
+            });
+            m.epoch
+        };
+        self.commit(epoch)
+    }
+
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
         let exclusive = self.exclusive_chunks();
         let snaps: Vec<Arc<SnapRt>> = lock(&self.snaps).values().cloned().collect();
@@ -219,7 +243,7 @@ impl OriginCore {
                 Some(SnapshotInfo {
                     tag: s.tag,
                     parent: (n.parent_tag != 0).then_some(n.parent_tag),
-                    memo: n.memo.clone(),
+                    memo: n.memo(),
                     birth_unix_secs: n.birth,
                     exclusive_chunks: exclusive.get(&s.tag).copied().unwrap_or(0),
                 })

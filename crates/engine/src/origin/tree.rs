@@ -1,6 +1,7 @@
 use super::*;
 
-/// A version node at run time. Only `kind`, `dead` and `exceptions` change after creation.
+/// A version node at run time. Only `kind`, `dead`, `exceptions` and a leaf's `memo` change
+/// after creation.
 pub(crate) struct NodeRt {
     pub(super) kind: AtomicU8,
     pub(super) dead: AtomicBool,
@@ -9,7 +10,8 @@ pub(crate) struct NodeRt {
     pub(super) tag: u32,
     pub(super) parent_tag: u32,
     pub(super) birth: u64,
-    pub(super) memo: String,
+    /// Replaced whole by a memo edit (`set_memo`), read without a lock.
+    pub(super) memo: arc_swap::ArcSwap<String>,
     /// Exceptions labelled with this node (for "exclusive chunks" and reclaim progress).
     pub(super) exceptions: AtomicU64,
 }
@@ -24,7 +26,7 @@ impl NodeRt {
             tag: m.tag,
             parent_tag: m.parent_tag,
             birth: m.birth,
-            memo: m.memo.clone(),
+            memo: arc_swap::ArcSwap::from_pointee(m.memo.clone()),
             exceptions: AtomicU64::new(0),
         }
     }
@@ -38,8 +40,12 @@ impl NodeRt {
             tag: self.tag,
             parent_tag: self.parent_tag,
             birth: self.birth,
-            memo: self.memo.clone(),
+            memo: self.memo(),
         }
+    }
+
+    pub(super) fn memo(&self) -> String {
+        self.memo.load().as_ref().clone()
     }
 
     pub(super) fn kind(&self) -> NodeKind {
@@ -119,7 +125,7 @@ impl VersionTree {
             tag: n.tag,
             parent_tag: n.parent_tag,
             birth: n.birth,
-            memo: n.memo.clone(),
+            memo: n.memo(),
         };
         n.kind.store(NodeKind::Frozen as u8, SeqCst);
         Some(meta)
