@@ -343,3 +343,123 @@ fn export_rename_keeps_the_socket_and_the_client() {
         "data written after the rename"
     );
 }
+
+/// The low-space threshold (`serve --low-space-percent`): a store whose chunks in use cross it
+/// is shown low in `status`, `stats` and Prometheus, logged once going up (however often it
+/// is looked at) and once coming back under after a snapshot delete frees its copy-outs.
+#[test]
+fn low_space_threshold_is_shown_and_logged_once_per_crossing() {
+    let dir = scratch("low-space");
+    let d = Daemon::start_with(
+        dir.path(),
+        &[
+            "--low-space-percent",
+            "5",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let origin = dir.path().join("a.img");
+    let cow = dir.path().join("c.img");
+    sparse_file(&origin, 4 * MIB);
+    sparse_file(&cow, 16 * MIB);
+    d.cli(&[
+        "create",
+        "a",
+        origin.to_str().unwrap(),
+        cow.to_str().unwrap(),
+        "-b",
+        "-f",
+    ]);
+    let store = |d: &Daemon| d.ok("stats", json!({}))["stores"][0].clone();
+    let s = store(&d);
+    assert_eq!(
+        (s["low_space"].as_bool(), s["low_space_percent"].as_u64()),
+        (Some(false), Some(5)),
+        "{s}"
+    );
+    let t = d.ok("snapshot_create", json!({"name": "a"}))["tag"]
+        .as_u64()
+        .unwrap();
+    // 2 MiB of first writes: 512 copy-outs of 4 KiB, past 5 % of the store's chunks.
+    let mut c = Client::connect(&d.export_socket("a")).unwrap();
+    c.mem()[..MIB as usize].fill(9);
+    let p = c.ptr(0);
+    for off in [0, MIB] {
+        assert_eq!(
+            run1(&mut c.queues[0], |q| q.write(
+                off,
+                p,
+                MIB as usize,
+                0,
+                NO_FLAGS
+            ))
+            .unwrap(),
+            0
+        );
+    }
+    assert_eq!(run1(&mut c.queues[0], |q| q.flush(0, NO_FLAGS)).unwrap(), 0);
+    for _ in 0..3 {
+        let s = store(&d);
+        assert_eq!(s["low_space"], true, "{s}");
+    }
+    let st = d.ok("status", json!({}));
+    assert_eq!(st["stores"][0]["low_space"], true, "{st}");
+    assert!(d.cli(&["status"]).contains("LOW ON SPACE (threshold 5%)"));
+    let log = d.log();
+    let url = log
+        .lines()
+        .find_map(|l| l.split("metrics served on ").nth(1))
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+        .trim()
+        .to_string();
+    let text = ureq::get(&url)
+        .call()
+        .expect("scrape")
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let gauge = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert_eq!(gauge(&text, "snapmv_store_low_space"), "1");
+    assert_eq!(
+        gauge(&text, "snapmv_store_low_space_threshold_ratio"),
+        "0.05"
+    );
+    assert_eq!(d.log().matches("is low on space").count(), 1, "{}", d.log());
+    // The delete frees the copy-outs (in the background): back under, logged once.
+    drop(c);
+    d.ok(
+        "snapshot_delete",
+        json!({"name": "a", "tag": t, "sync": true}),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store(&d)["low_space"] == true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still low after the delete: {}",
+            store(&d)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500)); // a poll of the watch thread
+    let log = d.log();
+    assert_eq!(log.matches("is low on space").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("back under the low-space threshold").count(),
+        1,
+        "{log}"
+    );
+    let text = ureq::get(&url)
+        .call()
+        .expect("scrape")
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert_eq!(gauge(&text, "snapmv_store_low_space"), "0");
+}

@@ -293,6 +293,10 @@ struct ServeArgs {
     /// any free port, logged) or on unix:/PATH.
     #[arg(long, value_name = "ADDR", value_parser = snapmv::daemon::prometheus::parse_metrics_listen)]
     metrics_listen: Option<snapmv::daemon::prometheus::MetricsListen>,
+    /// A store is low on space (logged once per crossing, shown by status and stats, a
+    /// Prometheus gauge) from this percentage of its chunks in use.
+    #[arg(long, value_name = "PERCENT", default_value_t = snapmv::daemon::space::DEFAULT_LOW_SPACE_PERCENT, value_parser = snapmv::daemon::space::parse_low_space_percent)]
+    low_space_percent: u8,
     /// Format of the log on stderr.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -368,6 +372,7 @@ fn main() -> ExitCode {
                     mode: a.socket_mode,
                 },
                 metrics_listen: a.metrics_listen,
+                low_space_percent: a.low_space_percent,
             }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -185,12 +185,13 @@ pub fn render_status(s: &m::Status) -> String {
             .checked_div(st.chunks_total)
             .unwrap_or(0);
         out.push_str(&format!(
-            "store {}: chunk {}, {} chunks, {} used ({pct}%), {} free\n",
+            "store {}: chunk {}, {} chunks, {} used ({pct}%), {} free{}\n",
             st.cow,
             format_size(u64::from(st.chunk_size)),
             st.chunks_total,
             st.chunks_used,
-            st.chunks_free
+            st.chunks_free,
+            low_space_note(st.low_space, st.low_space_percent)
         ));
         let rows: Vec<Vec<String>> = st
             .origins
@@ -357,16 +358,26 @@ pub fn render_stats(s: &m::Stats) -> String {
     }
     for st in &s.stores {
         out.push_str(&format!(
-            "store {}: {} chunks used, {} free of {} ({} each), {} reclaim pending\n",
+            "store {}: {} chunks used, {} free of {} ({} each), {} reclaim pending{}\n",
             st.cow,
             st.chunks_used,
             st.chunks_free,
             st.chunks_total,
             format_size(u64::from(st.chunk_size)),
-            st.reclaim_pending_chunks
+            st.reclaim_pending_chunks,
+            low_space_note(st.low_space, st.low_space_percent)
         ));
     }
     out
+}
+
+/// ", LOW ON SPACE (threshold N%)" for a store past the threshold, else nothing.
+fn low_space_note(low: bool, percent: u8) -> String {
+    if low {
+        format!(", LOW ON SPACE (threshold {percent}%)")
+    } else {
+        String::new()
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ pub struct ServeConfig {
     pub socket_access: SocketAccess,
     /// Where to serve the Prometheus exposition, if anywhere.
     pub metrics_listen: Option<super::prometheus::MetricsListen>,
+    /// A store is low on space from this percentage of its chunks in use.
+    pub low_space_percent: u8,
 }
 
 pub(crate) struct Inner {
@@ -60,6 +62,8 @@ pub struct Daemon {
     /// Exports served over NBD, by name.
     pub(crate) nbd: Mutex<HashMap<String, crate::nbd::NbdServer>>,
     pub(crate) inner: Mutex<Inner>,
+    /// The low-space threshold and which stores are past it.
+    pub(crate) space: super::space::SpaceWatch,
 }
 
 impl Daemon {

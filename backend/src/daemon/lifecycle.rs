@@ -35,6 +35,9 @@ pub enum ServeError {
     /// The Prometheus exposition could not be served.
     #[error("{0}")]
     Metrics(String),
+    /// The low-space watch thread could not be started.
+    #[error("cannot start the low-space watch: {0}")]
+    SpaceWatch(#[source] std::io::Error),
     /// The socket directory could not be created.
     #[error("socket directory {dir}: {source}")]
     SocketDir {
@@ -68,6 +71,7 @@ impl Daemon {
             state_dir_canon,
             exports: ExportManager::new(),
             nbd: Mutex::new(HashMap::new()),
+            space: super::space::SpaceWatch::new(cfg.low_space_percent),
             inner: Mutex::new(Inner {
                 state_dir,
                 state,
@@ -199,6 +203,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     if let Some(listen) = &cfg.metrics_listen {
         super::prometheus::start(listen, daemon.clone()).map_err(ServeError::Metrics)?;
     }
+    super::space::start(daemon.clone()).map_err(ServeError::SpaceWatch)?;
     let server = lock.bind()?;
     info!(
         "snapmv daemon ready: RPC socket {}, state {}, export sockets in {}",

@@ -26,6 +26,7 @@ mod methods;
 mod paths;
 pub mod prometheus;
 mod registry;
+pub mod space;
 #[cfg(test)]
 mod tests;
 mod validate;

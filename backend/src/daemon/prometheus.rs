@@ -218,6 +218,26 @@ impl Collector for StatsCollector {
                     .encode_gauge(&(v as i64))?;
             }
         }
+        let mut m = enc.encode_descriptor(
+            "snapmv_store_low_space",
+            "1 when the store's chunks in use are at or past the low-space threshold",
+            None,
+            MetricType::Gauge,
+        )?;
+        for st in &raw.stores {
+            m.encode_family(&[("cow", st.cow.as_str())])?
+                .encode_gauge(&i64::from(st.low_space))?;
+        }
+        let mut m = enc.encode_descriptor(
+            "snapmv_store_low_space_threshold_ratio",
+            "The low-space threshold, as a fraction of the store's chunks",
+            None,
+            MetricType::Gauge,
+        )?;
+        for st in &raw.stores {
+            m.encode_family(&[("cow", st.cow.as_str())])?
+                .encode_gauge(&(f64::from(st.low_space_percent) / 100.0))?;
+        }
         Ok(())
     }
 }

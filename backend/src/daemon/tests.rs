@@ -28,6 +28,7 @@ fn random_params_never_panic() {
         allowed_uids: vec![],
         socket_access: SocketAccess::default(),
         metrics_listen: None,
+        low_space_percent: 90,
     })
     .unwrap();
     let paths: Vec<Value> = [

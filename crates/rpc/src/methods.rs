@@ -466,6 +466,10 @@ pub struct StoreStatus {
     pub chunks_used: u64,
     /// Chunks free.
     pub chunks_free: u64,
+    /// The low-space threshold, percent of the chunks in use (`serve --low-space-percent`).
+    pub low_space_percent: u8,
+    /// Chunks in use (not free) are at or past the threshold.
+    pub low_space: bool,
     /// Origins bound to the store and known to the daemon.
     pub origins: Vec<OriginStatus>,
 }
@@ -578,6 +582,10 @@ pub struct StoreStats {
     pub chunks_free: u64,
     /// Chunks of deleted snapshots not reclaimed yet, summed over the open origins.
     pub reclaim_pending_chunks: u64,
+    /// The low-space threshold, percent of the chunks in use (`serve --low-space-percent`).
+    pub low_space_percent: u8,
+    /// Chunks in use (not free) are at or past the threshold.
+    pub low_space: bool,
 }
 
 /// `stats` result.

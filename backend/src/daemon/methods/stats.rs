@@ -60,6 +60,8 @@ impl Daemon {
                         .iter()
                         .map(|o| o.reclaim_pending_chunks)
                         .sum(),
+                    low_space_percent: self.space.percent(),
+                    low_space: self.space.observe(cow, st.chunks_total, st.chunks_free),
                 })
             })
             .collect();

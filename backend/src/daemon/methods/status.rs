@@ -74,6 +74,8 @@ impl Daemon {
                 chunks_total: st.chunks_total,
                 chunks_used: st.chunks_used,
                 chunks_free: st.chunks_free,
+                low_space_percent: self.space.percent(),
+                low_space: self.space.observe(&cow, st.chunks_total, st.chunks_free),
                 origins,
             });
         }
