@@ -472,3 +472,60 @@ fn hostile_clients_get_clean_errors() {
     assert!(closed(&mut x), "a forced removal disconnects the client");
     assert!(!sock.exists(), "the socket is removed");
 }
+
+/// `stats` of an NBD export equals, per kind, what a raw client did: reads and writes (ops and
+/// bytes), a flush, a write-zeroes, a refused read past the end as an error; block status
+/// and disconnects are not counted.
+#[test]
+fn stats_count_what_an_nbd_client_did() {
+    let s = setup("nbd-stats");
+    let (d, o, c) = (&s.d, s.o.as_str(), s.c.as_str());
+    d.cli(&["remove", "vol"]);
+    d.cli(&["create", "vol", o, c, "--nbd"]);
+    let mut x = connect(&d.export_socket("vol"), "vol");
+    for (i, len) in [4096u32, 512, 65536].into_iter().enumerate() {
+        request(&mut x, 0, i as u64, 0, len);
+        assert_eq!(reply(&mut x, i as u64).0, 0);
+    }
+    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+    b.extend_from_slice(&0u16.to_be_bytes());
+    b.extend_from_slice(&1u16.to_be_bytes());
+    b.extend_from_slice(&20u64.to_be_bytes());
+    b.extend_from_slice(&(3 * CS).to_be_bytes());
+    b.extend_from_slice(&8192u32.to_be_bytes());
+    b.extend_from_slice(&[0x5a; 8192]);
+    x.write_all(&b).unwrap();
+    assert_eq!(reply(&mut x, 20).0, 0);
+    request(&mut x, 3, 21, 0, 0); // flush
+    assert_eq!(reply(&mut x, 21).0, 0);
+    request(&mut x, 6, 22, 5 * CS, 4096); // write zeroes
+    assert_eq!(reply(&mut x, 22).0, 0);
+    request(&mut x, 7, 23, 0, 65536); // block status: not counted
+    assert_eq!(reply(&mut x, 23).0, 0);
+    request(&mut x, 0, 24, SIZE, 4096); // past the end: refused
+    assert_ne!(reply(&mut x, 24).0, 0);
+    let st = d.ok("stats", serde_json::json!({"name": "vol"}));
+    let e = &st["exports"][0];
+    assert_eq!(e["protocol"], "nbd", "{st}");
+    assert!(e.get("note").is_none(), "{st}");
+    let n = |k: &str| e[k].as_u64().unwrap();
+    assert_eq!(
+        (n("reads"), n("read_bytes")),
+        (3, 4096 + 512 + 65536),
+        "{st}"
+    );
+    assert_eq!((n("writes"), n("write_bytes")), (1, 8192), "{st}");
+    assert_eq!(n("flushes"), 1, "{st}");
+    assert_eq!(
+        (n("write_zeroes"), n("write_zeroes_bytes")),
+        (1, 4096),
+        "{st}"
+    );
+    assert_eq!(
+        (n("discards"), n("errors"), n("in_flight")),
+        (0, 1, 0),
+        "{st}"
+    );
+    assert_eq!(e["latency_us"]["read"]["count"], 3, "{st}");
+    drop(x);
+}

@@ -463,3 +463,87 @@ fn low_space_threshold_is_shown_and_logged_once_per_crossing() {
         .unwrap();
     assert_eq!(gauge(&text, "snapmv_store_low_space"), "0");
 }
+
+/// The engine's counters in `stats` and Prometheus equal what a client did: one copy-out per
+/// chunk first written after a snapshot (6 here, the rewrites none), commit rounds counted
+/// with their latency, nothing left pending after a flush.
+#[test]
+fn engine_counters_in_stats_equal_what_a_client_did() {
+    let dir = scratch("engine-counters");
+    let d = Daemon::start_with(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let origin = dir.path().join("a.img");
+    let cow = dir.path().join("c.img");
+    sparse_file(&origin, 4 * MIB);
+    sparse_file(&cow, 16 * MIB);
+    d.cli(&[
+        "create",
+        "a",
+        origin.to_str().unwrap(),
+        cow.to_str().unwrap(),
+        "-b",
+        "-f",
+    ]);
+    let mut c = Client::connect(&d.export_socket("a")).unwrap();
+    let p = c.ptr(0);
+    c.mem()[..8192].fill(1);
+    d.ok("snapshot_create", json!({"name": "a", "sync": true}));
+    for round in 0..2 {
+        for chunk in [0u64, 1, 2, 10, 11, 200] {
+            let len = if round == 0 { 4096 } else { 512 };
+            let r = run1(&mut c.queues[0], |q| {
+                q.write(chunk * 4096, p, len, 0, NO_FLAGS)
+            });
+            assert_eq!(r.unwrap(), 0);
+        }
+    }
+    assert_eq!(run1(&mut c.queues[0], |q| q.flush(0, NO_FLAGS)).unwrap(), 0);
+    let s = d.ok("stats", json!({"name": "a"}));
+    let st = &s["stores"][0];
+    let o = &st["origins"][0];
+    assert_eq!(o["origin_id"], "a.img", "{s}");
+    assert_eq!(o["copy_outs"], 6, "{s}");
+    assert_eq!(
+        (o["overlay_chunks"].as_u64(), o["overlay_bytes"].as_u64()),
+        (Some(0), Some(0)),
+        "{s}"
+    );
+    let commits = st["commits"].as_u64().unwrap();
+    assert!(commits > 0, "{s}");
+    assert_eq!(
+        st["commit_latency_us"]["count"].as_u64(),
+        Some(commits),
+        "{s}"
+    );
+    assert!(
+        st["commit_latency_us"]["p99"].as_f64().unwrap() > 0.0,
+        "{s}"
+    );
+    let text = d.cli(&["stats", "a"]);
+    assert!(text.contains("origin a.img: 6 copy-outs"), "{text}");
+    let log = d.log();
+    let url = log
+        .lines()
+        .find_map(|l| l.split("metrics served on ").nth(1))
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+        .trim()
+        .to_string();
+    let text = ureq::get(&url)
+        .call()
+        .expect("scrape")
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("snapmv_origin_copy_outs_total{"))
+        .unwrap_or_else(|| panic!("no copy-outs in:\n{text}"));
+    assert!(
+        line.contains("origin=\"a.img\"") && line.ends_with(" 6"),
+        "{line}"
+    );
+    assert!(text.contains("snapmv_store_commits_total{"), "{text}");
+    assert!(
+        text.contains("snapmv_store_commit_latency_seconds{"),
+        "{text}"
+    );
+}

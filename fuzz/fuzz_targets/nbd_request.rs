@@ -49,6 +49,7 @@ fn exports() -> &'static [Arc<NbdExport>; 2] {
                         Ok(vec![(4096, 4096), ((tag as u64 % 8) * 8192, 4096)])
                     }
                 })),
+                metrics: Arc::default(),
             })
         };
         [mk(false), mk(true)]

@@ -367,6 +367,28 @@ pub fn render_stats(s: &m::Stats) -> String {
             st.reclaim_pending_chunks,
             low_space_note(st.low_space, st.low_space_percent)
         ));
+        out.push_str(&format!(
+            "  {} commits (p50 {}, p99 {})\n",
+            st.commits,
+            format_latency(st.commit_latency_us.count, st.commit_latency_us.p50),
+            format_latency(st.commit_latency_us.count, st.commit_latency_us.p99)
+        ));
+        for o in &st.origins {
+            out.push_str(&format!(
+                "  origin {}: {} copy-outs, {} chunks ({}) written but not yet on the origin{}\n",
+                o.origin_id,
+                o.copy_outs,
+                o.overlay_chunks,
+                format_size(o.overlay_bytes),
+                o.rollback
+                    .as_ref()
+                    .map(|r| format!(
+                        ", rolling back to snapshot {}: {} of {} chunks",
+                        r.tag, r.chunks_done, r.chunks_total
+                    ))
+                    .unwrap_or_default()
+            ));
+        }
     }
     out
 }

@@ -73,6 +73,7 @@ impl Daemon {
                     readonly: rec.readonly,
                     chunk_size,
                     changed: Some(changed),
+                    metrics: Arc::default(),
                 },
                 desc,
                 rec.socket_mode.unwrap_or(self.socket_access.mode),

@@ -219,6 +219,82 @@ impl Collector for StatsCollector {
             }
         }
         let mut m = enc.encode_descriptor(
+            "snapmv_store_commits",
+            "Commit rounds (batch write, data sync, seal, sync) since the store was opened",
+            None,
+            MetricType::Counter,
+        )?;
+        for st in &raw.stores {
+            m.encode_family(&[("cow", st.cow.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&st.commits, None)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "snapmv_store_commit_latency_seconds",
+            "Duration of the commit rounds since the store was opened, by quantile",
+            None,
+            MetricType::Gauge,
+        )?;
+        for st in &raw.stores {
+            let l = &st.commit_latency_us;
+            for (q, v) in [("0.5", l.p50), ("0.99", l.p99), ("0.999", l.p99_9)] {
+                m.encode_family(&[("cow", st.cow.as_str()), ("quantile", q)])?
+                    .encode_gauge(&(v / 1e6))?;
+            }
+        }
+        let origins: Vec<(&str, &snapmv_rpc::methods::OriginCounters)> = raw
+            .stores
+            .iter()
+            .flat_map(|st| st.origins.iter().map(move |o| (st.cow.as_str(), o)))
+            .collect();
+        let mut m = enc.encode_descriptor(
+            "snapmv_origin_copy_outs",
+            "Origin chunks copied to the store before an origin write, since the origin was opened",
+            None,
+            MetricType::Counter,
+        )?;
+        for (cow, o) in &origins {
+            m.encode_family(&[("cow", *cow), ("origin", o.origin_id.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&o.copy_outs, None)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "snapmv_origin_overlay_chunks",
+            "Origin writes acknowledged and not yet on the origin, in chunks",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (cow, o) in &origins {
+            m.encode_family(&[("cow", *cow), ("origin", o.origin_id.as_str())])?
+                .encode_gauge(&(o.overlay_chunks as i64))?;
+        }
+        let mut m = enc.encode_descriptor(
+            "snapmv_origin_overlay_bytes",
+            "Memory held by origin writes not yet on the origin",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (cow, o) in &origins {
+            m.encode_family(&[("cow", *cow), ("origin", o.origin_id.as_str())])?
+                .encode_gauge(&(o.overlay_bytes as i64))?;
+        }
+        let mut m = enc.encode_descriptor(
+            "snapmv_origin_rollback_chunks",
+            "A rollback in progress: chunks done and in all",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (cow, o) in &origins {
+            if let Some(r) = &o.rollback {
+                for (state, v) in [("done", r.chunks_done), ("total", r.chunks_total)] {
+                    m.encode_family(&[
+                        ("cow", *cow),
+                        ("origin", o.origin_id.as_str()),
+                        ("state", state),
+                    ])?
+                    .encode_gauge(&(v as i64))?;
+                }
+            }
+        }
+        let mut m = enc.encode_descriptor(
             "snapmv_store_low_space",
             "1 when the store's chunks in use are at or past the low-space threshold",
             None,

@@ -41,6 +41,8 @@ pub struct NbdExport {
     pub chunk_size: u32,
     /// Answers `snapmv:changed:TAG`; `None`: no such context.
     pub changed: Option<Arc<ChangedFn>>,
+    /// Requests, bytes, errors and latency since the export started (as for vhost-user-blk).
+    pub metrics: Arc<crate::vhost_blk::metrics::ExportMetrics>,
 }
 
 /// Why a connection ended abnormally.
@@ -122,6 +124,7 @@ pub struct NbdServer {
     /// The live connections (clones), shut down when the export stops.
     conns: Arc<std::sync::Mutex<Vec<(u64, UnixStream)>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    metrics: Arc<crate::vhost_blk::metrics::ExportMetrics>,
 }
 
 impl NbdServer {
@@ -149,6 +152,7 @@ impl NbdServer {
             }
         }
         let (name, readonly) = (export.name.clone(), export.readonly);
+        let metrics = export.metrics.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let clients = Arc::new(AtomicUsize::new(0));
         let export = Arc::new(export);
@@ -207,12 +211,18 @@ impl NbdServer {
             clients,
             conns,
             thread: Some(thread),
+            metrics,
         })
     }
 
     /// Connected clients.
     pub fn clients(&self) -> usize {
         self.clients.load(SeqCst)
+    }
+
+    /// The export's counters since it started, over all its clients.
+    pub fn stats(&self) -> crate::vhost_blk::metrics::ExportStats {
+        self.metrics.snapshot()
     }
 
     /// As listed with the vhost-user exports.

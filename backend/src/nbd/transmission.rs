@@ -6,7 +6,21 @@ use std::io::{IoSlice, IoSliceMut, Read, Write};
 use super::handshake::Conn;
 use super::proto::*;
 use super::{NbdError, NbdExport};
+use crate::vhost_blk::request::RequestKind;
 use crate::vhost_blk::DiskError;
+
+/// The kind a request counts as in the export's statistics (block status and disconnects
+/// are not counted, as GET_ID is not for vhost-user-blk).
+fn counted_kind(cmd: u16) -> Option<RequestKind> {
+    match cmd {
+        CMD_READ => Some(RequestKind::Read),
+        CMD_WRITE => Some(RequestKind::Write),
+        CMD_FLUSH => Some(RequestKind::Flush),
+        CMD_TRIM => Some(RequestKind::Discard),
+        CMD_WRITE_ZEROES => Some(RequestKind::WriteZeroes),
+        _ => None,
+    }
+}
 
 impl<S: Read + Write> Conn<'_, S> {
     fn simple_reply(&mut self, cookie: u64, err: u32, data: &[u8]) -> std::io::Result<()> {
@@ -69,7 +83,12 @@ impl<S: Read + Write> Conn<'_, S> {
                 Err(err) => return Err(err.into()),
             }
             let r = parse_request(&h).map_err(|m| NbdError::Protocol(m.to_string()))?;
+            let counted = counted_kind(r.kind);
+            let started = std::time::Instant::now();
             if let Err(errno) = check_request(&r, size, e.readonly) {
+                // A refused request counts as an error, whatever its kind (as for vhost).
+                e.metrics.requests_taken(0, 1);
+                e.metrics.request_failed(0);
                 if r.kind == CMD_WRITE {
                     // The payload follows: skip it if it is reasonable, else give up.
                     if r.length > MAX_REQUEST {
@@ -87,7 +106,11 @@ impl<S: Read + Write> Conn<'_, S> {
                 self.reply_err(r.cookie, errno, msg)?;
                 continue;
             }
-            match r.kind {
+            if counted.is_some() {
+                e.metrics.requests_taken(0, 1);
+            }
+            // Whether the request succeeded (`None`: not counted).
+            let ok: Option<bool> = match r.kind {
                 CMD_DISC => return Ok(()),
                 CMD_READ => {
                     buf.resize(r.length as usize, 0);
@@ -103,15 +126,18 @@ impl<S: Read + Write> Conn<'_, S> {
                                 REPLY_TYPE_OFFSET_DATA,
                                 &[&off, &buf],
                             )?;
+                            Some(true)
                         }
                         Ok(()) => {
                             let b = std::mem::take(&mut buf);
                             self.simple_reply(r.cookie, 0, &b)?;
                             buf = b;
+                            Some(true)
                         }
                         Err(err) => {
                             log::warn!("NBD export {}: read: {err}", e.name);
                             self.reply_err(r.cookie, EIO, "read failed")?;
+                            Some(false)
                         }
                     }
                 }
@@ -122,11 +148,11 @@ impl<S: Read + Write> Conn<'_, S> {
                     if res.is_ok() && r.flags & CMD_FLAG_FUA != 0 {
                         res = e.disk.flush();
                     }
-                    self.done(r.cookie, res)?;
+                    Some(self.done(r.cookie, res)?)
                 }
                 CMD_FLUSH => {
                     let res = e.disk.flush();
-                    self.done(r.cookie, res)?;
+                    Some(self.done(r.cookie, res)?)
                 }
                 CMD_TRIM | CMD_WRITE_ZEROES => {
                     let res = if r.kind == CMD_TRIM {
@@ -134,23 +160,44 @@ impl<S: Read + Write> Conn<'_, S> {
                     } else {
                         e.disk.write_zeroes(r.offset, r.length as u64)
                     };
-                    self.done(r.cookie, res)?;
+                    Some(self.done(r.cookie, res)?)
                 }
-                CMD_BLOCK_STATUS => self.block_status(e, &r, &mut buf)?,
-                _ => self.reply_err(r.cookie, EINVAL, "unknown command")?,
+                CMD_BLOCK_STATUS => {
+                    self.block_status(e, &r, &mut buf)?;
+                    None
+                }
+                _ => {
+                    self.reply_err(r.cookie, EINVAL, "unknown command")?;
+                    None
+                }
+            };
+            match (counted, ok) {
+                (Some(kind), Some(true)) => {
+                    let bytes = if kind == RequestKind::Flush {
+                        0
+                    } else {
+                        u64::from(r.length)
+                    };
+                    e.metrics
+                        .request_done(0, Some(kind), bytes, started.elapsed());
+                }
+                (Some(_), _) => e.metrics.request_failed(0),
+                (None, _) => {}
             }
         }
     }
 
-    fn done(&mut self, cookie: u64, res: Result<(), DiskError>) -> std::io::Result<()> {
+    /// Replies to a request that has no data to return; returns whether it succeeded.
+    fn done(&mut self, cookie: u64, res: Result<(), DiskError>) -> std::io::Result<bool> {
         match res {
-            Ok(()) => self.reply_ok(cookie),
+            Ok(()) => self.reply_ok(cookie).map(|()| true),
             Err(e) => {
                 let errno = match e {
                     DiskError::NoSpace { .. } => ENOSPC,
                     DiskError::Failed { .. } => EIO,
                 };
                 self.reply_err(cookie, errno, &e.to_string())
+                    .map(|()| false)
             }
         }
     }

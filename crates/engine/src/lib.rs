@@ -25,5 +25,5 @@ pub use error::{CommitFailed, Error, ErrorKind, Result};
 pub use origin::{GroupError, OriginStatus, RollbackProgress, SnapshotInfo};
 pub use registry::{snapshot_group, Origin, StoreStatus};
 pub use storage::{current_boot_id, in_use, BootId, FileStorage, InUse, OpenMode, Storage};
-pub use store::{FormatOptions, Store};
+pub use store::{CommitStats, FormatOptions, Store};
 pub use volume::Volume;

@@ -374,6 +374,19 @@ impl Store {
         core.wait_durable(epoch)
     }
 
+    /// Commit rounds since the store was opened, and how long they took.
+    pub fn commit_stats(&self) -> crate::store::CommitStats {
+        self.guard.core.commits.snapshot()
+    }
+
+    /// Data chunks in all and free now: [`Store::status`]'s space without its origins (cheap,
+    /// for a watch).
+    pub fn space(&self) -> (u64, u64) {
+        let core = &self.guard.core;
+        let free = core.lock_meta().free.len() as u64;
+        (core.layout.data_chunks, free)
+    }
+
     /// Space and origins.
     pub fn status(&self) -> StoreStatus {
         let core = &self.guard.core;

@@ -586,6 +586,32 @@ pub struct StoreStats {
     pub low_space_percent: u8,
     /// Chunks in use (not free) are at or past the threshold.
     pub low_space: bool,
+    /// Commit rounds since the store was opened (each makes the journal batches written
+    /// before it durable: batch write, data sync, seal, sync).
+    pub commits: u64,
+    /// How long the commit rounds took, in microseconds (`count` = `commits`).
+    pub commit_latency_us: LatencyStats,
+    /// The store's open origins (all, or the one `name` uses), by id.
+    #[serde(default)]
+    pub origins: Vec<OriginCounters>,
+}
+
+/// The engine's counters of one open origin, in `stats`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OriginCounters {
+    /// Origin id inside the store.
+    pub origin_id: String,
+    /// Origin chunks copied to the store before an origin write, since it was opened.
+    pub copy_outs: u64,
+    /// Origin writes acknowledged and not yet on the origin (overlays), in chunks.
+    pub overlay_chunks: u64,
+    /// The memory they hold, in bytes.
+    pub overlay_bytes: u64,
+    /// Chunks of deleted snapshots not reclaimed yet (the reclaim backlog).
+    pub reclaim_pending_chunks: u64,
+    /// Rollback in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackProgress>,
 }
 
 /// `stats` result.

@@ -4,6 +4,7 @@
 
 use snapmv_rpc::methods::{self as m, PROTOCOL_NBD, PROTOCOL_VHOST};
 
+use crate::daemon::convert;
 use crate::daemon::core::Daemon;
 use crate::daemon::error::MResult;
 use crate::vhost_blk::metrics::ExportStats;
@@ -31,8 +32,8 @@ impl Daemon {
         let mut exports = Vec::new();
         for rec in &records {
             if rec.protocol.as_deref() == Some(PROTOCOL_NBD) {
-                if self.nbd_lock().contains_key(&rec.name) {
-                    exports.push((rec.name.clone(), PROTOCOL_NBD, None));
+                if let Some(s) = self.nbd_lock().get(&rec.name).map(|n| n.stats()) {
+                    exports.push((rec.name.clone(), PROTOCOL_NBD, Some(s)));
                 }
             } else if let Some(s) = self.exports.stats(&rec.name) {
                 exports.push((rec.name.clone(), PROTOCOL_VHOST, Some(s)));
@@ -48,7 +49,28 @@ impl Daemon {
         let stores = cows
             .iter()
             .filter_map(|cow| {
-                let st = inner.stores.get(cow)?.status();
+                let store = inner.stores.get(cow)?;
+                let st = store.status();
+                let c = store.commit_stats();
+                let mut origins: Vec<m::OriginCounters> = st
+                    .origins
+                    .iter()
+                    .filter(|o| {
+                        records
+                            .iter()
+                            .any(|r| r.cow == *cow && r.origin_id == o.origin_id)
+                            || name.is_none()
+                    })
+                    .map(|o| m::OriginCounters {
+                        origin_id: o.origin_id.clone(),
+                        copy_outs: o.copy_outs,
+                        overlay_chunks: o.overlay_chunks,
+                        overlay_bytes: o.overlay_bytes,
+                        reclaim_pending_chunks: o.reclaim_pending_chunks,
+                        rollback: o.rollback.as_ref().map(convert::rollback_progress),
+                    })
+                    .collect();
+                origins.sort_by(|a, b| a.origin_id.cmp(&b.origin_id));
                 Some(m::StoreStats {
                     cow: cow.clone(),
                     chunk_size: st.chunk_size,
@@ -62,6 +84,16 @@ impl Daemon {
                         .sum(),
                     low_space_percent: self.space.percent(),
                     low_space: self.space.observe(cow, st.chunks_total, st.chunks_free),
+                    commits: c.rounds,
+                    commit_latency_us: m::LatencyStats {
+                        count: c.rounds,
+                        mean: c.mean_us,
+                        p50: c.p50_us as f64,
+                        p99: c.p99_us as f64,
+                        p99_9: c.p99_9_us as f64,
+                        buckets: Vec::new(),
+                    },
+                    origins,
                 })
             })
             .collect();

@@ -87,6 +87,8 @@ impl OriginCore {
         self.store.commit_wake.notify_one();
         self.copy_epoch[c as usize].store(epoch, SeqCst);
         self.top[c as usize].store(newest, SeqCst);
+        self.copy_outs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(epoch)
     }
 

@@ -120,6 +120,13 @@ pub struct OriginStatus {
     pub rollback: Option<RollbackProgress>,
     /// Store chunks still held by deleted snapshots, to be freed by the background reclaim.
     pub reclaim_pending_chunks: u64,
+    /// Origin chunks copied to the store before an origin write, since the origin was opened.
+    pub copy_outs: u64,
+    /// Origin writes acknowledged but not yet on the origin (overlays: in memory and in a
+    /// store chunk each, until their copy-out is durable): chunks and bytes.
+    pub overlay_chunks: u64,
+    /// Bytes of memory they hold.
+    pub overlay_bytes: u64,
 }
 
 /// One opened origin.
@@ -176,6 +183,8 @@ pub(crate) struct OriginCore {
     /// delete, and the snapshot must then come back whole.
     dying: Mutex<Vec<(u64, u32)>>,
     dying_count: AtomicUsize,
+    /// Origin chunks copied to the store before an origin write, since the origin was opened.
+    copy_outs: AtomicU64,
 }
 
 fn now_secs() -> u64 {
@@ -288,6 +297,7 @@ impl OriginCore {
             cut_unsynced: AtomicBool::new(false),
             dying: Mutex::new(Vec::new()),
             dying_count: AtomicUsize::new(0),
+            copy_outs: AtomicU64::new(0),
             last_sync: Mutex::new(std::time::Instant::now()),
         }))
     }

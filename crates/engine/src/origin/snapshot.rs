@@ -260,6 +260,9 @@ impl OriginCore {
             snapshots: lock(&self.snaps).len(),
             rollback: self.rollback_progress(),
             reclaim_pending_chunks,
+            copy_outs: self.copy_outs.load(SeqCst),
+            overlay_chunks: self.overlay_count.load(SeqCst) as u64,
+            overlay_bytes: self.overlay_bytes.load(SeqCst) as u64,
         }
     }
 

@@ -241,7 +241,12 @@ impl StoreCore {
                 m.sync_requested = false;
                 m.journal_pos > self.layout.journal_size / 2
             };
-            let epoch = match self.commit_round() {
+            let started = std::time::Instant::now();
+            let round = self.commit_round();
+            if round.is_ok() {
+                self.commits.round(started.elapsed());
+            }
+            let epoch = match round {
                 Ok(e) => e,
                 Err(e) => {
                     self.fail(e);

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 mod alloc;
 mod commit;
+mod counters;
+pub use counters::CommitStats;
 
 mod worker;
 
@@ -113,6 +115,8 @@ pub(crate) struct StoreCore {
     pub worker_wake: Condvar,
     pub worker_lock: Mutex<bool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Commit rounds and their duration, for `stats`.
+    pub commits: counters::CommitCounters,
 }
 
 /// Closes the store when the last handle of any kind is dropped.
@@ -270,6 +274,7 @@ impl Store {
             worker_wake: Condvar::new(),
             worker_lock: Mutex::new(false),
             threads: Mutex::new(Vec::new()),
+            commits: counters::CommitCounters::new(),
         });
         // Start a new journal pass in this boot at once: what was replayed becomes durable
         // (batches a killed process left unsynced included), batches not replayed can never

@@ -1,0 +1,59 @@
+//! The engine's counters (`OriginStatus::copy_outs`, overlays; `Store::commit_stats`) equal
+//! what a client did: one copy-out per chunk first written after a snapshot, none for a
+//! chunk written again or one no snapshot shares; overlays pending until written out; commit
+//! rounds counted with their durations.
+
+mod common;
+
+use common::MemStorage;
+use snapmv_engine::{FormatOptions, Storage, Store};
+use std::sync::Arc;
+
+const CS: u64 = 4096;
+
+#[test]
+fn copy_outs_overlays_and_commits_are_counted() {
+    let st = MemStorage::new("store", (4 << 20) + 1024 * 4096);
+    Store::format_storage(st.as_ref(), &FormatOptions::default()).unwrap();
+    let store = Store::open_storage(st as Arc<dyn Storage>).unwrap();
+    let o = store
+        .bind_origin_storage(
+            "o",
+            MemStorage::new("o", 64 * CS as usize) as Arc<dyn Storage>,
+        )
+        .unwrap();
+    let v = o.volume();
+    // No snapshot: nothing to copy.
+    for c in 0..8 {
+        v.write(c * CS, &[1u8; CS as usize]).unwrap();
+    }
+    assert_eq!(o.status().copy_outs, 0);
+    o.create_snapshot(None, "").unwrap();
+    // Chunks 0..5 first written (a 2-chunk write counts its two chunks), then written again.
+    v.write(0, &[2u8; 2 * CS as usize]).unwrap();
+    for c in 2..5 {
+        v.write(c * CS + 512, &[2u8; 512]).unwrap();
+    }
+    let s = o.status();
+    assert_eq!(s.copy_outs, 5, "{s:?}");
+    for c in 0..5 {
+        v.write(c * CS, &[3u8; 512]).unwrap();
+    }
+    assert_eq!(o.status().copy_outs, 5, "a second write copies nothing");
+    // A flush writes every overlay out; none is left pending.
+    v.flush().unwrap();
+    let s = o.status();
+    assert_eq!((s.overlay_chunks, s.overlay_bytes), (0, 0), "{s:?}");
+    let before = store.commit_stats();
+    assert!(before.rounds > 0, "the flush committed: {before:?}");
+    o.create_snapshot_sync(None, "").unwrap();
+    let after = store.commit_stats();
+    assert!(after.rounds > before.rounds, "{before:?} -> {after:?}");
+    assert!(
+        after.p50_us <= after.p99_us && after.p99_us <= after.max_us,
+        "{after:?}"
+    );
+    assert!(after.mean_us > 0.0, "{after:?}");
+    v.write(7 * CS, &[4u8; 512]).unwrap();
+    assert_eq!(o.status().copy_outs, 6, "one more for the new snapshot");
+}
