@@ -57,3 +57,40 @@ fn copy_outs_overlays_and_commits_are_counted() {
     v.write(7 * CS, &[4u8; 512]).unwrap();
     assert_eq!(o.status().copy_outs, 6, "one more for the new snapshot");
 }
+
+/// `SnapshotInfo::shared_chunks` beside `exclusive_chunks`: a store chunk read by one snapshot
+/// is its own, one read by several counts as shared for each of them.
+#[test]
+fn shared_and_exclusive_chunks_per_snapshot() {
+    let st = MemStorage::new("store", 8 << 20);
+    Store::format_storage(st.as_ref(), &FormatOptions::default()).unwrap();
+    let store = Store::open_storage(st as Arc<dyn Storage>).unwrap();
+    let o = store
+        .bind_origin_storage(
+            "o",
+            MemStorage::new("o", 16 * CS as usize) as Arc<dyn Storage>,
+        )
+        .unwrap();
+    let usage = |t: u32| {
+        let s = o.snapshots().into_iter().find(|s| s.tag == t).unwrap();
+        (s.exclusive_chunks, s.shared_chunks)
+    };
+    let a = o.create_snapshot(None, "").unwrap();
+    o.volume().write(0, &[1u8; 4 * CS as usize]).unwrap();
+    o.volume().flush().unwrap();
+    let b = o.create_snapshot(None, "").unwrap();
+    o.volume().write(0, &[2u8; 2 * CS as usize]).unwrap();
+    o.volume().flush().unwrap();
+    // A: its 4 copies; B: the 2 chunks copied since its cut; chunks 2, 3 B reads from the
+    // origin (no store chunk).
+    assert_eq!((usage(a), usage(b)), ((4, 0), (2, 0)));
+    // C, a snapshot of B, reads what B reads: those 2 chunks are shared now.
+    let c = o.create_snapshot(Some(b), "").unwrap();
+    assert_eq!((usage(a), usage(b), usage(c)), ((4, 0), (0, 2), (0, 2)));
+    // C's own write: one chunk of its own.
+    o.snapshot_volume(c)
+        .unwrap()
+        .write(8 * CS, &[3u8; 512])
+        .unwrap();
+    assert_eq!(usage(c), (1, 2));
+}

@@ -103,6 +103,8 @@ pub struct SnapshotInfo {
     pub birth_unix_secs: u64,
     /// Store chunks that only this snapshot reads: what deleting it would free.
     pub exclusive_chunks: u64,
+    /// Store chunks this snapshot reads that other snapshots (or a rollback) read too.
+    pub shared_chunks: u64,
 }
 
 /// An origin's state.

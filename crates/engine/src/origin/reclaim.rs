@@ -222,14 +222,29 @@ impl OriginCore {
     }
 
     /// Store chunks each snapshot alone reads (what deleting it would free).
-    pub(super) fn exclusive_chunks(&self) -> HashMap<u32, u64> {
+    /// Per snapshot tag: the store chunks only it reads (what deleting it would free) and
+    /// those it reads with at least one other live reader.
+    pub(super) fn chunk_usage(&self) -> HashMap<u32, (u64, u64)> {
         let readers = self.readers();
-        let mut out = HashMap::new();
+        let mut out: HashMap<u32, (u64, u64)> = HashMap::new();
+        let mut users = Vec::new();
         for slot in self.map.iter() {
             if let Some(l) = slot.load().as_ref() {
                 for e in l.iter() {
-                    if let Some(tag) = readers.sole_user(l, e) {
-                        *out.entry(tag).or_insert(0) += 1;
+                    users.clear();
+                    users.extend(readers.users(l, e).into_iter().flatten());
+                    match users.as_slice() {
+                        [] => {}
+                        [one] => {
+                            if let Some(tag) = readers.tags[*one] {
+                                out.entry(tag).or_default().0 += 1;
+                            }
+                        }
+                        many => {
+                            for tag in many.iter().filter_map(|&r| readers.tags[r]) {
+                                out.entry(tag).or_default().1 += 1;
+                            }
+                        }
                     }
                 }
             }
