@@ -2,7 +2,9 @@
 //! model, comparing every read. `SNAPMV_MODEL_OPS` sets the total operation count (default
 //! 100,000 across seeds); `SNAPMV_MODEL_SEED` replays one seed. Among the operations: a
 //! burst of origin writes right before a snapshot of the origin, so that the cut usually
-//! finds overlays (first writes whose copy-outs are not durable yet) and takes their chunks.
+//! finds overlays (first writes whose copy-outs are not durable yet) and takes their chunks;
+//! discard and write-zeroes on the origin and on snapshots (holes, zero exceptions), over an
+//! origin whose chunks are partly zeros from the start.
 
 mod common;
 
@@ -76,6 +78,12 @@ fn run_seed(seed: u64, ops: u64) {
     let origin_st = MemStorage::new("origin", size);
     let mut initial = vec![0u8; size];
     rng.fill(&mut initial);
+    // Some chunks start as zeros (holes): their copy-outs are zero exceptions.
+    for c in 0..nchunks {
+        if rng.u8(0..4) == 0 {
+            initial[c * cs..(c + 1) * cs].fill(0);
+        }
+    }
     origin_st.data.lock().unwrap().copy_from_slice(&initial);
     Store::format_storage(
         store_st.as_ref(),
@@ -120,6 +128,24 @@ fn run_seed(seed: u64, ops: u64) {
             );
         }
         match r {
+            0..=29 if rng.u8(0..5) == 0 => {
+                // Discard and write-zeroes: both read back as zeros (whole chunks become holes
+                // or zero exceptions, partial ones are written).
+                let v = e.o().volume();
+                if trace {
+                    eprintln!("  origin zero {off}+{len}");
+                }
+                let r = if rng.bool() {
+                    v.discard(off as u64, len as u64)
+                } else {
+                    v.write_zeroes(off as u64, len as u64)
+                };
+                match r {
+                    Ok(()) => m.origin[off..off + len].fill(0),
+                    Err(Error::NoSpace { .. }) => {}
+                    Err(err) => panic!("{}", ctx(op, &format!("origin discard: {err}"))),
+                }
+            }
             0..=29 => {
                 let mut buf = vec![0u8; len];
                 rng.fill(&mut buf);
@@ -134,12 +160,16 @@ fn run_seed(seed: u64, ops: u64) {
                 let mut buf = vec![0u8; len];
                 if rng.u8(0..4) == 0 {
                     buf.fill(0);
-                    match e
-                        .o()
-                        .snapshot_volume(t)
-                        .unwrap()
-                        .write_zeroes(off as u64, len as u64)
-                    {
+                    let v = e.o().snapshot_volume(t).unwrap();
+                    if trace {
+                        eprintln!("  snapshot {t} zero {off}+{len}");
+                    }
+                    let r = if rng.bool() {
+                        v.discard(off as u64, len as u64)
+                    } else {
+                        v.write_zeroes(off as u64, len as u64)
+                    };
+                    match r {
                         Ok(()) => {
                             m.snaps.get_mut(&t).unwrap()[off..off + len].copy_from_slice(&buf)
                         }
@@ -332,6 +362,8 @@ fn model_random_operations() {
 fn exclusive_chunks_count_what_delete_would_free() {
     let store_st = MemStorage::new("store", 8 << 20);
     let origin_st = MemStorage::new("origin", 16 * 4096);
+    // Data, not zeros: a copy-out of zeros costs no store chunk (see the test below).
+    origin_st.data.lock().unwrap().fill(7);
     Store::format_storage(store_st.as_ref(), &FormatOptions::default()).unwrap();
     let store = Store::open_storage(store_st as Arc<dyn Storage>).unwrap();
     let o = store

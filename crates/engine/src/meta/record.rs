@@ -45,4 +45,8 @@ pub enum Record {
     /// pending write as its exception (format 3): a snapshot cut while the overlay exists. The
     /// chunk stays allocated until both the exception and the pending write let go of it.
     ShareOverlay { slot: u32, chunk: u64, node: u32 },
+    /// Version `node` reads zeros at `chunk` with no store chunk (format 4): a zero exception
+    /// ([`super::ZERO_CHUNK`]). It replaces the node's exception if it has one (whose store
+    /// chunk is freed), else it is added.
+    ZeroException { slot: u32, chunk: u64, node: u32 },
 }

@@ -109,6 +109,12 @@ impl Record {
                 e.u64(*chunk);
                 e.u32(*node);
             }
+            Record::ZeroException { slot, chunk, node } => {
+                e.u8(15);
+                e.u32(*slot);
+                e.u64(*chunk);
+                e.u32(*node);
+            }
         }
     }
 
@@ -166,6 +172,11 @@ impl Record {
                 chunk: d.u64()?,
             },
             14 => Record::ShareOverlay {
+                slot: d.u32()?,
+                chunk: d.u64()?,
+                node: d.u32()?,
+            },
+            15 => Record::ZeroException {
                 slot: d.u32()?,
                 chunk: d.u64()?,
                 node: d.u32()?,

@@ -29,7 +29,7 @@ pub const CKPT_MAGIC: &[u8; 8] = b"SNAPMVCK";
 /// Magic of a journal batch.
 pub const BATCH_MAGIC: u32 = 0x4a4d_5653; // "SVMJ"
 /// Format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format version this build still reads (version 1 has no boot id in the
 /// superblock; its journal batches are all sealed).
 pub const OLDEST_VERSION: u32 = 1;

@@ -10,7 +10,8 @@
 //! - `snapshot.rs`: create, delete, list, status, unbind;
 //! - `rollback.rs`: live rollback and its background copy-back;
 //! - `reclaim.rs`: the reader census (`Readers`, pure) and the reclaim of what no reader needs;
-//! - `background.rs`: the worker's slice of work per origin; `diff.rs`: changed-block diff.
+//! - `background.rs`: the worker's slice of work per origin; `diff.rs`: changed-block diff;
+//! - `zero.rs`: discard and write-zeroes (holes in the origin, zero exceptions).
 //!
 //! `docs/design.md` explains the rules.
 //!
@@ -56,6 +57,7 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 mod tree;
+mod zero;
 
 pub(crate) use chunk_map::{Ex, ExList};
 use overlay::Overlay;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::meta::ZERO_CHUNK;
 
 /// The live readers of an origin's versions at one instant (for reclaim): each live leaf, and
 /// the rollback source, with the path a lookup takes from it.
@@ -156,7 +157,9 @@ impl OriginCore {
             .iter()
             .map(|slot| {
                 slot.load().as_ref().map_or(0, |l| {
-                    l.iter().filter(|e| !readers.needed(l, e)).count() as u64
+                    l.iter()
+                        .filter(|e| e.store != ZERO_CHUNK && !readers.needed(l, e))
+                        .count() as u64
                 })
             })
             .sum()
@@ -195,7 +198,11 @@ impl OriginCore {
                     chunk: c,
                     node: e.node,
                 });
-                StoreCore::note_free(&mut m, e.store);
+                if e.store == ZERO_CHUNK {
+                    StoreCore::note_zero(&mut m, false);
+                } else {
+                    StoreCore::note_free(&mut m, e.store);
+                }
                 if let Some(nd) = self.node(e.node) {
                     nd.exceptions.fetch_sub(1, SeqCst);
                 }
@@ -227,7 +234,7 @@ impl OriginCore {
         let mut out = HashMap::new();
         for slot in self.map.iter() {
             if let Some(l) = slot.load().as_ref() {
-                for e in l.iter() {
+                for e in l.iter().filter(|e| e.store != ZERO_CHUNK) {
                     if let Some(tag) = readers.sole_user(l, e) {
                         *out.entry(tag).or_insert(0) += 1;
                     }
