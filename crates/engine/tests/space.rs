@@ -161,3 +161,52 @@ fn zero_exceptions_survive_a_restart() {
     let report = snapmv_engine::check(&sp, false).unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
 }
+
+#[test]
+fn no_copy_that_no_version_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 128 * MIB, 4096);
+    let (o, _) = bind(&store, dir.path(), 32 * MIB);
+    let t = o.create_snapshot(None, "").unwrap();
+    let data = vec![3u8; 16 * MIB as usize];
+    // The snapshot first, then the origin: the origin's copies would be shadowed.
+    o.snapshot_volume(t).unwrap().write(0, &data).unwrap();
+    o.volume().write(0, &vec![4u8; 16 * MIB as usize]).unwrap();
+    o.volume().flush().unwrap();
+    let read_by_some = 16 * MIB / 4096;
+    let used = settle_used(&store, read_by_some * 5 / 4);
+    assert!(
+        used * 4 <= read_by_some * 5,
+        "{used} store chunks for {read_by_some} that some version reads (snapshot first)"
+    );
+    let mut buf = vec![0u8; 16 * MIB as usize];
+    o.snapshot_volume(t).unwrap().read(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 3));
+    o.volume().read(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 4));
+}
+
+#[test]
+fn shadowed_chain_copies_are_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), 128 * MIB, 4096);
+    let (o, _) = bind(&store, dir.path(), 16 * MIB);
+    let t = o.create_snapshot(None, "").unwrap();
+    // The origin first (copies out what t reads), then t's own first writes: the copies
+    // are shadowed, and the background reclaim frees them without any delete.
+    o.volume().write(0, &vec![4u8; 16 * MIB as usize]).unwrap();
+    o.volume().flush().unwrap();
+    let copies = store.status().chunks_used;
+    assert_eq!(copies, 16 * MIB / 4096);
+    o.snapshot_volume(t)
+        .unwrap()
+        .write(0, &vec![5u8; 16 * MIB as usize])
+        .unwrap();
+    let used = settle_used(&store, copies);
+    assert_eq!(used, copies, "the shadowed copies are freed");
+    let mut buf = vec![0u8; 16 * MIB as usize];
+    o.snapshot_volume(t).unwrap().read(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 5));
+    o.volume().read(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 4));
+}

@@ -28,6 +28,19 @@ impl OriginCore {
             store: self.store.name.clone(),
             what: format!("origin {}: chain seq {newest} has no node", self.id),
         })?;
+        // Where a snapshot has its own copy of the chunk, the copy may be read by no one: ask
+        // the census (it costs a walk of the versions, only on this slow path). If every
+        // snapshot that would inherit it has its own, no copy is made, and writes go straight
+        // to the origin until a new snapshot (a new `newest`) or a reclaim looks again.
+        let shadowed = self.map[c as usize]
+            .load()
+            .as_deref()
+            .is_some_and(|l| l.iter().any(|e| e.seq == 0));
+        if shadowed && !self.copy_needed(c, newest) {
+            self.copy_epoch[c as usize].store(0, SeqCst);
+            self.top[c as usize].store(newest, SeqCst);
+            return Ok(0);
+        }
         let len = self.chunk_len(c) as usize;
         let mut buf = vec![0u8; self.cs as usize];
         self.origin
@@ -605,7 +618,15 @@ impl OriginCore {
         if let Some(s) = own(self.map[c as usize].load().as_deref()) {
             return in_place(s);
         }
-        // First write of this snapshot to this chunk: give it a private copy.
+        // First write of this snapshot to this chunk: give it a private copy. A chain copy it
+        // shadowed may now be read by no one: the background reclaim looks (`shadowed`).
+        if self.map[c as usize]
+            .load()
+            .as_deref()
+            .is_some_and(|l| l.iter().any(|e| e.seq > 0))
+        {
+            self.shadowed.store(true, SeqCst);
+        }
         let s = match spare.pop() {
             Some(s) => s,
             // A concurrent writer of this snapshot took a chunk we counted on: take another.

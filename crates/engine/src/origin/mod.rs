@@ -144,6 +144,10 @@ pub(crate) struct OriginCore {
     pub rollback: ArcSwapOption<RollbackRt>,
     reclaim_needed: AtomicBool,
     reclaim_running: AtomicBool,
+    /// A snapshot's first write may have shadowed a chain copy that no one else reads: the
+    /// background runs a reclaim, at most once per `SHADOW_RECLAIM_EVERY`.
+    shadowed: AtomicBool,
+    shadow_reclaimed: Mutex<std::time::Instant>,
     /// Live snapshots (the size of `snaps`), read on the write path without its lock.
     live_snaps: AtomicUsize,
     unbound: AtomicBool,
@@ -271,6 +275,8 @@ impl OriginCore {
             rollback: ArcSwapOption::new(rollback),
             reclaim_needed: AtomicBool::new(has_dead),
             reclaim_running: AtomicBool::new(false),
+            shadowed: AtomicBool::new(false),
+            shadow_reclaimed: Mutex::new(std::time::Instant::now()),
             live_snaps: AtomicUsize::new(m.tags.len()),
             unbound: AtomicBool::new(false),
             overlays: Mutex::new(BTreeMap::new()),

@@ -148,7 +148,10 @@ impl OriginCore {
     /// Store chunks held by exceptions no live snapshot can read any more, while a reclaim is
     /// pending or running (0 otherwise).
     pub(super) fn garbage_estimate(&self) -> u64 {
-        if !self.reclaim_needed.load(SeqCst) && !self.reclaim_running.load(SeqCst) {
+        if !self.reclaim_needed.load(SeqCst)
+            && !self.reclaim_running.load(SeqCst)
+            && !self.shadowed.load(SeqCst)
+        {
             // A delete not yet durable: its reclaim is still to come.
             return self.dying_count.load(SeqCst).min(1) as u64;
         }
@@ -180,12 +183,18 @@ impl OriginCore {
         for c in 0..self.nchunks {
             let list = self.map[c as usize].load();
             let Some(l) = list.as_ref() else { continue };
-            // A chunk with an overlay keeps its copy until the overlay is written.
-            if self.overlay_flag[c as usize].load(SeqCst) || !l.iter().any(|e| garbage(l, e)) {
+            if !l.iter().any(|e| garbage(l, e)) {
+                continue;
+            }
+            // A chunk with an overlay keeps its copy until the overlay is written: look again
+            // later.
+            if self.overlay_flag[c as usize].load(SeqCst) {
+                self.shadowed.store(true, SeqCst);
                 continue;
             }
             let _g = self.stripe(c);
             if self.overlay_flag[c as usize].load(SeqCst) {
+                self.shadowed.store(true, SeqCst);
                 continue;
             }
             let mut m = self.store.lock_meta();
