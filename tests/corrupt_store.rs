@@ -337,10 +337,10 @@ fn superblock_damage() {
     // A future format version, correctly sealed.
     let mut img = f.clean.clone();
     for s in &sl {
-        put_u32(&mut img, s.at + 8, 4);
+        put_u32(&mut img, s.at + 8, 5);
         reseal_sb(&mut img, s);
     }
-    f.expect_refused(&img, "format version 4 is not supported");
+    f.expect_refused(&img, "format version 5 is not supported");
 
     // Sealed but nonsensical: areas overlapping.
     let mut img = f.clean.clone();

@@ -91,6 +91,7 @@ pub fn render_list(l: &m::SnapshotList) -> String {
                         s.parent.map_or("origin".into(), |p| p.to_string()),
                         format_time(s.birth_unix_secs),
                         s.exclusive_chunks.to_string(),
+                        s.shared_chunks.to_string(),
                         dash_if_empty(&s.exported_as),
                         one_line(&s.memo),
                     ]);
@@ -115,6 +116,7 @@ pub fn render_list(l: &m::SnapshotList) -> String {
                     s.parent.map_or("origin".into(), |p| p.to_string()),
                     format_time(s.birth_unix_secs),
                     s.exclusive_chunks.to_string(),
+                    s.shared_chunks.to_string(),
                     dash_if_empty(&s.exported_as),
                     one_line(&s.memo),
                 ]);
@@ -124,7 +126,15 @@ pub fn render_list(l: &m::SnapshotList) -> String {
             out.push_str("  (no snapshots)\n");
         } else {
             for line in table(
-                &["TAG", "PARENT", "BORN", "EXCLUSIVE", "EXPORTED-AS", "MEMO"],
+                &[
+                    "TAG",
+                    "PARENT",
+                    "BORN",
+                    "EXCLUSIVE",
+                    "SHARED",
+                    "EXPORTED-AS",
+                    "MEMO",
+                ],
                 &rows,
             )
             .lines()
@@ -408,6 +418,7 @@ mod tests {
             memo: format!("m{tag}\n"),
             birth_unix_secs: 0,
             exclusive_chunks: 0,
+            shared_chunks: 0,
             exported_as: vec![],
         };
         let l = m::SnapshotList {

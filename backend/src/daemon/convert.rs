@@ -74,6 +74,7 @@ pub(crate) fn snapshot_info(
         memo: s.memo.clone(),
         birth_unix_secs: s.birth_unix_secs,
         exclusive_chunks: s.exclusive_chunks,
+        shared_chunks: s.shared_chunks,
         exported_as: state.exported_as(cow, origin_id, Some(s.tag)),
     }
 }

@@ -42,9 +42,9 @@ fn bind(store: &Store, dir: &Path, size: u64) -> (Origin, std::path::PathBuf) {
     (store.bind_origin("o", &op, false).unwrap(), op)
 }
 
-/// Waits (bounded) for the background work to bring `used` to at most `want`.
+/// Waits (bounded: 30 s) for the background work to bring `used` to at most `want`.
 fn settle_used(store: &Store, want: u64) -> u64 {
-    for _ in 0..1000 {
+    for _ in 0..3000 {
         let u = store.status().chunks_used;
         if u <= want {
             return u;

@@ -98,6 +98,8 @@ pub struct SnapshotInfo {
     pub birth_unix_secs: u64,
     /// Store chunks that only this snapshot reads: what deleting it would free.
     pub exclusive_chunks: u64,
+    /// Store chunks this snapshot reads that other versions read too.
+    pub shared_chunks: u64,
 }
 
 /// An origin's state.
@@ -145,7 +147,7 @@ pub(crate) struct OriginCore {
     reclaim_needed: AtomicBool,
     reclaim_running: AtomicBool,
     /// A snapshot's first write may have shadowed a chain copy that no one else reads: the
-    /// background runs a reclaim, at most once per `SHADOW_RECLAIM_EVERY`.
+    /// background runs a reclaim, at most once per `SHADOW_RECLAIM_EVERY` (background.rs).
     shadowed: AtomicBool,
     shadow_reclaimed: Mutex<std::time::Instant>,
     /// Live snapshots (the size of `snaps`), read on the write path without its lock.

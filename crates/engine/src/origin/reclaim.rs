@@ -125,6 +125,7 @@ impl Readers {
     }
 
     /// The snapshot that alone reads exception `e`, if exactly one does.
+    #[cfg(test)]
     pub(super) fn sole_user(&self, list: &ExList, e: &Ex) -> Option<u32> {
         let mut u = self.users(list, e)?;
         let first = u.next()?;
@@ -237,15 +238,27 @@ impl OriginCore {
         Ok(())
     }
 
-    /// Store chunks each snapshot alone reads (what deleting it would free).
-    pub(super) fn exclusive_chunks(&self) -> HashMap<u32, u64> {
+    /// Per snapshot: the store chunks it alone reads (what deleting it would free), and those
+    /// it reads that other versions read too. Zero exceptions hold no chunk.
+    pub(super) fn chunk_census(&self) -> HashMap<u32, (u64, u64)> {
         let readers = self.readers();
-        let mut out = HashMap::new();
+        let mut out: HashMap<u32, (u64, u64)> = HashMap::new();
         for slot in self.map.iter() {
             if let Some(l) = slot.load().as_ref() {
                 for e in l.iter().filter(|e| e.store != ZERO_CHUNK) {
-                    if let Some(tag) = readers.sole_user(l, e) {
-                        *out.entry(tag).or_insert(0) += 1;
+                    let Some(users) = readers.users(l, e) else {
+                        continue;
+                    };
+                    let users: Vec<usize> = users.collect();
+                    for r in &users {
+                        if let Some(tag) = readers.tags[*r] {
+                            let c = out.entry(tag).or_default();
+                            if users.len() == 1 {
+                                c.0 += 1;
+                            } else {
+                                c.1 += 1;
+                            }
+                        }
                     }
                 }
             }

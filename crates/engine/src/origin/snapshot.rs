@@ -173,7 +173,7 @@ impl OriginCore {
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
-        let exclusive = self.exclusive_chunks();
+        let census = self.chunk_census();
         let snaps: Vec<Arc<SnapRt>> = lock(&self.snaps).values().cloned().collect();
         snaps
             .iter()
@@ -184,7 +184,8 @@ impl OriginCore {
                     parent: (n.parent_tag != 0).then_some(n.parent_tag),
                     memo: n.memo.clone(),
                     birth_unix_secs: n.birth,
-                    exclusive_chunks: exclusive.get(&s.tag).copied().unwrap_or(0),
+                    exclusive_chunks: census.get(&s.tag).map_or(0, |c| c.0),
+                    shared_chunks: census.get(&s.tag).map_or(0, |c| c.1),
                 })
             })
             .collect()
