@@ -92,12 +92,14 @@ impl BlkConfig {
         b[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
         put32(&mut b, 36, MAX_DISCARD_SECTORS);
         put32(&mut b, 40, MAX_DISCARD_SEG);
-        // Discard granularity: the physical block (the store's chunk), in sectors.
+        // Discard granularity (`discard_sector_alignment`): the physical block, i.e. the
+        // store's chunk, in sectors — a discard gives back whole chunks only.
         put32(&mut b, 44, phys_sectors);
         put32(&mut b, 48, MAX_WRITE_ZEROES_SECTORS);
         put32(&mut b, 52, MAX_DISCARD_SEG);
-        b[56] = 1; // write_zeroes_may_unmap
-                   // 57..60 unused1, 60..72 secure erase (not offered), 72..96 zoned (not offered).
+        // write_zeroes_may_unmap: true — whole chunks become holes or zero exceptions.
+        b[56] = 1;
+        // 57..60 unused1, 60..72 secure erase (not offered), 72..96 zoned (not offered).
         b
     }
 

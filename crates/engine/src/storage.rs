@@ -33,6 +33,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         }
         Ok(())
     }
+    /// Makes `offset..offset + len` read as zeros, freeing its space where the storage can
+    /// (a hole in a file, an unmap on a device). Like a write: durable after `sync`. The
+    /// default writes zeros.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros(self, offset, len)
+    }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     /// Size in bytes.
@@ -49,6 +55,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn boot_id(&self) -> BootId {
         current_boot_id()
     }
+}
+
+/// Writes zeros over `offset..offset + len` (the fallback of [`Storage::zero_range`]).
+pub fn write_zeros<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(ZEROS.len() as u64);
+        s.write_at(&ZEROS[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Identifies one boot of the machine (`/proc/sys/kernel/random/boot_id`); all zeros when
@@ -340,6 +358,28 @@ impl Storage for FileStorage {
             return self.write_at(joined.buf(), offset);
         }
         self.raw_write_vectored_at(bufs, offset)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        // A hole in a file; on a block device the kernel turns it into a write-zeroes that
+        // unmaps, or refuses it (then ZERO_RANGE, which may write). Either reads back zeros.
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        let is_file = self.file.metadata()?.file_type().is_file();
+        let r = fallocate(&self.file, punch, offset, len).or_else(|e| {
+            if is_file {
+                return Err(e);
+            }
+            fallocate(&self.file, FallocateFlags::ZERO_RANGE, offset, len)
+        });
+        match r {
+            Ok(()) => Ok(()),
+            // A file system or device that cannot: write the zeros.
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::INVAL) => {
+                write_zeros(self, offset, len)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn sync(&self) -> io::Result<()> {

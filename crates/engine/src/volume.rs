@@ -21,8 +21,6 @@ impl std::fmt::Debug for Volume {
     }
 }
 
-static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
-
 impl Volume {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
@@ -70,7 +68,11 @@ impl Volume {
         self.check_range(offset, len)?;
         match &self.snap {
             None => self.core.origin_read(offset, len, bufs),
-            Some(s) => self.core.snap_read(s, offset, len, bufs),
+            Some(s) => {
+                // Through the gate: a discard frees the snapshot's chunks with it closed.
+                let _pass = s.gate.enter();
+                self.core.snap_read(s, offset, len, bufs)
+            }
         }
     }
 
@@ -113,19 +115,22 @@ impl Volume {
         }
     }
 
-    /// Writes zeroes over a range.
+    /// Writes zeroes over a range. Whole chunks cost metadata, not data: on the origin the
+    /// range becomes a hole (after what snapshots read is copied out), on a snapshot its own
+    /// chunks are freed and the range recorded as zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
-        let mut off = offset;
-        while off < offset + len {
-            let n = (offset + len - off).min(ZEROES.len() as u64);
-            self.write(off, &ZEROES[..n as usize])?;
-            off += n;
+        if len == 0 {
+            return Ok(());
         }
-        Ok(())
+        match &self.snap {
+            None => self.core.origin_zero(offset, len),
+            Some(s) => self.core.snap_zero(s, offset, len),
+        }
     }
 
-    /// Discards a range: it reads back as zeroes.
+    /// Discards a range: it reads back as zeroes, and its space is given back as by
+    /// [`Volume::write_zeroes`].
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(offset, len)
     }
@@ -157,6 +162,7 @@ impl Volume {
         if s.deleted.load(SeqCst) {
             return Err(Error::Deleted(self.name()));
         }
+        let _pass = s.gate.enter();
         self.core.snap_read_bulk(s, offset, buf)
     }
 }

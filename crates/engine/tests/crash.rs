@@ -9,7 +9,8 @@
 //! one that was not is exact after a kill, and after a power cut it may be undone until a
 //! flush or a durable create or delete follows (a snapshot created so holds, sector by sector,
 //! what its source could have shown after a crash at the cut). `SNAPMV_CRASH_OPS` sets the operation count per seed,
-//! `SNAPMV_CRASH_SEEDS` the number of seeds.
+//! `SNAPMV_CRASH_SEEDS` the number of seeds. A quarter of the writes are discards or
+//! write-zeroes, which must keep the contract of a write of zeros.
 
 mod common;
 
@@ -198,6 +199,12 @@ fn run_seed(seed: u64, ops: u64) -> u64 {
     let world = Arc::new(Mutex::new(()));
     let mut initial = vec![0u8; size];
     rng.fill(&mut initial);
+    // Some chunks start as zeros: their copy-outs are zero exceptions.
+    for c in 0..size / cs {
+        if rng.u8(0..4) == 0 {
+            initial[c * cs..(c + 1) * cs].fill(0);
+        }
+    }
     let store_st = RecordingStorage::new(&world, "store", vec![0; (4 << 20) + 64 * cs]);
     let origin_st = RecordingStorage::new(&world, "origin", initial.clone());
     Store::format_storage(
@@ -246,16 +253,26 @@ fn run_seed(seed: u64, ops: u64) -> u64 {
                 let off = rng.usize(0..size / SECTOR) * SECTOR;
                 let len = rng.usize(1..=((size - off).min(2 * cs) / SECTOR)) * SECTOR;
                 let mut data = vec![0u8; len];
-                rng.fill(&mut data);
+                // One in four: discard or write-zeroes (a hole in the origin, zero exceptions
+                // on a snapshot), which must behave as a write of zeros.
+                let zero = rng.u8(0..4);
+                if zero > 1 {
+                    rng.fill(&mut data);
+                }
                 let v = if t == 0 {
                     sim.origin.volume()
                 } else {
                     sim.origin.snapshot_volume(t).unwrap()
                 };
                 if std::env::var("SNAPMV_CRASH_TRACE").is_ok() {
-                    eprintln!("write vol {t} off {off} len {len}");
+                    eprintln!("write vol {t} off {off} len {len} zero {}", zero <= 1);
                 }
-                match v.write(off as u64, &data) {
+                let r = match zero {
+                    0 => v.discard(off as u64, len as u64),
+                    1 => v.write_zeroes(off as u64, len as u64),
+                    _ => v.write(off as u64, &data),
+                };
+                match r {
                     Ok(()) => sim.vols.get_mut(&t).unwrap().write(off, &data),
                     Err(Error::NoSpace { .. }) => {}
                     Err(e) => panic!("{ctx}: write: {e}"),

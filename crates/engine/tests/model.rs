@@ -2,7 +2,9 @@
 //! model, comparing every read. `SNAPMV_MODEL_OPS` sets the total operation count (default
 //! 100,000 across seeds); `SNAPMV_MODEL_SEED` replays one seed. Among the operations: a
 //! burst of origin writes right before a snapshot of the origin, so that the cut usually
-//! finds overlays (first writes whose copy-outs are not durable yet) and takes their chunks.
+//! finds overlays (first writes whose copy-outs are not durable yet) and takes their chunks;
+//! discard and write-zeroes on the origin and on snapshots (holes, zero exceptions), over an
+//! origin whose chunks are partly zeros from the start.
 
 mod common;
 
@@ -48,11 +50,19 @@ fn wait_rollback(e: &Engine, m: &mut Model) {
         match e.o().wait_rollback() {
             Ok(()) => return,
             Err(Error::NoSpace { .. }) => {
-                let t = *m
-                    .snaps
-                    .keys()
-                    .next()
-                    .expect("rollback stalled with no snapshot to delete");
+                let Some(&t) = m.snaps.keys().next() else {
+                    // The stall is reported until the worker tries again after the deletes
+                    // (their reclaim first): give it time, but not forever.
+                    for _ in 0..1500 {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        match e.o().wait_rollback() {
+                            Ok(()) => return,
+                            Err(Error::NoSpace { .. }) => {}
+                            Err(err) => panic!("wait_rollback: {err}"),
+                        }
+                    }
+                    panic!("rollback still stalled 30 s after every snapshot was deleted");
+                };
                 e.o().delete_snapshot(t).unwrap();
                 m.snaps.remove(&t);
                 std::thread::sleep(std::time::Duration::from_millis(5));
@@ -76,6 +86,12 @@ fn run_seed(seed: u64, ops: u64) {
     let origin_st = MemStorage::new("origin", size);
     let mut initial = vec![0u8; size];
     rng.fill(&mut initial);
+    // Some chunks start as zeros (holes): their copy-outs are zero exceptions.
+    for c in 0..nchunks {
+        if rng.u8(0..4) == 0 {
+            initial[c * cs..(c + 1) * cs].fill(0);
+        }
+    }
     origin_st.data.lock().unwrap().copy_from_slice(&initial);
     Store::format_storage(
         store_st.as_ref(),
@@ -120,6 +136,24 @@ fn run_seed(seed: u64, ops: u64) {
             );
         }
         match r {
+            0..=29 if rng.u8(0..5) == 0 => {
+                // Discard and write-zeroes: both read back as zeros (whole chunks become holes
+                // or zero exceptions, partial ones are written).
+                let v = e.o().volume();
+                if trace {
+                    eprintln!("  origin zero {off}+{len}");
+                }
+                let r = if rng.bool() {
+                    v.discard(off as u64, len as u64)
+                } else {
+                    v.write_zeroes(off as u64, len as u64)
+                };
+                match r {
+                    Ok(()) => m.origin[off..off + len].fill(0),
+                    Err(Error::NoSpace { .. }) => {}
+                    Err(err) => panic!("{}", ctx(op, &format!("origin discard: {err}"))),
+                }
+            }
             0..=29 => {
                 let mut buf = vec![0u8; len];
                 rng.fill(&mut buf);
@@ -134,12 +168,16 @@ fn run_seed(seed: u64, ops: u64) {
                 let mut buf = vec![0u8; len];
                 if rng.u8(0..4) == 0 {
                     buf.fill(0);
-                    match e
-                        .o()
-                        .snapshot_volume(t)
-                        .unwrap()
-                        .write_zeroes(off as u64, len as u64)
-                    {
+                    let v = e.o().snapshot_volume(t).unwrap();
+                    if trace {
+                        eprintln!("  snapshot {t} zero {off}+{len}");
+                    }
+                    let r = if rng.bool() {
+                        v.discard(off as u64, len as u64)
+                    } else {
+                        v.write_zeroes(off as u64, len as u64)
+                    };
+                    match r {
                         Ok(()) => {
                             m.snaps.get_mut(&t).unwrap()[off..off + len].copy_from_slice(&buf)
                         }
@@ -332,6 +370,8 @@ fn model_random_operations() {
 fn exclusive_chunks_count_what_delete_would_free() {
     let store_st = MemStorage::new("store", 8 << 20);
     let origin_st = MemStorage::new("origin", 16 * 4096);
+    // Data, not zeros: a copy-out of zeros costs no store chunk (see the test below).
+    origin_st.data.lock().unwrap().fill(7);
     Store::format_storage(store_st.as_ref(), &FormatOptions::default()).unwrap();
     let store = Store::open_storage(store_st as Arc<dyn Storage>).unwrap();
     let o = store
@@ -356,12 +396,21 @@ fn exclusive_chunks_count_what_delete_would_free() {
             .unwrap()
             .exclusive_chunks
     };
+    let shared = |t: u32| {
+        o.snapshots()
+            .iter()
+            .find(|s| s.tag == t)
+            .unwrap()
+            .shared_chunks
+    };
     assert_eq!(ex(a), 5);
     assert_eq!(ex(b), 2);
+    assert_eq!((shared(a), shared(b)), (0, 0));
     // A snapshot of B shares B's view: nothing of B is B's alone any more.
     let c = o.create_snapshot(Some(b), "").unwrap();
     assert_eq!(ex(b), 0);
     assert_eq!(ex(c), 0);
+    assert_eq!((shared(b), shared(c)), (2, 2));
     // Overlays' store copies (acknowledged first writes not yet on the origin) count as used
     // until they are written out: a flush settles them.
     o.volume().flush().unwrap();

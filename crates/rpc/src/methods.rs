@@ -393,7 +393,7 @@ pub struct SnapshotInfo {
     pub birth_unix_secs: u64,
     /// Chunks only this snapshot holds (freed by deleting it).
     pub exclusive_chunks: u64,
-    /// Store chunks it reads that other snapshots read too (not freed by deleting it alone).
+    /// Chunks this snapshot reads that other snapshots read too (absent from older daemons).
     #[serde(default)]
     pub shared_chunks: u64,
     /// Exports serving this snapshot.

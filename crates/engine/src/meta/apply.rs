@@ -203,6 +203,8 @@ impl MetaState {
                     });
                 }
                 let list = o.exceptions.entry(*chunk).or_default();
+                // A first write over a zero exception replaces it (format 4).
+                list.retain(|(n, s)| !(n == node && *s == ZERO_CHUNK));
                 if list.iter().any(|(n, _)| n == node) {
                     return Err(RecordError::TwoExceptions {
                         slot: *slot,
@@ -233,8 +235,8 @@ impl MetaState {
                 if list.is_empty() {
                     o.exceptions.remove(chunk);
                 }
-                // A pending write sharing the chunk keeps it.
-                if o.overlays.get(chunk) != Some(&store) {
+                // A pending write sharing the chunk keeps it; a zero exception has none.
+                if store != ZERO_CHUNK && o.overlays.get(chunk) != Some(&store) {
                     bit_set(&mut self.alloc, store, false);
                 }
             }
@@ -332,6 +334,29 @@ impl MetaState {
                     tag: *tag,
                 })?;
                 o.nodes[leaf as usize].memo = memo.clone();
+            }
+            Record::ZeroException { slot, chunk, node } => {
+                let o = self.origin(*slot)?;
+                if *chunk >= o.nchunks(cs) || *node as usize >= o.nodes.len() || *node == ROOT {
+                    return Err(RecordError::ExceptionOutOfRange {
+                        slot: *slot,
+                        chunk: *chunk,
+                        node: *node,
+                    });
+                }
+                let shared = o.overlays.get(chunk).copied();
+                let list = o.exceptions.entry(*chunk).or_default();
+                let old = match list.iter_mut().find(|(n, _)| n == node) {
+                    Some(e) => Some(std::mem::replace(&mut e.1, ZERO_CHUNK)),
+                    None => {
+                        list.push((*node, ZERO_CHUNK));
+                        None
+                    }
+                };
+                // The replaced data chunk is freed, unless a pending write shares it.
+                if let Some(s) = old.filter(|s| *s != ZERO_CHUNK && Some(*s) != shared) {
+                    bit_set(&mut self.alloc, s, false);
+                }
             }
         }
         Ok(())

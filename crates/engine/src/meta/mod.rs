@@ -19,6 +19,10 @@ pub use record::Record;
 /// Node id of the origin itself in every version tree.
 pub const ROOT: u32 = 0;
 
+/// The store chunk of a *zero exception* (format 4): the version reads zeros there and no data
+/// chunk is used (not in the allocation bitmap, never freed).
+pub const ZERO_CHUNK: u64 = u64::MAX;
+
 /// What a version node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

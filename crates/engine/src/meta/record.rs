@@ -47,4 +47,8 @@ pub enum Record {
     ShareOverlay { slot: u32, chunk: u64, node: u32 },
     /// Snapshot `tag`'s memo is now `memo` (format 4; set on the tag's leaf).
     SetMemo { slot: u32, tag: u32, memo: String },
+    /// Version `node` reads zeros at `chunk` with no store chunk (format 4): a zero exception
+    /// ([`super::ZERO_CHUNK`]). It replaces the node's exception if it has one (whose store
+    /// chunk is freed), else it is added.
+    ZeroException { slot: u32, chunk: u64, node: u32 },
 }

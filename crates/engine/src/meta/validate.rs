@@ -111,7 +111,9 @@ impl MetaState {
                             "{who}: chunk {chunk} has two exceptions for node {node}"
                         ));
                     }
-                    if *store >= self.data_chunks {
+                    if *store == ZERO_CHUNK {
+                        // A zero exception: no data chunk.
+                    } else if *store >= self.data_chunks {
                         p.push(format!("{who}: chunk {chunk} node {node} maps to store chunk {store}, past the end"));
                     } else if bit_get(&referenced, *store) {
                         p.push(format!("store chunk {store} is referenced twice (again by {who} chunk {chunk} node {node})"));
@@ -176,7 +178,7 @@ impl MetaState {
         let mut alloc = vec![0u64; bit_words(self.data_chunks)];
         for o in self.origins.values() {
             for list in o.exceptions.values() {
-                for (_, s) in list {
+                for (_, s) in list.iter().filter(|(_, s)| *s != ZERO_CHUNK) {
                     bit_set(&mut alloc, *s, true);
                 }
             }

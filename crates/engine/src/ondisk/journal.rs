@@ -115,6 +115,12 @@ impl Record {
                 e.u32(*tag);
                 e.str(memo);
             }
+            Record::ZeroException { slot, chunk, node } => {
+                e.u8(15);
+                e.u32(*slot);
+                e.u64(*chunk);
+                e.u32(*node);
+            }
         }
     }
 
@@ -180,6 +186,11 @@ impl Record {
                 slot: d.u32()?,
                 tag: d.u32()?,
                 memo: d.string(MAX_MEMO)?,
+            },
+            15 => Record::ZeroException {
+                slot: d.u32()?,
+                chunk: d.u64()?,
+                node: d.u32()?,
             },
             other => return Err(DecodeError::UnknownRecord(other)),
         })

@@ -1,5 +1,9 @@
 use super::*;
 
+/// Least time between two reclaims for shadowed chain copies: a reclaim visits every chunk
+/// and holds `ops`, and a workload writing both the origin and a snapshot arms it constantly.
+const SHADOW_RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl OriginCore {
     /// Syncs the origin about once a second while it is written, so that the sync a snapshot
     /// needs finds little to write.
@@ -22,6 +26,14 @@ impl OriginCore {
         self.drain_overlays(false);
         self.finish_deaths();
         self.background_sync();
+        if self.shadowed.load(SeqCst) {
+            let mut last = lock(&self.shadow_reclaimed);
+            if last.elapsed() >= SHADOW_RECLAIM_EVERY {
+                *last = std::time::Instant::now();
+                self.shadowed.store(false, SeqCst);
+                self.reclaim_needed.store(true, SeqCst);
+            }
+        }
         // Running is raised before needed is cleared, so that `status` never sees neither
         // while a reclaim is about to start (it would report nothing pending).
         self.reclaim_running.store(true, SeqCst);

@@ -1,4 +1,5 @@
 use super::*;
+use crate::meta::ZERO_CHUNK;
 
 /// One exception: `node`'s copy of the chunk is store chunk `store`. `seq` caches the node's
 /// chain order (0 for non-chain nodes) so lookups need not touch the node.
@@ -22,12 +23,15 @@ pub(crate) enum Mapping {
     Store(u64),
     /// The origin's pending overlay (in memory; no other version reads it).
     Overlay,
+    /// Zeros: a zero exception, no store chunk.
+    Zero,
 }
 
 impl OriginCore {
     /// Where version `node` reads the chunk whose exceptions are `list`.
     pub(super) fn map_version(&self, node: u32, list: Option<&ExList>) -> Mapping {
         match self.resolve(node, list) {
+            Some(ZERO_CHUNK) => Mapping::Zero,
             Some(s) => Mapping::Store(s),
             None => Mapping::Origin,
         }
@@ -61,6 +65,12 @@ impl OriginCore {
         loop {
             let list = self.map[c as usize].load();
             match self.map_version(node, list.as_deref()) {
+                Mapping::Zero => {
+                    for b in bufs.iter_mut() {
+                        b.fill(0);
+                    }
+                    return Ok(());
+                }
                 Mapping::Store(s) => {
                     let off = self.store_off(s) + within;
                     return self.io(
@@ -100,6 +110,16 @@ impl OriginCore {
     pub(super) fn publish_as(&self, m: &mut MetaCore, c: u64, ex: Ex, shared: bool) {
         let old = self.map[c as usize].load_full();
         let mut l: ExList = old.as_deref().cloned().unwrap_or_default();
+        // A write over the node's zero exception replaces it (`AddException` does the same).
+        let was_zero = l.len();
+        l.retain(|e| !(e.node == ex.node && e.store == ZERO_CHUNK));
+        let was_zero = l.len() != was_zero;
+        if was_zero {
+            StoreCore::note_zero(m, false);
+            if let Some(n) = self.node(ex.node) {
+                n.exceptions.fetch_sub(1, SeqCst);
+            }
+        }
         l.push(ex);
         self.map[c as usize].store(Some(Arc::new(l)));
         lock(&self.excepted).insert(c);
@@ -109,6 +129,15 @@ impl OriginCore {
         self.note_record(m);
         if shared {
             m.pending.push(Record::ShareOverlay {
+                slot: self.slot,
+                chunk: c,
+                node: ex.node,
+            });
+            return;
+        }
+        if ex.store == ZERO_CHUNK {
+            StoreCore::note_zero(m, true);
+            m.pending.push(Record::ZeroException {
                 slot: self.slot,
                 chunk: c,
                 node: ex.node,
@@ -126,5 +155,54 @@ impl OriginCore {
 
     pub(super) fn own(list: Option<&ExList>, leaf: u32) -> Option<u64> {
         list?.iter().find(|e| e.node == leaf).map(|e| e.store)
+    }
+
+    /// Sets leaf `leaf`'s own exception of chunk `c` to zeros (`zero`), or drops it (metadata
+    /// lock held, the chunk's stripe lock too). A data chunk it held is freed through the
+    /// deferred-free path: reused only once the record is durable.
+    pub(super) fn set_own_zero(&self, m: &mut MetaCore, c: u64, leaf: u32, zero: bool) {
+        let old = self.map[c as usize].load_full();
+        let mut l: ExList = old.as_deref().cloned().unwrap_or_default();
+        let prev = l.iter().position(|e| e.node == leaf).map(|i| l.remove(i));
+        if let Some(p) = prev {
+            if p.store == ZERO_CHUNK {
+                StoreCore::note_zero(m, false);
+            } else {
+                StoreCore::note_free(m, p.store);
+            }
+            if let Some(n) = self.node(leaf) {
+                n.exceptions.fetch_sub(1, SeqCst);
+            }
+        }
+        if zero {
+            l.push(Ex {
+                node: leaf,
+                seq: 0,
+                store: ZERO_CHUNK,
+            });
+            StoreCore::note_zero(m, true);
+            if let Some(n) = self.node(leaf) {
+                n.exceptions.fetch_add(1, SeqCst);
+            }
+            m.pending.push(Record::ZeroException {
+                slot: self.slot,
+                chunk: c,
+                node: leaf,
+            });
+        } else if prev.is_some() {
+            m.pending.push(Record::FreeException {
+                slot: self.slot,
+                chunk: c,
+                node: leaf,
+            });
+        }
+        if l.is_empty() {
+            lock(&self.excepted).remove(&c);
+            self.map[c as usize].store(None);
+        } else {
+            lock(&self.excepted).insert(c);
+            self.map[c as usize].store(Some(Arc::new(l)));
+        }
+        self.note_record(m);
     }
 }

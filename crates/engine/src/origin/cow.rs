@@ -1,5 +1,6 @@
 use super::overlay::{MAX_OVERLAY_BYTES, NO_CHUNK};
 use super::*;
+use crate::meta::ZERO_CHUNK;
 
 impl OriginCore {
     /// Makes sure the newest chain node owns a copy of origin chunk `c`; returns the commit
@@ -27,25 +28,28 @@ impl OriginCore {
             store: self.store.name.clone(),
             what: format!("origin {}: chain seq {newest} has no node", self.id),
         })?;
-        let s = match self.store.alloc_chunk(|| {
-            format!(
-                "copy-out of origin {} chunk {c} before an origin write (the write fails)",
-                self.id
-            )
-        }) {
-            Ok(s) => s,
-            // With no room, look closer (this costs a walk of the live snapshots): if every
-            // snapshot that would inherit the copy has its own, the old data is not needed.
-            Err(e) if !self.copy_needed(c, newest) => {
-                log::debug!("origin {}: chunk {c} needs no copy-out ({e})", self.id);
-                return Ok(0);
-            }
-            Err(e) => return Err(e),
-        };
+        // Where a snapshot has its own copy of the chunk, the copy may be read by no one: ask
+        // the census (it costs a walk of the versions, only on this slow path). If every
+        // snapshot that would inherit it has its own, no copy is made, and writes go straight
+        // to the origin until a new snapshot (a new `newest`) or a reclaim looks again. Not
+        // before the snapshots' own exceptions are durable, though (a power cut could undo
+        // them, and the snapshot would read the origin again): the writer waits for the newest
+        // batch an acknowledged write of this origin depends on (`record_epoch`, which holds
+        // or follows them), as for a copy-out.
+        let shadowed = self.map[c as usize]
+            .load()
+            .as_deref()
+            .is_some_and(|l| l.iter().any(|e| e.seq == 0));
+        if shadowed && !self.copy_needed(c, newest) {
+            let epoch = self.record_epoch.load(SeqCst);
+            self.copy_epoch[c as usize].store(epoch, SeqCst);
+            self.top[c as usize].store(newest, SeqCst);
+            self.store.commit_wake.notify_one();
+            return Ok(epoch);
+        }
         let len = self.chunk_len(c) as usize;
         let mut buf = vec![0u8; self.cs as usize];
-        let r = self
-            .origin
+        self.origin
             .read_at(&mut buf[..len], c * self.cs)
             .map_err(|e| {
                 Error::io(
@@ -55,21 +59,49 @@ impl OriginCore {
                     ),
                     e,
                 )
+            })?;
+        // A chunk that reads as zeros (a hole, or zeroed) is copied as a zero exception: no
+        // data chunk, no data write.
+        let zero = is_zero(&buf[..len]);
+        let s = if zero {
+            let m = self.store.lock_meta();
+            if StoreCore::zero_room(&m) {
+                Ok(ZERO_CHUNK)
+            } else {
+                Err(Error::NoSpace {
+                    store: self.store.name.clone(),
+                    what: format!(
+                        "copy-out of origin {} chunk {c} before an origin write (the write fails)",
+                        self.id
+                    ),
+                })
+            }
+        } else {
+            self.store.alloc_chunk(|| {
+                format!(
+                    "copy-out of origin {} chunk {c} before an origin write (the write fails)",
+                    self.id
+                )
             })
-            .and_then(|_| {
-                self.store
-                    .storage
-                    .write_at(&buf, self.store_off(s))
-                    .map_err(|e| {
-                        Error::io(
-                            format!("writing COW store {} chunk {s}", self.store.name),
-                            e,
-                        )
-                    })
-            });
-        if let Err(e) = r {
-            self.store.unalloc_chunk(s);
-            return Err(e);
+        };
+        let s = match s {
+            Ok(s) => s,
+            // With no room, look closer (this costs a walk of the live snapshots): if every
+            // snapshot that would inherit the copy has its own, the old data is not needed.
+            Err(e) if !self.copy_needed(c, newest) => {
+                log::debug!("origin {}: chunk {c} needs no copy-out ({e})", self.id);
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
+        if !zero {
+            if let Err(e) = self.store.storage.write_at(&buf, self.store_off(s)) {
+                self.store.unalloc_chunk(s);
+                return Err(Error::io(
+                    format!("writing COW store {} chunk {s}", self.store.name),
+                    e,
+                ));
+            }
         }
         let epoch = {
             let mut m = self.store.lock_meta();
@@ -537,7 +569,10 @@ impl OriginCore {
         // write before any of it lands.
         let need = self
             .chunks(offset, len)
-            .filter(|&c| Self::own(self.map[c as usize].load().as_deref(), leaf).is_none())
+            .filter(|&c| {
+                Self::own(self.map[c as usize].load().as_deref(), leaf)
+                    .is_none_or(|s| s == ZERO_CHUNK)
+            })
             .count();
         let mut spare = self.store.alloc_chunks(need, || {
             format!(
@@ -582,14 +617,24 @@ impl OriginCore {
                 self.store.storage.write_vectored_at(piece, off),
             )
         };
-        if let Some(s) = Self::own(self.map[c as usize].load().as_deref(), leaf) {
+        // A zero exception has no chunk to write in: the write gives it one, as a first write.
+        let own = |l: Option<&ExList>| Self::own(l, leaf).filter(|s| *s != ZERO_CHUNK);
+        if let Some(s) = own(self.map[c as usize].load().as_deref()) {
             return in_place(s);
         }
         let _g = self.stripe(c);
-        if let Some(s) = Self::own(self.map[c as usize].load().as_deref(), leaf) {
+        if let Some(s) = own(self.map[c as usize].load().as_deref()) {
             return in_place(s);
         }
-        // First write of this snapshot to this chunk: give it a private copy.
+        // First write of this snapshot to this chunk: give it a private copy. A chain copy it
+        // shadowed may now be read by no one: the background reclaim looks (`shadowed`).
+        if self.map[c as usize]
+            .load()
+            .as_deref()
+            .is_some_and(|l| l.iter().any(|e| e.seq > 0))
+        {
+            self.shadowed.store(true, SeqCst);
+        }
         let s = match spare.pop() {
             Some(s) => s,
             // A concurrent writer of this snapshot took a chunk we counted on: take another.
@@ -635,4 +680,10 @@ impl OriginCore {
         );
         Ok(())
     }
+}
+
+/// Whether every byte is zero (the first word alone settles most chunks that hold data).
+pub(super) fn is_zero(buf: &[u8]) -> bool {
+    let (head, rest) = buf.split_at(buf.len().min(8));
+    head.iter().all(|b| *b == 0) && rest.iter().fold(0u8, |a, b| a | b) == 0
 }

@@ -11,7 +11,8 @@
 //!   cut at one instant;
 //! - `rollback.rs`: live rollback and its background copy-back;
 //! - `reclaim.rs`: the reader census (`Readers`, pure) and the reclaim of what no reader needs;
-//! - `background.rs`: the worker's slice of work per origin; `diff.rs`: changed-block diff.
+//! - `background.rs`: the worker's slice of work per origin; `diff.rs`: changed-block diff;
+//! - `zero.rs`: discard and write-zeroes (holes in the origin, zero exceptions).
 //!
 //! `docs/design.md` explains the rules.
 //!
@@ -61,6 +62,7 @@ mod snapshot;
 #[cfg(test)]
 mod tests;
 mod tree;
+mod zero;
 
 pub(crate) use chunk_map::{Ex, ExList};
 pub use group::GroupError;
@@ -103,7 +105,7 @@ pub struct SnapshotInfo {
     pub birth_unix_secs: u64,
     /// Store chunks that only this snapshot reads: what deleting it would free.
     pub exclusive_chunks: u64,
-    /// Store chunks this snapshot reads that other snapshots (or a rollback) read too.
+    /// Store chunks this snapshot reads that other versions read too.
     pub shared_chunks: u64,
 }
 
@@ -158,6 +160,10 @@ pub(crate) struct OriginCore {
     pub rollback: ArcSwapOption<RollbackRt>,
     reclaim_needed: AtomicBool,
     reclaim_running: AtomicBool,
+    /// A snapshot's first write may have shadowed a chain copy that no one else reads: the
+    /// background runs a reclaim, at most once per `SHADOW_RECLAIM_EVERY` (background.rs).
+    shadowed: AtomicBool,
+    shadow_reclaimed: Mutex<std::time::Instant>,
     /// Live snapshots (the size of `snaps`), read on the write path without its lock.
     live_snaps: AtomicUsize,
     unbound: AtomicBool,
@@ -287,6 +293,8 @@ impl OriginCore {
             rollback: ArcSwapOption::new(rollback),
             reclaim_needed: AtomicBool::new(has_dead),
             reclaim_running: AtomicBool::new(false),
+            shadowed: AtomicBool::new(false),
+            shadow_reclaimed: Mutex::new(std::time::Instant::now()),
             live_snaps: AtomicUsize::new(m.tags.len()),
             unbound: AtomicBool::new(false),
             overlays: Mutex::new(BTreeMap::new()),

@@ -1,4 +1,5 @@
 use super::*;
+use crate::meta::ZERO_CHUNK;
 
 /// The live readers of an origin's versions at one instant (for reclaim): each live leaf, and
 /// the rollback source, with the path a lookup takes from it.
@@ -124,6 +125,7 @@ impl Readers {
     }
 
     /// The snapshot that alone reads exception `e`, if exactly one does.
+    #[cfg(test)]
     pub(super) fn sole_user(&self, list: &ExList, e: &Ex) -> Option<u32> {
         let mut u = self.users(list, e)?;
         let first = u.next()?;
@@ -147,7 +149,10 @@ impl OriginCore {
     /// Store chunks held by exceptions no live snapshot can read any more, while a reclaim is
     /// pending or running (0 otherwise).
     pub(super) fn garbage_estimate(&self) -> u64 {
-        if !self.reclaim_needed.load(SeqCst) && !self.reclaim_running.load(SeqCst) {
+        if !self.reclaim_needed.load(SeqCst)
+            && !self.reclaim_running.load(SeqCst)
+            && !self.shadowed.load(SeqCst)
+        {
             // A delete not yet durable: its reclaim is still to come.
             return self.dying_count.load(SeqCst).min(1) as u64;
         }
@@ -156,7 +161,9 @@ impl OriginCore {
             .iter()
             .map(|slot| {
                 slot.load().as_ref().map_or(0, |l| {
-                    l.iter().filter(|e| !readers.needed(l, e)).count() as u64
+                    l.iter()
+                        .filter(|e| e.store != ZERO_CHUNK && !readers.needed(l, e))
+                        .count() as u64
                 })
             })
             .sum()
@@ -177,12 +184,18 @@ impl OriginCore {
         for c in 0..self.nchunks {
             let list = self.map[c as usize].load();
             let Some(l) = list.as_ref() else { continue };
-            // A chunk with an overlay keeps its copy until the overlay is written.
-            if self.overlay_flag[c as usize].load(SeqCst) || !l.iter().any(|e| garbage(l, e)) {
+            if !l.iter().any(|e| garbage(l, e)) {
+                continue;
+            }
+            // A chunk with an overlay keeps its copy until the overlay is written: look again
+            // later.
+            if self.overlay_flag[c as usize].load(SeqCst) {
+                self.shadowed.store(true, SeqCst);
                 continue;
             }
             let _g = self.stripe(c);
             if self.overlay_flag[c as usize].load(SeqCst) {
+                self.shadowed.store(true, SeqCst);
                 continue;
             }
             let mut m = self.store.lock_meta();
@@ -195,7 +208,11 @@ impl OriginCore {
                     chunk: c,
                     node: e.node,
                 });
-                StoreCore::note_free(&mut m, e.store);
+                if e.store == ZERO_CHUNK {
+                    StoreCore::note_zero(&mut m, false);
+                } else {
+                    StoreCore::note_free(&mut m, e.store);
+                }
                 if let Some(nd) = self.node(e.node) {
                     nd.exceptions.fetch_sub(1, SeqCst);
                 }
@@ -221,28 +238,25 @@ impl OriginCore {
         Ok(())
     }
 
-    /// Store chunks each snapshot alone reads (what deleting it would free).
-    /// Per snapshot tag: the store chunks only it reads (what deleting it would free) and
-    /// those it reads with at least one other live reader.
-    pub(super) fn chunk_usage(&self) -> HashMap<u32, (u64, u64)> {
+    /// Per snapshot: the store chunks it alone reads (what deleting it would free), and those
+    /// it reads that other versions read too. Zero exceptions hold no chunk.
+    pub(super) fn chunk_census(&self) -> HashMap<u32, (u64, u64)> {
         let readers = self.readers();
         let mut out: HashMap<u32, (u64, u64)> = HashMap::new();
-        let mut users = Vec::new();
         for slot in self.map.iter() {
             if let Some(l) = slot.load().as_ref() {
-                for e in l.iter() {
-                    users.clear();
-                    users.extend(readers.users(l, e).into_iter().flatten());
-                    match users.as_slice() {
-                        [] => {}
-                        [one] => {
-                            if let Some(tag) = readers.tags[*one] {
-                                out.entry(tag).or_default().0 += 1;
-                            }
-                        }
-                        many => {
-                            for tag in many.iter().filter_map(|&r| readers.tags[r]) {
-                                out.entry(tag).or_default().1 += 1;
+                for e in l.iter().filter(|e| e.store != ZERO_CHUNK) {
+                    let Some(users) = readers.users(l, e) else {
+                        continue;
+                    };
+                    let users: Vec<usize> = users.collect();
+                    for r in &users {
+                        if let Some(tag) = readers.tags[*r] {
+                            let c = out.entry(tag).or_default();
+                            if users.len() == 1 {
+                                c.0 += 1;
+                            } else {
+                                c.1 += 1;
                             }
                         }
                     }

@@ -48,15 +48,18 @@ impl OriginCore {
         if let Some(s) = copied {
             let len = self.chunk_len(c) as usize;
             let mut buf = vec![0u8; len];
-            self.io(
-                || {
-                    format!(
-                        "reading COW store {} chunk {s} for rollback",
-                        self.store.name
-                    )
-                },
-                self.store.storage.read_at(&mut buf, self.store_off(s)),
-            )?;
+            // A zero exception: the buffer's zeros are the source's data.
+            if s != crate::meta::ZERO_CHUNK {
+                self.io(
+                    || {
+                        format!(
+                            "reading COW store {} chunk {s} for rollback",
+                            self.store.name
+                        )
+                    },
+                    self.store.storage.read_at(&mut buf, self.store_off(s)),
+                )?;
+            }
             self.io(
                 || {
                     format!(

@@ -234,7 +234,7 @@ impl OriginCore {
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
-        let usage = self.chunk_usage();
+        let census = self.chunk_census();
         let snaps: Vec<Arc<SnapRt>> = lock(&self.snaps).values().cloned().collect();
         snaps
             .iter()
@@ -245,8 +245,8 @@ impl OriginCore {
                     parent: (n.parent_tag != 0).then_some(n.parent_tag),
                     memo: n.memo(),
                     birth_unix_secs: n.birth,
-                    exclusive_chunks: usage.get(&s.tag).map_or(0, |u| u.0),
-                    shared_chunks: usage.get(&s.tag).map_or(0, |u| u.1),
+                    exclusive_chunks: census.get(&s.tag).map_or(0, |c| c.0),
+                    shared_chunks: census.get(&s.tag).map_or(0, |c| c.1),
                 })
             })
             .collect()

@@ -15,6 +15,10 @@ impl StoreCore {
     pub(crate) fn alloc_chunks(&self, n: usize, what: impl FnOnce() -> String) -> Result<Vec<u64>> {
         for first in [true, false] {
             let mut m = self.lock_meta();
+            // Zero exceptions hold no chunk but count against the store's (see `zeros`).
+            if m.free.len() + m.pending_free.len() < n + m.zeros as usize {
+                break;
+            }
             if m.free.len() >= n {
                 let at = m.free.len() - n;
                 return Ok(m.free.split_off(at));
@@ -48,5 +52,22 @@ impl StoreCore {
         m.used -= 1;
         let e = m.epoch;
         m.pending_free.push((e, c));
+    }
+}
+
+impl StoreCore {
+    /// Whether one more zero exception fits (under the metadata lock): zero exceptions and
+    /// data chunks together stay within the store's chunks, which the checkpoint is sized for.
+    pub(crate) fn zero_room(m: &MetaCore) -> bool {
+        m.free.len() + m.pending_free.len() > m.zeros as usize
+    }
+
+    /// Counts a zero exception made (`true`) or dropped (under the metadata lock).
+    pub(crate) fn note_zero(m: &mut MetaCore, made: bool) {
+        if made {
+            m.zeros += 1;
+        } else {
+            m.zeros = m.zeros.saturating_sub(1);
+        }
     }
 }

@@ -72,6 +72,10 @@ pub(crate) struct MetaCore {
     pub free: Vec<u64>,
     pub alloc: Vec<u64>,
     pub used: u64,
+    /// Zero exceptions (no data chunk). Each counts against the store's chunks all the same,
+    /// so that the checkpoint, sized for one exception per chunk, always holds every exception
+    /// (`alloc_chunks`, `note_zero`).
+    pub zeros: u64,
     /// Chunks freed in batch `epoch`, reusable once it is durable.
     pub pending_free: Vec<(u64, u64)>,
     pub sb: Superblock,
@@ -240,6 +244,13 @@ impl Store {
                 free.push(c);
             }
         }
+        let zeros = meta
+            .origins
+            .values()
+            .flat_map(|o| o.exceptions.values())
+            .flatten()
+            .filter(|(_, s)| *s == crate::meta::ZERO_CHUNK)
+            .count() as u64;
         let core = Arc::new(StoreCore {
             storage,
             name,
@@ -251,6 +262,7 @@ impl Store {
                 free,
                 alloc: meta.alloc.clone(),
                 used,
+                zeros,
                 pending_free: Vec::new(),
                 sb,
                 journal_pos,
