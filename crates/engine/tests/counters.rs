@@ -75,6 +75,8 @@ fn shared_and_exclusive_chunks_per_snapshot() {
         let s = o.snapshots().into_iter().find(|s| s.tag == t).unwrap();
         (s.exclusive_chunks, s.shared_chunks)
     };
+    // Data, not zeros, under the copies: a copy-out of a zero chunk holds no store chunk.
+    o.volume().write(0, &[9u8; 4 * CS as usize]).unwrap();
     let a = o.create_snapshot(None, "").unwrap();
     o.volume().write(0, &[1u8; 4 * CS as usize]).unwrap();
     o.volume().flush().unwrap();
