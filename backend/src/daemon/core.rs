@@ -60,6 +60,8 @@ pub struct Daemon {
     /// Exports served over NBD, by name.
     pub(crate) nbd: Mutex<HashMap<String, crate::nbd::NbdServer>>,
     pub(crate) inner: Mutex<Inner>,
+    /// The RBD images this daemon owns or lost (local files: their locks, in the engine).
+    pub(crate) ownership: super::ownership::Ownership,
 }
 
 impl Daemon {

@@ -77,6 +77,7 @@ impl Daemon {
                 failed: HashMap::new(),
                 readonly_origins: HashSet::new(),
             }),
+            ownership: Default::default(),
         };
         daemon.restore();
         Ok(daemon)
