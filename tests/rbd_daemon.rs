@@ -6,7 +6,8 @@
 //!   so the write it was sent while hung fails (EIO to its guest) and lands nowhere, its export
 //!   is reported failed, and the new owner sees every write the old one acknowledged.
 //! - A dead owner (SIGKILLed) is taken over: acknowledged writes and snapshots are all there,
-//!   and the new owner restarts on its state (the `rbd:` locators are recorded).
+//!   and the new owner restarts on its state (the `rbd:` locators are recorded), gracefully
+//!   stopped or killed (then it takes its own dead incarnation's locks over at once).
 //! - Operator safety holds on identities, not spellings: the store image, spelled otherwise,
 //!   is refused as an origin.
 //!
@@ -73,7 +74,11 @@ fn serve_and_write(dir: &Path, o: &str, s: &str) -> (Daemon, Client, Vec<Vec<u8>
     let mut cl = Client::connect(&a.export_socket("vol")).expect("connect to A's export");
     let mut now: Vec<Vec<u8>> = (0..BLOCKS).map(|b| block(b'A', b, 1)).collect();
     for b in 0..BLOCKS {
-        assert_eq!(write_block(&mut cl, b, &now[b as usize]), 0, "A's write {b}");
+        assert_eq!(
+            write_block(&mut cl, b, &now[b as usize]),
+            0,
+            "A's write {b}"
+        );
     }
     let tag = a.ok("snapshot_create", json!({"name": "vol"}))["tag"]
         .as_u64()
@@ -82,7 +87,11 @@ fn serve_and_write(dir: &Path, o: &str, s: &str) -> (Daemon, Client, Vec<Vec<u8>
     let snap = now.clone();
     for b in 0..BLOCKS / 2 {
         now[b as usize] = block(b'A', b, 2);
-        assert_eq!(write_block(&mut cl, b, &now[b as usize]), 0, "A's rewrite {b}");
+        assert_eq!(
+            write_block(&mut cl, b, &now[b as usize]),
+            0,
+            "A's rewrite {b}"
+        );
     }
     (a, cl, now, snap)
 }
@@ -128,7 +137,10 @@ fn takeover_fences_a_hung_owner_and_none_of_its_writes_lands() {
         msg.contains(&origin.spec()) || msg.contains(&store.spec()),
         "names the image: {msg}"
     );
-    assert!(msg.contains("RBD client") && msg.contains("--takeover"), "{msg}");
+    assert!(
+        msg.contains("RBD client") && msg.contains("--takeover"),
+        "{msg}"
+    );
 
     // A hangs; a write is sent to it meanwhile (it sits in the virtqueue).
     a.signal(libc::SIGSTOP);
@@ -240,11 +252,24 @@ fn a_killed_owner_is_taken_over_and_the_new_owner_restarts_on_its_state() {
     }
     let exports = b.ok("export_list", json!({})).to_string();
     assert!(!exports.contains("\"error\":\""), "{exports}");
+    // Killed in turn, B restarts at once: its own dead incarnation's locks (the addresses
+    // its state directory recorded) are taken over, not waited out.
+    drop((cl, cl_s));
+    b.kill();
+    b.restart();
+    assert!(
+        b.log()
+            .contains("this daemon's previous (dead) incarnation: taking it over"),
+        "{}",
+        b.log()
+    );
+    let mut cl = Client::connect(&b.export_socket("vol")).expect("connect to B's export");
+    assert!(read_block(&mut cl, 0) == now[0]);
     // A local file cannot be "taken over".
     let (code, msg) = remote_err(b.call(
         "origin_create",
         json!({"name": "y", "origin": "/etc/hostname", "cow": s, "takeover": true}),
     ));
     assert_eq!(code, codes::INVALID_PARAMS, "{msg}");
-    drop((cl, cl_s));
+    drop(cl);
 }

@@ -61,6 +61,7 @@ impl Daemon {
             dir: cache_dir,
             source,
         })?;
+        let ownership = super::ownership::Ownership::new(&state_dir_canon);
         let daemon = Daemon {
             socket_dir: cfg.socket_dir.clone(),
             socket_access: cfg.socket_access,
@@ -77,7 +78,7 @@ impl Daemon {
                 failed: HashMap::new(),
                 readonly_origins: HashSet::new(),
             }),
-            ownership: Default::default(),
+            ownership,
         };
         daemon.restore();
         Ok(daemon)

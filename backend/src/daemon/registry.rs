@@ -139,29 +139,28 @@ impl Daemon {
         };
         match access {
             Access::ReadOnly => Ok((open(ro)?, true)),
-            Access::Write => open(rw)
-                .map(|s| (s, false))
-                .map_err(|e| match e {
-                    MethodError::Open { what, source }
-                        if matches!(
-                            source.kind(),
-                            std::io::ErrorKind::PermissionDenied
-                                | std::io::ErrorKind::ReadOnlyFilesystem
-                        ) =>
-                    {
-                        MethodError::Open {
-                            what: format!("{what} (to serve it read-only, give -r)"),
-                            source,
-                        }
+            Access::Write => open(rw).map(|s| (s, false)).map_err(|e| match e {
+                MethodError::Open { what, source }
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::ReadOnlyFilesystem
+                    ) =>
+                {
+                    MethodError::Open {
+                        what: format!("{what} (to serve it read-only, give -r)"),
+                        source,
                     }
-                    e => e,
-                }),
+                }
+                e => e,
+            }),
             Access::Any => match open(rw) {
                 Ok(s) => Ok((s, false)),
                 Err(MethodError::Open { source, .. })
                     if matches!(
                         source.kind(),
-                        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                        std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::ReadOnlyFilesystem
                     ) =>
                 {
                     Ok((open(ro)?, true))
@@ -222,7 +221,10 @@ impl Daemon {
         if let Some(why) = inner.failed.get(&rec.name) {
             return Some(why.clone());
         }
-        let origin = inner.state.origin(&rec.cow, &rec.origin_id).map(|o| &o.path);
+        let origin = inner
+            .state
+            .origin(&rec.cow, &rec.origin_id)
+            .map(|o| &o.path);
         [Some(&rec.cow), origin]
             .into_iter()
             .flatten()

@@ -198,7 +198,9 @@ fn default_origin_ids() {
     assert_eq!(default_origin_id(Path::new("/a/disk.img")), "disk.img");
     assert_eq!(default_origin_id(Path::new("/a/d isk:1")), "d_isk_1");
     assert_eq!(
-        default_origin_id(Path::new("rbd:vms/ns/vm1-disk:id=snapmv:conf=/etc/ceph/c.conf")),
+        default_origin_id(Path::new(
+            "rbd:vms/ns/vm1-disk:id=snapmv:conf=/etc/ceph/c.conf"
+        )),
         "vm1-disk"
     );
     assert_eq!(default_origin_id(Path::new("/")), "origin");

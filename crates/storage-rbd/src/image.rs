@@ -142,8 +142,7 @@ fn connect(loc: &Locator, name: &str, readonly: bool) -> Result<Conn, RbdError> 
         }
         (None, r) => {
             return Err(ceph(
-                "reading the default Ceph configuration ($CEPH_CONF, /etc/ceph/ceph.conf)"
-                    .into(),
+                "reading the default Ceph configuration ($CEPH_CONF, /etc/ceph/ceph.conf)".into(),
                 r.into(),
             ))
         }
@@ -222,16 +221,14 @@ fn connect(loc: &Locator, name: &str, readonly: bool) -> Result<Conn, RbdError> 
         };
         return Err(ceph(why, r.into()));
     }
-Ok(conn)
+    Ok(conn)
 }
 
 fn read_image_id(image: ffi::rbd_image_t, name: &str) -> Result<String, RbdError> {
     let mut buf = vec![0u8; 64];
     loop {
         // SAFETY: `image` is open and a buffer of `buf.len()` bytes.
-        let r = unsafe {
-            ffi::rbd_get_id(image, buf.as_mut_ptr() as *mut c_char, buf.len())
-        };
+        let r = unsafe { ffi::rbd_get_id(image, buf.as_mut_ptr() as *mut c_char, buf.len()) };
         if r == -libc::ERANGE && buf.len() < 4096 {
             buf.resize(buf.len() * 2, 0);
             continue;
@@ -257,6 +254,53 @@ fn read_image_id(image: ffi::rbd_image_t, name: &str) -> Result<String, RbdError
     }
 }
 
+/// The exclusive lock's current owners (client addresses); empty when unlocked.
+fn lock_owners(image: ffi::rbd_image_t) -> Result<Vec<String>, i64> {
+    let mut cap: usize = 8;
+    loop {
+        let mut owners: Vec<*mut c_char> = vec![ptr::null_mut(); cap];
+        let mut n = cap;
+        let mut mode: ffi::rbd_lock_mode_t = 0;
+        // SAFETY: `image` is open; `owners` has room for `n` pointers.
+        let r = unsafe { ffi::rbd_lock_get_owners(image, &mut mode, owners.as_mut_ptr(), &mut n) };
+        if r == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        if r == -libc::ERANGE && n > cap {
+            cap = n;
+            continue;
+        }
+        if r < 0 {
+            return Err(r.into());
+        }
+        let list = owners[..n]
+            .iter()
+            // SAFETY: librbd filled the first `n` slots with strdup'ed strings.
+            .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            .collect();
+        // SAFETY: the `n` strings librbd allocated, freed once.
+        unsafe { ffi::rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), n) };
+        return Ok(list);
+    }
+}
+
+/// The current owners (client addresses) of the exclusive lock of the image `locator` names;
+/// empty when nobody holds it. The image is opened for writing (a read-only open has no
+/// exclusive lock to ask about) but nothing is written, so no lock is requested.
+pub fn lock_owners_of(locator: &str) -> io::Result<Vec<String>> {
+    let loc = Locator::parse(locator).map_err(RbdError::from)?;
+    let name = loc.image_spec();
+    let conn = connect(&loc, &name, false)?;
+    lock_owners(conn.image).map_err(|r| {
+        RbdError::Ceph {
+            image: name,
+            what: "listing the lock's owners".into(),
+            source: errno(r),
+        }
+        .into_io()
+    })
+}
+
 /// The identity of the image `locator` names, read through a read-only open (which neither
 /// takes nor waits for the exclusive lock, so a locked image can be identified too).
 pub fn identify(locator: &str) -> io::Result<ImageIdentity> {
@@ -266,7 +310,9 @@ pub fn identify(locator: &str) -> io::Result<ImageIdentity> {
     let image_id = read_image_id(conn.image, &name)?;
     let mut fsid = vec![0u8; 64];
     // SAFETY: a connected client and a buffer of `fsid.len()` bytes.
-    let r = unsafe { ffi::rados_cluster_fsid(conn.cluster, fsid.as_mut_ptr() as *mut c_char, fsid.len()) };
+    let r = unsafe {
+        ffi::rados_cluster_fsid(conn.cluster, fsid.as_mut_ptr() as *mut c_char, fsid.len())
+    };
     if r < 0 {
         return Err(RbdError::Ceph {
             image: name,
@@ -464,34 +510,7 @@ impl RbdStorage {
 
     /// The exclusive lock's current owners (client addresses); empty when unlocked.
     fn lock_owners(&self) -> Result<Vec<String>, i64> {
-        let mut cap: usize = 8;
-        loop {
-            let mut owners: Vec<*mut c_char> = vec![ptr::null_mut(); cap];
-            let mut n = cap;
-            let mut mode: ffi::rbd_lock_mode_t = 0;
-            // SAFETY: an open image; `owners` has room for `n` pointers.
-            let r = unsafe {
-                ffi::rbd_lock_get_owners(self.conn.image, &mut mode, owners.as_mut_ptr(), &mut n)
-            };
-            if r == -libc::ENOENT {
-                return Ok(Vec::new());
-            }
-            if r == -libc::ERANGE && n > cap {
-                cap = n;
-                continue;
-            }
-            if r < 0 {
-                return Err(r.into());
-            }
-            let list = owners[..n]
-                .iter()
-                // SAFETY: librbd filled the first `n` slots with strdup'ed strings.
-                .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
-                .collect();
-            // SAFETY: the `n` strings librbd allocated, freed once.
-            unsafe { ffi::rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), n) };
-            return Ok(list);
-        }
+        lock_owners(self.conn.image)
     }
 
     /// The exclusive lock's current owners as librbd reports them (client addresses); this

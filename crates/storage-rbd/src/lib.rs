@@ -55,9 +55,9 @@ mod image;
 mod unlinked;
 
 #[cfg(snapmv_librbd)]
-pub use image::{identify, RbdStorage};
+pub use image::{identify, lock_owners_of, RbdStorage};
 #[cfg(not(snapmv_librbd))]
-pub use unlinked::{identify, RbdStorage};
+pub use unlinked::{identify, lock_owners_of, RbdStorage};
 
 use std::io;
 

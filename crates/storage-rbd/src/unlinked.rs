@@ -19,6 +19,11 @@ pub fn identify(locator: &str) -> io::Result<ImageIdentity> {
     RbdStorage::open(locator).map(|s| match s.never {})
 }
 
+/// Fails: [`RbdError::NotBuilt`] (or the locator's error).
+pub fn lock_owners_of(locator: &str) -> io::Result<Vec<String>> {
+    RbdStorage::open(locator).map(|s| match s.never {})
+}
+
 impl RbdStorage {
     /// Fails: [`RbdError::NotBuilt`] (or the locator's error).
     pub fn open(locator: &str) -> io::Result<RbdStorage> {

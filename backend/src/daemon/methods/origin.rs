@@ -9,8 +9,8 @@ use snapmv_rpc::methods::{self as m, names};
 
 use crate::daemon::core::{Daemon, Inner};
 use crate::daemon::error::{MResult, MethodError};
-use crate::daemon::paths::socket_access_params;
 use crate::daemon::ownership::is_rbd;
+use crate::daemon::paths::socket_access_params;
 use crate::daemon::registry::{check_origin_size, object_id, open_store, Access, Acquire};
 use crate::daemon::validate;
 use crate::state::{ExportRecord, OriginRecord};
