@@ -210,6 +210,9 @@ fn takeover_fences_a_hung_owner_and_none_of_its_writes_lands() {
         );
     }
     drop((cl_a, cl_b, cl_s));
+    // The failed export can be removed on the fenced daemon.
+    a.ok("export_remove", json!({"name": "vol", "force": true}));
+    assert!(a.is_running(), "A died removing its fenced export");
     a.kill();
     drop(b);
 }

@@ -9,10 +9,12 @@
 //!
 //! A daemon killed with SIGKILL leaves its images locked by its dead client instances until
 //! Ceph times their watches out (~30 s each, one image after the other at restart). So each
-//! image's owning client address is recorded in `STATE_DIR/rbd-owners`; at the next start a
-//! lock still held by exactly that address is taken over at once. That is safe: this daemon
-//! holds the state directory's lock, which the recording daemon held until it died, so that
-//! client instance is dead (and it is blocklisted all the same).
+//! image's owning client address is recorded in `STATE_DIR/rbd-owners`, with this host's
+//! machine id; at the next start on the same host a lock still held by exactly that address
+//! is taken over at once. That is safe: this daemon holds the state directory's lock, which
+//! the recording daemon held until it died, so that client instance is dead (and it is
+//! blocklisted all the same). The machine id keeps a state directory copied to, or shared
+//! with, another host from taking a live daemon's images over without an explicit takeover.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -85,7 +87,18 @@ pub(crate) struct Ownership {
     /// `STATE_DIR/rbd-owners`, and what it holds: the client address that owns each image
     /// (by locator), as this daemon or its previous incarnation opened it.
     owners_file: PathBuf,
-    owners: Mutex<HashMap<String, String>>,
+    owners: Mutex<HashMap<String, Owner>>,
+    /// This host's `/etc/machine-id` (empty if unknown: then nothing recorded is trusted).
+    machine: String,
+}
+
+/// Who owned an image, as `STATE_DIR/rbd-owners` records it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Owner {
+    /// The owning client instance's address.
+    client: String,
+    /// The machine id of the host it ran on.
+    machine: String,
 }
 
 /// The file of the state directory recording which client address owns each image.
@@ -111,6 +124,9 @@ impl Ownership {
             lost: Arc::new(Mutex::new(HashMap::new())),
             owners_file,
             owners: Mutex::new(owners),
+            machine: std::fs::read_to_string("/etc/machine-id")
+                .map(|m| m.trim().to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -124,14 +140,35 @@ impl Ownership {
             .unwrap_or_else(|e| e.into_inner())
             .get(loc)
             .cloned()?;
+        if self.machine.is_empty() || recorded.machine != self.machine {
+            return None;
+        }
+        // Never one of this process's own live handles (the same image by another name).
+        let live = self
+            .images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(Weak::upgrade)
+            .any(|h| h.image.client_address() == recorded.client);
+        if live {
+            return None;
+        }
         let owners = rbd::lock_owners_of(loc).ok()?;
-        (!owners.is_empty() && owners.iter().all(|o| *o == recorded)).then_some(recorded)
+        (!owners.is_empty() && owners.iter().all(|o| *o == recorded.client))
+            .then_some(recorded.client)
     }
 
     /// Records (durably) that `addr` owns image `loc` now.
     fn record_owner(&self, loc: &str, addr: &str) {
         let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        owners.insert(loc.to_string(), addr.to_string());
+        owners.insert(
+            loc.to_string(),
+            Owner {
+                client: addr.to_string(),
+                machine: self.machine.clone(),
+            },
+        );
         let tmp = self.owners_file.with_extension("tmp");
         let written = serde_json::to_vec_pretty(&*owners)
             .map_err(io::Error::other)
