@@ -11,8 +11,11 @@
 //! - Operator safety holds on identities, not spellings: the store image, spelled otherwise,
 //!   is refused as an origin.
 //!
-//! Needs the Ceph test cluster (`ceph/cluster.sh`, see docs/ceph.md); skips loudly without
-//! it unless `SNAPMV_RBD_TESTS=1`.
+//! - Malformed locators and a missing Ceph configuration are refused with the cause (no
+//!   cluster needed).
+//!
+//! The others need the Ceph test cluster (`ceph/cluster.sh`, see docs/ceph.md); they skip
+//! loudly without it unless `SNAPMV_RBD_TESTS=1`.
 
 use std::path::Path;
 
@@ -275,4 +278,42 @@ fn a_killed_owner_is_taken_over_and_the_new_owner_restarts_on_its_state() {
     ));
     assert_eq!(code, codes::INVALID_PARAMS, "{msg}");
     drop(cl);
+}
+
+/// Needs no cluster: a malformed locator is an invalid parameter naming the bad part, and a
+/// missing Ceph configuration is "not found", naming the image and the file; nothing is
+/// recorded.
+#[test]
+fn bad_locators_are_refused_with_the_cause() {
+    let dir = scratch("rbd-bad-locators");
+    let d = Daemon::start(dir.path());
+    let store = dir.path().join("c.img");
+    snapmv_tests::daemon::sparse_file(&store, 16 << 20);
+    for (origin, want) in [
+        ("rbd:onlypool", "bad rbd locator"),
+        ("rbd:pool/image@snap", "bad rbd locator"),
+        ("rbd:pool/image:rbd_cache=true", "bad rbd locator"),
+    ] {
+        let (code, msg) = remote_err(d.call(
+            "origin_create",
+            json!({"name": "v", "origin": origin, "cow": store, "bind": true, "format": true}),
+        ));
+        assert_eq!(code, codes::INVALID_PARAMS, "{origin}: {msg}");
+        assert!(msg.contains(want), "{origin}: {msg}");
+    }
+    let unreachable = format!(
+        "rbd:pool/image:conf={}",
+        dir.path().join("no-such-ceph.conf").display()
+    );
+    let (code, msg) = remote_err(d.call(
+        "origin_create",
+        json!({"name": "v", "origin": unreachable, "cow": store, "bind": true, "format": true}),
+    ));
+    assert_eq!(code, codes::NOT_FOUND, "{msg}");
+    assert!(
+        msg.contains("rbd:pool/image") && msg.contains("no-such-ceph.conf"),
+        "{msg}"
+    );
+    let list = d.ok("export_list", json!({})).to_string();
+    assert!(!list.contains("\"name\":\"v\""), "{list}");
 }
