@@ -196,6 +196,15 @@ impl Daemon {
         }
     }
 
+    /// Sends `sig` (e.g. SIGSTOP, SIGCONT) to the running daemon.
+    pub fn signal(&self, sig: libc::c_int) {
+        let c = self.child.as_ref().expect("the daemon is not running");
+        let pid = libc::pid_t::try_from(c.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a valid signal number on our own, not yet reaped, child.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({sig}): {}", std::io::Error::last_os_error());
+    }
+
     /// Starts the daemon again on the same directory (after [`Daemon::kill`]).
     pub fn restart(&mut self) {
         self.kill();

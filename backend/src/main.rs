@@ -225,11 +225,15 @@ enum Command {
     /// Check a COW store no process has open (refused, naming the holder, if one has);
     /// optionally repair what can be derived.
     Check {
-        /// COW store path.
+        /// COW store path, or RBD image rbd:POOL[/NS]/IMAGE[:id=USER][:conf=PATH].
         cow: PathBuf,
         /// Repair what can be rebuilt from the rest of the metadata.
         #[arg(long)]
         repair: bool,
+        /// On an RBD image whose owner died: take its lock over at once, fencing that owner,
+        /// instead of waiting ~30 s for Ceph to time it out.
+        #[arg(long)]
+        takeover: bool,
         #[command(flatten)]
         out: Out,
     },
@@ -519,9 +523,14 @@ fn main() -> ExitCode {
                 snapmv::cli::backup::import_diff(&ctx, &file, &target),
             )
         }
-        Command::Check { cow, repair, out } => {
+        Command::Check {
+            cow,
+            repair,
+            takeover,
+            out,
+        } => {
             let ctx = ctx(out);
-            (ctx.json, cli::check(&ctx, &cow, repair))
+            (ctx.json, cli::check(&ctx, &cow, repair, takeover))
         }
     };
     match result {

@@ -8,6 +8,7 @@ mod engine;
 mod error;
 mod fio;
 mod load;
+mod rbd;
 mod report;
 mod scenarios;
 mod servers;
@@ -29,7 +30,8 @@ struct Args {
     /// Short runs (1 s per point, smaller volumes): the whole suite in about 10 minutes.
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run: 1..7 and `engine` (default: all). Repeatable or comma-separated.
+    /// Scenarios to run: 1..7, `engine` and `rbd` (default: all but `rbd`, which needs a
+    /// Ceph cluster). Repeatable or comma-separated.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write latest.md and latest.json.
@@ -53,6 +55,15 @@ struct Args {
     /// qemu-storage-daemon's aio mode for files (threads, io_uring, native).
     #[arg(long, default_value = "threads")]
     qsd_aio: String,
+    /// Scenario `rbd`: the Ceph cluster's configuration file [default: $CEPH_CONF].
+    #[arg(long)]
+    ceph_conf: Option<PathBuf>,
+    /// Scenario `rbd`: the pool for its images.
+    #[arg(long, default_value = "snapmv")]
+    ceph_pool: String,
+    /// Scenario `rbd`: the cephx user [default: admin].
+    #[arg(long)]
+    ceph_id: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -296,9 +307,12 @@ fn run(mut args: Args) -> Result<()> {
     } else {
         args.scenario.clone()
     };
-    if let Some(bad) = sel.iter().find(|s| !all.contains(&s.as_str())) {
+    if let Some(bad) = sel
+        .iter()
+        .find(|s| !all.contains(&s.as_str()) && s.as_str() != "rbd")
+    {
         return Err(BenchError::Invalid(format!(
-            "unknown scenario {bad:?} (1..7, engine)"
+            "unknown scenario {bad:?} (1..7, engine, rbd)"
         )));
     }
     let want = |s: &str| sel.iter().any(|x| x == s);
@@ -382,8 +396,17 @@ fn run(mut args: Args) -> Result<()> {
         small,
         rows: Vec::new(),
     };
+    let ceph = rbd::Ceph {
+        conf: args
+            .ceph_conf
+            .clone()
+            .or_else(|| std::env::var_os("CEPH_CONF").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/etc/ceph/ceph.conf")),
+        pool: args.ceph_pool.clone(),
+        id: args.ceph_id.clone(),
+    };
     let t0 = Instant::now();
-    let res = run_scenarios(&mut ctx, &want);
+    let res = run_scenarios(&mut ctx, &want, &ceph);
     if let Err(e) = &res {
         eprintln!("snapmv-bench: stopped early: {e}");
     }
@@ -415,8 +438,10 @@ fn run(mut args: Args) -> Result<()> {
     res
 }
 
-fn run_scenarios(ctx: &mut Ctx, want: &dyn Fn(&str) -> bool) -> Result<()> {
-    let needs_daemon = ["1", "2", "3", "4", "5", "6", "7"].iter().any(|s| want(s));
+fn run_scenarios(ctx: &mut Ctx, want: &dyn Fn(&str) -> bool, ceph: &rbd::Ceph) -> Result<()> {
+    let needs_daemon = ["1", "2", "3", "4", "5", "6", "7", "rbd"]
+        .iter()
+        .any(|s| want(s));
     if needs_daemon {
         let mut sm = servers::Snapmv::start(&ctx.snapmv_bin, &ctx.dir)?;
         if want("1") || want("2") || want("4") {
@@ -449,6 +474,9 @@ fn run_scenarios(ctx: &mut Ctx, want: &dyn Fn(&str) -> bool) -> Result<()> {
         }
         if want("7") {
             backup::s7(ctx, &mut sm)?;
+        }
+        if want("rbd") {
+            rbd::run(ctx, &mut sm, ceph)?;
         }
     }
     if want("engine") {

@@ -59,7 +59,7 @@ pub fn sparse_file(path: &Path, size: u64) -> Result<()> {
     f.set_len(size).map_err(io_err("sizing", path))
 }
 
-fn progress(what: &str, r: &LoadResult) {
+pub(crate) fn progress(what: &str, r: &LoadResult) {
     eprintln!(
         "    {what}: {:.0} IOPS, {:.1} MB/s, mean {:.1} µs, p99 {:.1} µs, cpu/io {}",
         r.iops,
@@ -73,7 +73,7 @@ fn progress(what: &str, r: &LoadResult) {
 }
 
 /// One run on a fresh connection.
-fn run_on(sock: &Path, pid: u32, spec: &LoadSpec) -> Result<LoadResult> {
+pub(crate) fn run_on(sock: &Path, pid: u32, spec: &LoadSpec) -> Result<LoadResult> {
     let mut c = Conn::connect(sock, spec.queues.max(1), spec.queues * spec.qd * spec.bs)?;
     c.run(spec, pid, None)
 }

@@ -20,9 +20,9 @@ pub struct Out {
 pub struct CreateArgs {
     /// Export name: 1 to 64 of A-Z a-z 0-9 . _ -
     pub name: String,
-    /// Origin file or block device.
+    /// Origin file or block device, or RBD image rbd:POOL[/NS]/IMAGE[:id=USER][:conf=PATH]
     pub origin: PathBuf,
-    /// COW store file or block device.
+    /// COW store file or block device, or RBD image rbd:POOL[/NS]/IMAGE[:id=USER][:conf=PATH]
     pub cow: PathBuf,
     /// Export snapshot TAG instead of the origin (dms cs); 1 or more.
     #[arg(
@@ -74,6 +74,11 @@ pub struct CreateArgs {
     /// Serve the export over NBD (export name NAME) instead of vhost-user-blk (docs/nbd.md).
     #[arg(long)]
     pub nbd: bool,
+    /// Take the origin's and the store's RBD images over from their owner, a daemon believed
+    /// dead: it is blocklisted (fenced) first, so none of its writes lands afterwards
+    /// (docs/operations.md, "Stores on Ceph RBD").
+    #[arg(long, conflicts_with_all = ["tag", "format", "force_format"])]
+    pub takeover: bool,
     /// Output options.
     #[command(flatten)]
     pub out: Out,

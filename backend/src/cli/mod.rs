@@ -214,8 +214,12 @@ impl Ctx {
     }
 }
 
-/// Makes a path absolute against the current directory (the daemon has another one).
+/// Makes a path absolute against the current directory (the daemon has another one); an
+/// `rbd:` locator names an RBD image and is passed on as it is.
 pub fn absolute(what: &'static str, p: &Path) -> Result<String, CliError> {
+    if let Some(s) = p.to_str().filter(|s| snapmv_storage_rbd::is_rbd_locator(s)) {
+        return Ok(s.to_string());
+    }
     let abs = std::path::absolute(p).map_err(|source| CliError::Path {
         what,
         path: p.to_path_buf(),
@@ -251,6 +255,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
             socket_group: a.socket_group,
             socket_mode: a.socket_mode,
             protocol,
+            takeover: a.takeover,
         })?,
         Some(tag) => ctx.call::<rpc::SnapshotExport>(&m::SnapshotExportParams {
             name: a.name,
@@ -566,19 +571,46 @@ fn now_secs() -> u64 {
 /// `snapmv check COW [--repair]`: the engine's checker, on a store no process has open. The
 /// engine opens the store exclusively (an exclusive lock on the file, `O_EXCL` for a block
 /// device), so a store any daemon — or another check — has open is refused, naming its holder.
-pub fn check(ctx: &Ctx, cow: &Path, repair: bool) -> Result<(), CliError> {
-    let canon = std::fs::canonicalize(cow).map_err(|source| CliError::Path {
-        what: "COW store",
-        path: cow.to_path_buf(),
-        source,
-    })?;
-    let canon_s = canon.to_string_lossy().into_owned();
-    let report = snapmv_engine::check(&canon, repair).map_err(|e| {
+pub fn check(ctx: &Ctx, cow: &Path, repair: bool, takeover: bool) -> Result<(), CliError> {
+    let rbd = cow
+        .to_str()
+        .filter(|s| snapmv_storage_rbd::is_rbd_locator(s));
+    if takeover && rbd.is_none() {
+        return Err(CliError::Refused(format!(
+            "--takeover applies to a COW store on an rbd: image; {} is a local path",
+            cow.display()
+        )));
+    }
+    let (canon_s, result) = match rbd {
+        // The image's exclusive lock is its owner's: a live daemon's refuses this check.
+        Some(loc) => (loc.to_string(), check_rbd(loc, repair, takeover)),
+        None => {
+            let canon = std::fs::canonicalize(cow).map_err(|source| CliError::Path {
+                what: "COW store",
+                path: cow.to_path_buf(),
+                source,
+            })?;
+            let r = snapmv_engine::check(&canon, repair);
+            (canon.to_string_lossy().into_owned(), r)
+        }
+    };
+    let report = result.map_err(|e| {
         if let snapmv_engine::Error::Io { source, .. } = &e {
             if let Some(u) = snapmv_engine::in_use(source) {
                 return CliError::InUse {
                     cow: canon_s.clone(),
                     holder: u.holder.clone(),
+                };
+            }
+            if let Some(snapmv_storage_rbd::RbdError::Locked { owners, .. }) =
+                snapmv_storage_rbd::rbd_error(source)
+            {
+                return CliError::InUse {
+                    cow: canon_s.clone(),
+                    holder: format!(
+                        "RBD client {} (a snapmv daemon; if it is dead, give --takeover)",
+                        owners.join(", ")
+                    ),
                 };
             }
         }
@@ -628,4 +660,27 @@ pub fn check(ctx: &Ctx, cow: &Path, repair: bool) -> Result<(), CliError> {
             },
         })
     }
+}
+
+/// The engine's checker on a store in an RBD image, opened as its owner (taken over from a
+/// dead one with `takeover`); closing the image releases its lock again.
+fn check_rbd(
+    loc: &str,
+    repair: bool,
+    takeover: bool,
+) -> snapmv_engine::Result<snapmv_engine::CheckReport> {
+    use snapmv_storage_rbd::RbdStorage;
+    let opened = if takeover {
+        RbdStorage::open_takeover(loc)
+    } else {
+        RbdStorage::open(loc)
+    };
+    let st = opened.map_err(|source| snapmv_engine::Error::Io {
+        context: format!("opening COW store {loc}"),
+        source,
+    })?;
+    for owner in st.fenced_owners() {
+        eprintln!("took {loc} over from RBD client {owner}, which is now blocklisted");
+    }
+    snapmv_engine::check_storage(&st, repair)
 }

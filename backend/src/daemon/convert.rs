@@ -30,17 +30,10 @@ impl Daemon {
             queue_size: rec.queue_size,
             readonly: rec.readonly,
             connected: live.as_ref().is_some_and(|l| l.connected),
-            error: if live.is_some() {
-                None
-            } else {
-                Some(
-                    inner
-                        .failed
-                        .get(&rec.name)
-                        .cloned()
-                        .unwrap_or_else(|| "not being served".into()),
-                )
-            },
+            // A live export whose store or origin image was taken over fails too (EIO).
+            error: self
+                .export_failure(inner, rec)
+                .or_else(|| live.is_none().then(|| "not being served".into())),
             serial: rec.serial.clone(),
         }
     }

@@ -64,6 +64,8 @@ pub struct Daemon {
     pub(crate) inner: Mutex<Inner>,
     /// The low-space threshold and which stores are past it.
     pub(crate) space: super::space::SpaceWatch,
+    /// The RBD images this daemon owns or lost (local files: their locks, in the engine).
+    pub(crate) ownership: super::ownership::Ownership,
 }
 
 impl Daemon {

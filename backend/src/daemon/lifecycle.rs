@@ -64,6 +64,7 @@ impl Daemon {
             dir: cache_dir,
             source,
         })?;
+        let ownership = super::ownership::Ownership::new(&state_dir_canon);
         let daemon = Daemon {
             socket_dir: cfg.socket_dir.clone(),
             socket_access: cfg.socket_access,
@@ -81,6 +82,7 @@ impl Daemon {
                 failed: HashMap::new(),
                 readonly_origins: HashSet::new(),
             }),
+            ownership,
         };
         daemon.restore();
         Ok(daemon)

@@ -7,6 +7,8 @@
 //!
 //! Modules, each depending only on those above it (none on this file):
 //! * `error`: [`MethodError`] and its JSON-RPC code, in one place;
+//! * `ownership`: what a path or `rbd:` locator names, opening it as its one owner, RBD
+//!   takeover (fencing), release and lost ownership;
 //! * `core`: the [`Daemon`] and its locked state (`Inner`), the state file save;
 //! * `validate`: checks of parameters against the limits and the state, no I/O (unit-tested);
 //! * `registry`: the open stores and origins, opened exclusively; `paths`: checks that look
@@ -23,6 +25,7 @@ mod error;
 mod lifecycle;
 mod live;
 mod methods;
+mod ownership;
 mod paths;
 pub mod prometheus;
 mod registry;

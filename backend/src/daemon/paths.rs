@@ -1,5 +1,6 @@
 //! Checks of parameters that look at the filesystem: paths (absolute, existing, a file or a
-//! block device, not the daemon's own), the roles of files (an origin is not a store), socket
+//! block device, not the daemon's own) or `rbd:` locators (an existing image, identified by
+//! cluster, pool and image id), the roles of files (an origin is not a store), socket
 //! paths, and socket groups (from /etc/group). The checks that need only the parameters and
 //! the state are in `validate.rs`.
 
@@ -10,13 +11,18 @@ use snapmv_rpc::methods::parse_socket_mode;
 
 use super::core::{Daemon, Inner};
 use super::error::{MResult, MethodError};
-use super::registry::{file_id, FileId};
+use super::ownership::{is_rbd, rbd_identity};
+use super::registry::{object_id, ObjectId};
 
 impl Daemon {
-    /// Checks and canonicalises a path given over RPC.
-    pub(crate) fn check_path(&self, what: &str, p: &str) -> MResult<(String, FileId)> {
+    /// Checks and canonicalises a path given over RPC; an `rbd:` locator is kept as given
+    /// (its options say how to reach the cluster) and identified by its image.
+    pub(crate) fn check_path(&self, what: &str, p: &str) -> MResult<(String, ObjectId)> {
         if p.is_empty() {
             return Err(MethodError::InvalidParams(format!("{what} path is empty")));
+        }
+        if is_rbd(p) {
+            return Ok((p.to_string(), ObjectId::Rbd(rbd_identity(what, p)?)));
         }
         require_absolute(what, p)?;
         let canon = std::fs::canonicalize(p).map_err(lookup_error(what, p, "resolved"))?;
@@ -37,7 +43,8 @@ impl Daemon {
         }
         let mut lock = self.rpc_socket.as_os_str().to_owned();
         lock.push(".lock");
-        if file_id(Path::new(&lock)) == Some((meta.dev(), meta.ino())) {
+        let id = ObjectId::File(meta.dev(), meta.ino());
+        if object_id(&lock.to_string_lossy()).as_ref() == Some(&id) {
             return Err(MethodError::InvalidParams(format!(
                 "{what} {p} is the daemon's RPC lock file"
             )));
@@ -46,7 +53,7 @@ impl Daemon {
             .to_str()
             .map(str::to_string)
             .ok_or_else(|| MethodError::InvalidParams(format!("{what} {p} is not valid UTF-8")))?;
-        Ok((s, (meta.dev(), meta.ino())))
+        Ok((s, id))
     }
 
     /// Refuses `id` as an origin if it is a known store, and as a store if it is a known
@@ -54,12 +61,12 @@ impl Daemon {
     pub(crate) fn check_roles(
         &self,
         inner: &Inner,
-        origin: (&str, FileId),
-        cow: (&str, FileId),
+        origin: (&str, &ObjectId),
+        cow: (&str, &ObjectId),
     ) -> MResult<()> {
         if origin.1 == cow.1 {
             return Err(MethodError::InvalidParams(format!(
-                "origin {} and COW store {} are the same file",
+                "origin {} and COW store {} are the same file or image",
                 origin.0, cow.0
             )));
         }
@@ -69,7 +76,7 @@ impl Daemon {
             .cloned()
             .chain(inner.state.origins.iter().map(|o| o.cow.clone()));
         for s in stores {
-            if file_id(Path::new(&s)) == Some(origin.1) {
+            if object_id(&s).as_ref() == Some(origin.1) {
                 return Err(MethodError::AlreadyExists(format!(
                     "origin {} is the COW store {s} in use by this daemon",
                     origin.0
@@ -77,7 +84,7 @@ impl Daemon {
             }
         }
         for o in &inner.state.origins {
-            if file_id(Path::new(&o.path)) == Some(cow.1) {
+            if object_id(&o.path).as_ref() == Some(cow.1) {
                 return Err(MethodError::AlreadyExists(format!(
                     "COW store {} is the origin {} (id {} in {}) known to this daemon",
                     cow.0, o.path, o.origin_id, o.cow

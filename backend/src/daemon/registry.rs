@@ -2,23 +2,16 @@
 //! recorded exports and origins that name them.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
 use std::sync::Arc;
 
 use log::warn;
-use snapmv_engine::{FileStorage, OpenMode, Origin, Storage, Store, Volume};
+use snapmv_engine::{OpenMode, Origin, Storage, Store, Volume};
 use snapmv_rpc::methods as m;
 
 use super::core::{Daemon, Inner};
 use super::error::{MResult, MethodError};
+pub(crate) use super::ownership::{object_id, Acquire, ObjectId};
 use crate::state::{ExportRecord, OriginRecord};
-
-/// Identity of a file: device and inode.
-pub(crate) type FileId = (u64, u64);
-
-pub(crate) fn file_id(path: &Path) -> Option<FileId> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
 
 /// How an origin is to be opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,15 +25,15 @@ pub(crate) enum Access {
 }
 
 impl Daemon {
-    /// The path under which the daemon already knows the file `fid` as a store, if it does
-    /// under another name (a hard link or another path to the same file): stores are keyed by
-    /// path, so one file must always go by one path.
-    pub(crate) fn known_store_path(inner: &Inner, cow: String, fid: FileId) -> String {
+    /// The path under which the daemon already knows the object `fid` as a store, if it does
+    /// under another name (a hard link or another path to the same file, another spelling of
+    /// the same RBD image): stores are keyed by path, so one store must always go by one path.
+    pub(crate) fn known_store_path(inner: &Inner, cow: String, fid: &ObjectId) -> String {
         inner
             .stores
             .keys()
             .chain(inner.state.stores.iter().map(|s| &s.path))
-            .find(|known| **known != cow && file_id(Path::new(known.as_str())) == Some(fid))
+            .find(|known| **known != cow && object_id(known).as_ref() == Some(fid))
             .cloned()
             .unwrap_or(cow)
     }
@@ -51,13 +44,25 @@ impl Daemon {
             return Ok(s.clone());
         }
         let direct = inner.state.store(cow).map(|s| s.direct).unwrap_or(direct);
-        let storage = open_file(
+        self.open_store_as(inner, cow, direct, Acquire::Open)
+    }
+
+    /// Opens store `cow` (not open yet) as `how` says, and keeps it open.
+    pub(crate) fn open_store_as(
+        &self,
+        inner: &mut Inner,
+        cow: &str,
+        direct: bool,
+        how: Acquire,
+    ) -> MResult<Store> {
+        let storage = self.ownership.open(
             "COW store",
             cow,
             OpenMode {
                 direct,
                 readonly: false,
             },
+            how,
         )?;
         let store = open_store(cow, storage)?;
         inner.stores.insert(cow.to_string(), store.clone());
@@ -97,7 +102,7 @@ impl Daemon {
         } else {
             Access::Any
         };
-        let (storage, readonly) = open_origin_file(&rec.path, rec.direct, access)?;
+        let (storage, readonly) = self.open_origin(&rec.path, rec.direct, access, Acquire::Open)?;
         let origin = store
             .open_origin_storage(origin_id, storage)
             .map_err(MethodError::engine(format!(
@@ -111,6 +116,58 @@ impl Daemon {
         }
         inner.origins.insert(key, origin.clone());
         Ok(origin)
+    }
+
+    /// Opens an origin's file or image as `access` asks (and `how`, for an image); returns it
+    /// and whether it is read-only. An RBD image is always opened for writing (its owner holds
+    /// its lock either way); read-only exports of it are read-only at the export.
+    pub(crate) fn open_origin(
+        &self,
+        path: &str,
+        direct: bool,
+        access: Access,
+        how: Acquire,
+    ) -> MResult<(Arc<dyn Storage>, bool)> {
+        let open = |mode: OpenMode| self.ownership.open("origin", path, mode, how);
+        let ro = OpenMode {
+            direct,
+            readonly: true,
+        };
+        let rw = OpenMode {
+            direct,
+            readonly: false,
+        };
+        match access {
+            Access::ReadOnly => Ok((open(ro)?, true)),
+            Access::Write => open(rw).map(|s| (s, false)).map_err(|e| match e {
+                MethodError::Open { what, source }
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::ReadOnlyFilesystem
+                    ) =>
+                {
+                    MethodError::Open {
+                        what: format!("{what} (to serve it read-only, give -r)"),
+                        source,
+                    }
+                }
+                e => e,
+            }),
+            Access::Any => match open(rw) {
+                Ok(s) => Ok((s, false)),
+                Err(MethodError::Open { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::ReadOnlyFilesystem
+                    ) =>
+                {
+                    Ok((open(ro)?, true))
+                }
+                Err(e) => Err(e),
+            },
+        }
     }
 
     pub(crate) fn volume_for(
@@ -158,8 +215,25 @@ impl Daemon {
         Ok((rec, origin))
     }
 
-    pub(crate) fn origin_of(&self, inner: &mut Inner, rec: &ExportRecord) -> MResult<Origin> {
+    /// Why export `rec` fails, if it does: it could not be restored, or this daemon lost its
+    /// store's or origin's RBD image (fenced by a takeover, or its lock gone).
+    pub(crate) fn export_failure(&self, inner: &Inner, rec: &ExportRecord) -> Option<String> {
         if let Some(why) = inner.failed.get(&rec.name) {
+            return Some(why.clone());
+        }
+        let origin = inner
+            .state
+            .origin(&rec.cow, &rec.origin_id)
+            .map(|o| &o.path);
+        [Some(&rec.cow), origin]
+            .into_iter()
+            .flatten()
+            .find_map(|loc| self.ownership.lost(loc))
+            .map(|why| format!("ownership lost: {why}"))
+    }
+
+    pub(crate) fn origin_of(&self, inner: &mut Inner, rec: &ExportRecord) -> MResult<Origin> {
+        if let Some(why) = self.export_failure(inner, rec) {
             return Err(MethodError::InvalidState(format!(
                 "export {} is not being served: {why}",
                 rec.name
@@ -184,14 +258,14 @@ impl Daemon {
         cow: &str,
         origin_id: &str,
         origin: &str,
-        origin_fid: FileId,
+        origin_fid: &ObjectId,
         direct: bool,
     ) -> MResult<()> {
         if let Some(o) = inner
             .state
             .origins
             .iter()
-            .find(|o| file_id(Path::new(&o.path)) == Some(origin_fid))
+            .find(|o| object_id(&o.path).as_ref() == Some(origin_fid))
         {
             return Err(MethodError::AlreadyExists(format!(
                 "origin {origin} is already known as origin id {} of COW store {}",
@@ -226,78 +300,9 @@ impl Daemon {
     }
 }
 
-pub(crate) fn open_file(what: &str, path: &str, mode: OpenMode) -> MResult<Arc<FileStorage>> {
-    FileStorage::open_with(Path::new(path), mode)
-        .map(Arc::new)
-        .map_err(|source| {
-            if let Some(u) = snapmv_engine::in_use(&source) {
-                return MethodError::InUse {
-                    what: what.to_string(),
-                    path: path.to_string(),
-                    holder: u.holder.clone(),
-                    source,
-                };
-            }
-            let what = if mode.readonly {
-                format!("{what} {path} cannot be opened for reading")
-            } else {
-                format!("{what} {path} cannot be opened for reading and writing")
-            };
-            MethodError::Open { what, source }
-        })
-}
-
-/// Opens an origin's file as `access` asks; returns it and whether it is read-only.
-pub(crate) fn open_origin_file(
-    path: &str,
-    direct: bool,
-    access: Access,
-) -> MResult<(Arc<FileStorage>, bool)> {
-    let ro = OpenMode {
-        direct,
-        readonly: true,
-    };
-    let rw = OpenMode {
-        direct,
-        readonly: false,
-    };
-    match access {
-        Access::ReadOnly => Ok((open_file("origin", path, ro)?, true)),
-        Access::Write => open_file("origin", path, rw)
-            .map(|s| (s, false))
-            .map_err(|e| match e {
-                MethodError::Open { what, source }
-                    if matches!(
-                        source.kind(),
-                        std::io::ErrorKind::PermissionDenied
-                            | std::io::ErrorKind::ReadOnlyFilesystem
-                    ) =>
-                {
-                    MethodError::Open {
-                        what: format!("{what} (to serve it read-only, give -r)"),
-                        source,
-                    }
-                }
-                e => e,
-            }),
-        Access::Any => match open_file("origin", path, rw) {
-            Ok(s) => Ok((s, false)),
-            Err(MethodError::Open { source, .. })
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
-                ) =>
-            {
-                Ok((open_file("origin", path, ro)?, true))
-            }
-            Err(e) => Err(e),
-        },
-    }
-}
-
 /// Opens the store on an opened file; a file with no snapmv superblock at all is named as
 /// such rather than as damaged.
-pub(crate) fn open_store(cow: &str, storage: Arc<FileStorage>) -> MResult<Store> {
+pub(crate) fn open_store(cow: &str, storage: Arc<dyn Storage>) -> MResult<Store> {
     let mut magic = [[0u8; 8]; 2];
     for (slot, m) in magic.iter_mut().enumerate() {
         let _ = storage.read_at(m, slot as u64 * 4096);
@@ -311,8 +316,12 @@ pub(crate) fn open_store(cow: &str, storage: Arc<FileStorage>) -> MResult<Store>
         .map_err(MethodError::engine(format!("cannot open COW store {cow}")))
 }
 
-/// The size of the file or block device at `path` now.
+/// The size of the file or block device at `path` now (`None` for an RBD image: its size
+/// is the engine's to read through the open handle).
 pub(crate) fn current_size(path: &str) -> Option<u64> {
+    if super::ownership::is_rbd(path) {
+        return None;
+    }
     let meta = std::fs::metadata(path).ok()?;
     if meta.file_type().is_block_device() {
         let rdev = meta.rdev();

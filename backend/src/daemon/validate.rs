@@ -192,13 +192,19 @@ pub(crate) fn protocol_param(p: Option<&str>) -> MResult<Option<String>> {
     }
 }
 
-/// The origin id used when none is given: the origin's file name, restricted to
-/// `[A-Za-z0-9._-]` and 64 characters.
+/// The origin id used when none is given: the origin's file name (an RBD image's name),
+/// restricted to `[A-Za-z0-9._-]` and 64 characters.
 pub fn default_origin_id(origin: &Path) -> String {
-    let name = origin
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let rbd_image = origin
+        .to_str()
+        .and_then(|s| snapmv_storage_rbd::Locator::parse(s).ok())
+        .map(|l| l.image);
+    let name = rbd_image.unwrap_or_else(|| {
+        origin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
     let mut id: String = name
         .chars()
         .map(|c| {

@@ -198,6 +198,12 @@ fn socket_modes() {
 fn default_origin_ids() {
     assert_eq!(default_origin_id(Path::new("/a/disk.img")), "disk.img");
     assert_eq!(default_origin_id(Path::new("/a/d isk:1")), "d_isk_1");
+    assert_eq!(
+        default_origin_id(Path::new(
+            "rbd:vms/ns/vm1-disk:id=snapmv:conf=/etc/ceph/c.conf"
+        )),
+        "vm1-disk"
+    );
     assert_eq!(default_origin_id(Path::new("/")), "origin");
     assert_eq!(
         default_origin_id(Path::new(&format!("/{}", "x".repeat(100)))).len(),

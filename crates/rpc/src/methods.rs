@@ -103,6 +103,11 @@ pub struct OriginCreateParams {
     /// Serve the volume read-only.
     #[serde(default)]
     pub readonly: bool,
+    /// Take the origin's and the store's RBD images over from their current owner, believed
+    /// dead: its lock is broken and it is blocklisted (fenced) first. `rbd:` images only; not
+    /// with `format`/`force_format`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub takeover: bool,
     /// Open the origin and the store with O_DIRECT.
     #[serde(default)]
     pub direct: bool,

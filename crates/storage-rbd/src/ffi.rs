@@ -46,8 +46,19 @@ extern "C" {
     /// `rados_buffer_free`.
     pub fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
     pub fn rados_buffer_free(buf: *mut c_char);
+    /// Writes the cluster's fsid (no NUL guaranteed); returns its length, `-ERANGE` if short.
+    pub fn rados_cluster_fsid(cluster: rados_t, buf: *mut c_char, len: size_t) -> c_int;
+    /// The pool's id (never fails on a valid ioctx).
+    pub fn rados_ioctx_get_id(io: rados_ioctx_t) -> i64;
 
     pub fn rbd_open(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    /// As `rbd_open`, read-only: no exclusive lock is taken or waited for.
+    pub fn rbd_open_read_only(
         io: rados_ioctx_t,
         name: *const c_char,
         image: *mut rbd_image_t,

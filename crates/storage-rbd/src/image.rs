@@ -1,7 +1,7 @@
 //! [`RbdStorage`] through librbd.
 
 use crate::ffi;
-use crate::{image_boot_id, Locator, RbdError};
+use crate::{image_boot_id, ImageIdentity, Locator, RbdError};
 use libc::{c_char, c_int};
 use snapmv_engine::{BootId, Storage};
 use std::ffi::{CStr, CString};
@@ -87,6 +87,254 @@ fn cstring(what: &str, s: &str) -> Result<CString, RbdError> {
     })
 }
 
+/// Connects as the locator's user, opens its pool (and namespace) and its image, read-write
+/// (`rbd_open`) or read-only (`rbd_open_read_only`: no lock, no watch on writes).
+fn connect(loc: &Locator, name: &str, readonly: bool) -> Result<Conn, RbdError> {
+    let ceph = |what: String, r: i64| RbdError::Ceph {
+        image: name.to_string(),
+        what,
+        source: errno(r),
+    };
+    let user = loc.id.as_deref().unwrap_or("admin");
+    let mut conn = Conn {
+        cluster: ptr::null_mut(),
+        ioctx: ptr::null_mut(),
+        image: ptr::null_mut(),
+    };
+    let id_c = loc.id.as_deref().map(|s| cstring("id=", s)).transpose()?;
+    // SAFETY: `conn.cluster` is a valid out-pointer; the id is a NUL-terminated string or
+    // null (librados' default user), copied by librados.
+    let r = unsafe {
+        ffi::rados_create(
+            &mut conn.cluster,
+            id_c.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+        )
+    };
+    if r < 0 {
+        conn.cluster = ptr::null_mut();
+        return Err(ceph(
+            format!("creating a rados client for client.{user}"),
+            r.into(),
+        ));
+    }
+    let conf_c = loc
+        .conf
+        .as_deref()
+        .map(|s| cstring("conf=", s))
+        .transpose()?;
+    // SAFETY: `conn.cluster` is a created, unconnected client; the path is NUL-terminated
+    // or null (librados then searches $CEPH_CONF, /etc/ceph/ceph.conf, …).
+    let r = unsafe {
+        ffi::rados_conf_read_file(
+            conn.cluster,
+            conf_c.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+        )
+    };
+    match (&loc.conf, r) {
+        (_, 0..) => {}
+        // No conf anywhere is fine when the options say where the monitors are.
+        (None, r) if r == -libc::ENOENT => {}
+        (Some(path), r) => {
+            return Err(ceph(
+                format!("reading the Ceph configuration {path}"),
+                r.into(),
+            ))
+        }
+        (None, r) => {
+            return Err(ceph(
+                "reading the default Ceph configuration ($CEPH_CONF, /etc/ceph/ceph.conf)".into(),
+                r.into(),
+            ))
+        }
+    }
+    // SAFETY: as above; null means the CEPH_ARGS variable.
+    let r = unsafe { ffi::rados_conf_parse_env(conn.cluster, ptr::null()) };
+    if r < 0 {
+        return Err(ceph("parsing CEPH_ARGS".into(), r.into()));
+    }
+    // The locator's options, then what the crash contract and fencing need, last so that
+    // nothing in the configuration file overrides them (the locator cannot: it refuses).
+    let forced = [
+        ("rbd_cache".to_string(), "false".to_string()),
+        (
+            "rbd_blocklist_on_break_lock".to_string(),
+            "true".to_string(),
+        ),
+    ];
+    for (k, v) in loc.options.iter().chain(forced.iter()) {
+        let (kc, vc) = (cstring("an option", k)?, cstring("an option", v)?);
+        // SAFETY: an unconnected client and two NUL-terminated strings librados copies.
+        let r = unsafe { ffi::rados_conf_set(conn.cluster, kc.as_ptr(), vc.as_ptr()) };
+        if r < 0 {
+            let why = if r == -libc::ENOENT {
+                format!("unknown Ceph option {k:?} in the locator")
+            } else {
+                format!("setting Ceph option {k}={v}")
+            };
+            return Err(ceph(why, r.into()));
+        }
+    }
+    // SAFETY: a configured, unconnected client.
+    let r = unsafe { ffi::rados_connect(conn.cluster) };
+    if r < 0 {
+        return Err(ceph(
+            format!(
+                "connecting to the Ceph cluster as client.{user} (conf {}; check mon_host, \
+                 the keyring and the user's caps)",
+                loc.conf.as_deref().unwrap_or("default")
+            ),
+            r.into(),
+        ));
+    }
+    let pool_c = cstring("the pool", &loc.pool)?;
+    // SAFETY: a connected client, a NUL-terminated pool name, a valid out-pointer.
+    let r = unsafe { ffi::rados_ioctx_create(conn.cluster, pool_c.as_ptr(), &mut conn.ioctx) };
+    if r < 0 {
+        conn.ioctx = ptr::null_mut();
+        let why = if r == -libc::ENOENT {
+            format!("pool {} does not exist", loc.pool)
+        } else {
+            format!("opening pool {}", loc.pool)
+        };
+        return Err(ceph(why, r.into()));
+    }
+    if let Some(ns) = &loc.namespace {
+        let ns_c = cstring("the namespace", ns)?;
+        // SAFETY: a valid ioctx and a NUL-terminated string librados copies.
+        unsafe { ffi::rados_ioctx_set_namespace(conn.ioctx, ns_c.as_ptr()) };
+    }
+    let image_c = cstring("the image", &loc.image)?;
+    // SAFETY: a valid ioctx, a NUL-terminated name, a valid out-pointer, no snapshot.
+    let r = unsafe {
+        if readonly {
+            ffi::rbd_open_read_only(conn.ioctx, image_c.as_ptr(), &mut conn.image, ptr::null())
+        } else {
+            ffi::rbd_open(conn.ioctx, image_c.as_ptr(), &mut conn.image, ptr::null())
+        }
+    };
+    if r < 0 {
+        conn.image = ptr::null_mut();
+        let why = if r == -libc::ENOENT {
+            "the image does not exist".to_string()
+        } else {
+            "opening the image".to_string()
+        };
+        return Err(ceph(why, r.into()));
+    }
+    Ok(conn)
+}
+
+fn read_image_id(image: ffi::rbd_image_t, name: &str) -> Result<String, RbdError> {
+    let mut buf = vec![0u8; 64];
+    loop {
+        // SAFETY: `image` is open and a buffer of `buf.len()` bytes.
+        let r = unsafe { ffi::rbd_get_id(image, buf.as_mut_ptr() as *mut c_char, buf.len()) };
+        if r == -libc::ERANGE && buf.len() < 4096 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if r < 0 {
+            return Err(RbdError::Ceph {
+                image: name.to_string(),
+                what: "reading the image id".into(),
+                source: errno(r),
+            });
+        }
+        let id = CStr::from_bytes_until_nul(&buf)
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if id.is_empty() {
+            return Err(RbdError::Ceph {
+                image: name.to_string(),
+                what: "the image has no id (a format 1 image? snapmv needs format 2)".into(),
+                source: io::Error::from(io::ErrorKind::Unsupported),
+            });
+        }
+        return Ok(id);
+    }
+}
+
+/// The exclusive lock's current owners (client addresses); empty when unlocked.
+fn lock_owners(image: ffi::rbd_image_t) -> Result<Vec<String>, i64> {
+    let mut cap: usize = 8;
+    loop {
+        let mut owners: Vec<*mut c_char> = vec![ptr::null_mut(); cap];
+        let mut n = cap;
+        let mut mode: ffi::rbd_lock_mode_t = 0;
+        // SAFETY: `image` is open; `owners` has room for `n` pointers.
+        let r = unsafe { ffi::rbd_lock_get_owners(image, &mut mode, owners.as_mut_ptr(), &mut n) };
+        if r == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        if r == -libc::ERANGE && n > cap {
+            cap = n;
+            continue;
+        }
+        if r < 0 {
+            return Err(r.into());
+        }
+        let list = owners[..n]
+            .iter()
+            // SAFETY: librbd filled the first `n` slots with strdup'ed strings.
+            .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            .collect();
+        // SAFETY: the `n` strings librbd allocated, freed once.
+        unsafe { ffi::rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), n) };
+        return Ok(list);
+    }
+}
+
+/// The current owners (client addresses) of the exclusive lock of the image `locator` names;
+/// empty when nobody holds it. The image is opened for writing (a read-only open has no
+/// exclusive lock to ask about) but nothing is written, so no lock is requested.
+pub fn lock_owners_of(locator: &str) -> io::Result<Vec<String>> {
+    let loc = Locator::parse(locator).map_err(RbdError::from)?;
+    let name = loc.image_spec();
+    let conn = connect(&loc, &name, false)?;
+    lock_owners(conn.image).map_err(|r| {
+        RbdError::Ceph {
+            image: name,
+            what: "listing the lock's owners".into(),
+            source: errno(r),
+        }
+        .into_io()
+    })
+}
+
+/// The identity of the image `locator` names, read through a read-only open (which neither
+/// takes nor waits for the exclusive lock, so a locked image can be identified too).
+pub fn identify(locator: &str) -> io::Result<ImageIdentity> {
+    let loc = Locator::parse(locator).map_err(RbdError::from)?;
+    let name = loc.image_spec();
+    let conn = connect(&loc, &name, true)?;
+    let image_id = read_image_id(conn.image, &name)?;
+    let mut fsid = vec![0u8; 64];
+    // SAFETY: a connected client and a buffer of `fsid.len()` bytes.
+    let r = unsafe {
+        ffi::rados_cluster_fsid(conn.cluster, fsid.as_mut_ptr() as *mut c_char, fsid.len())
+    };
+    if r < 0 {
+        return Err(RbdError::Ceph {
+            image: name,
+            what: "reading the cluster's fsid".into(),
+            source: errno(r),
+        }
+        .into_io());
+    }
+    fsid.truncate(r as usize);
+    let fsid = String::from_utf8_lossy(&fsid)
+        .trim_end_matches('\0')
+        .to_string();
+    // SAFETY: a valid ioctx.
+    let pool_id = unsafe { ffi::rados_ioctx_get_id(conn.ioctx) };
+    Ok(ImageIdentity {
+        fsid,
+        pool_id,
+        namespace: loc.namespace.clone().unwrap_or_default(),
+        image_id,
+    })
+}
+
 impl RbdStorage {
     /// Opens the image named by `locator` (`rbd:POOL[/NAMESPACE]/IMAGE[:OPTION=VALUE…]`, see
     /// [`Locator`]) and takes its exclusive lock.
@@ -117,128 +365,7 @@ impl RbdStorage {
             what,
             source: errno(r),
         };
-        let user = loc.id.as_deref().unwrap_or("admin");
-        let mut conn = Conn {
-            cluster: ptr::null_mut(),
-            ioctx: ptr::null_mut(),
-            image: ptr::null_mut(),
-        };
-        let id_c = loc.id.as_deref().map(|s| cstring("id=", s)).transpose()?;
-        // SAFETY: `conn.cluster` is a valid out-pointer; the id is a NUL-terminated string or
-        // null (librados' default user), copied by librados.
-        let r = unsafe {
-            ffi::rados_create(
-                &mut conn.cluster,
-                id_c.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
-            )
-        };
-        if r < 0 {
-            conn.cluster = ptr::null_mut();
-            return Err(ceph(
-                format!("creating a rados client for client.{user}"),
-                r.into(),
-            ));
-        }
-        let conf_c = loc
-            .conf
-            .as_deref()
-            .map(|s| cstring("conf=", s))
-            .transpose()?;
-        // SAFETY: `conn.cluster` is a created, unconnected client; the path is NUL-terminated
-        // or null (librados then searches $CEPH_CONF, /etc/ceph/ceph.conf, …).
-        let r = unsafe {
-            ffi::rados_conf_read_file(
-                conn.cluster,
-                conf_c.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
-            )
-        };
-        match (&loc.conf, r) {
-            (_, 0..) => {}
-            // No conf anywhere is fine when the options say where the monitors are.
-            (None, r) if r == -libc::ENOENT => {}
-            (Some(path), r) => {
-                return Err(ceph(
-                    format!("reading the Ceph configuration {path}"),
-                    r.into(),
-                ))
-            }
-            (None, r) => {
-                return Err(ceph(
-                    "reading the default Ceph configuration ($CEPH_CONF, /etc/ceph/ceph.conf)"
-                        .into(),
-                    r.into(),
-                ))
-            }
-        }
-        // SAFETY: as above; null means the CEPH_ARGS variable.
-        let r = unsafe { ffi::rados_conf_parse_env(conn.cluster, ptr::null()) };
-        if r < 0 {
-            return Err(ceph("parsing CEPH_ARGS".into(), r.into()));
-        }
-        // The locator's options, then what the crash contract and fencing need, last so that
-        // nothing in the configuration file overrides them (the locator cannot: it refuses).
-        let forced = [
-            ("rbd_cache".to_string(), "false".to_string()),
-            (
-                "rbd_blocklist_on_break_lock".to_string(),
-                "true".to_string(),
-            ),
-        ];
-        for (k, v) in loc.options.iter().chain(forced.iter()) {
-            let (kc, vc) = (cstring("an option", k)?, cstring("an option", v)?);
-            // SAFETY: an unconnected client and two NUL-terminated strings librados copies.
-            let r = unsafe { ffi::rados_conf_set(conn.cluster, kc.as_ptr(), vc.as_ptr()) };
-            if r < 0 {
-                let why = if r == -libc::ENOENT {
-                    format!("unknown Ceph option {k:?} in the locator")
-                } else {
-                    format!("setting Ceph option {k}={v}")
-                };
-                return Err(ceph(why, r.into()));
-            }
-        }
-        // SAFETY: a configured, unconnected client.
-        let r = unsafe { ffi::rados_connect(conn.cluster) };
-        if r < 0 {
-            return Err(ceph(
-                format!(
-                    "connecting to the Ceph cluster as client.{user} (conf {}; check mon_host, \
-                     the keyring and the user's caps)",
-                    loc.conf.as_deref().unwrap_or("default")
-                ),
-                r.into(),
-            ));
-        }
-        let pool_c = cstring("the pool", &loc.pool)?;
-        // SAFETY: a connected client, a NUL-terminated pool name, a valid out-pointer.
-        let r = unsafe { ffi::rados_ioctx_create(conn.cluster, pool_c.as_ptr(), &mut conn.ioctx) };
-        if r < 0 {
-            conn.ioctx = ptr::null_mut();
-            let why = if r == -libc::ENOENT {
-                format!("pool {} does not exist", loc.pool)
-            } else {
-                format!("opening pool {}", loc.pool)
-            };
-            return Err(ceph(why, r.into()));
-        }
-        if let Some(ns) = &loc.namespace {
-            let ns_c = cstring("the namespace", ns)?;
-            // SAFETY: a valid ioctx and a NUL-terminated string librados copies.
-            unsafe { ffi::rados_ioctx_set_namespace(conn.ioctx, ns_c.as_ptr()) };
-        }
-        let image_c = cstring("the image", &loc.image)?;
-        // SAFETY: a valid ioctx, a NUL-terminated name, a valid out-pointer, no snapshot.
-        let r =
-            unsafe { ffi::rbd_open(conn.ioctx, image_c.as_ptr(), &mut conn.image, ptr::null()) };
-        if r < 0 {
-            conn.image = ptr::null_mut();
-            let why = if r == -libc::ENOENT {
-                "the image does not exist".to_string()
-            } else {
-                "opening the image".to_string()
-            };
-            return Err(ceph(why, r.into()));
-        }
+        let conn = connect(&loc, &name, false)?;
         let mut st = RbdStorage {
             conn,
             name: name.clone(),
@@ -364,35 +491,7 @@ impl RbdStorage {
     }
 
     fn read_image_id(&self) -> Result<String, RbdError> {
-        let mut buf = vec![0u8; 64];
-        loop {
-            // SAFETY: an open image and a buffer of `buf.len()` bytes.
-            let r = unsafe {
-                ffi::rbd_get_id(self.conn.image, buf.as_mut_ptr() as *mut c_char, buf.len())
-            };
-            if r == -libc::ERANGE && buf.len() < 4096 {
-                buf.resize(buf.len() * 2, 0);
-                continue;
-            }
-            if r < 0 {
-                return Err(RbdError::Ceph {
-                    image: self.name.clone(),
-                    what: "reading the image id".into(),
-                    source: errno(r),
-                });
-            }
-            let id = CStr::from_bytes_until_nul(&buf)
-                .map(|c| c.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if id.is_empty() {
-                return Err(RbdError::Ceph {
-                    image: self.name.clone(),
-                    what: "the image has no id (a format 1 image? snapmv needs format 2)".into(),
-                    source: io::Error::from(io::ErrorKind::Unsupported),
-                });
-            }
-            return Ok(id);
-        }
+        read_image_id(self.conn.image, &self.name)
     }
 
     fn read_client_addr(&self) -> Option<String> {
@@ -411,34 +510,7 @@ impl RbdStorage {
 
     /// The exclusive lock's current owners (client addresses); empty when unlocked.
     fn lock_owners(&self) -> Result<Vec<String>, i64> {
-        let mut cap: usize = 8;
-        loop {
-            let mut owners: Vec<*mut c_char> = vec![ptr::null_mut(); cap];
-            let mut n = cap;
-            let mut mode: ffi::rbd_lock_mode_t = 0;
-            // SAFETY: an open image; `owners` has room for `n` pointers.
-            let r = unsafe {
-                ffi::rbd_lock_get_owners(self.conn.image, &mut mode, owners.as_mut_ptr(), &mut n)
-            };
-            if r == -libc::ENOENT {
-                return Ok(Vec::new());
-            }
-            if r == -libc::ERANGE && n > cap {
-                cap = n;
-                continue;
-            }
-            if r < 0 {
-                return Err(r.into());
-            }
-            let list = owners[..n]
-                .iter()
-                // SAFETY: librbd filled the first `n` slots with strdup'ed strings.
-                .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
-                .collect();
-            // SAFETY: the `n` strings librbd allocated, freed once.
-            unsafe { ffi::rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), n) };
-            return Ok(list);
-        }
+        lock_owners(self.conn.image)
     }
 
     /// The exclusive lock's current owners as librbd reports them (client addresses); this

@@ -55,11 +55,26 @@ mod image;
 mod unlinked;
 
 #[cfg(snapmv_librbd)]
-pub use image::RbdStorage;
+pub use image::{identify, lock_owners_of, RbdStorage};
 #[cfg(not(snapmv_librbd))]
-pub use unlinked::RbdStorage;
+pub use unlinked::{identify, lock_owners_of, RbdStorage};
 
 use std::io;
+
+/// Who an image is, independently of how a locator spells it: the cluster, the pool, the
+/// namespace and the image. Two locators name the same image exactly when their identities
+/// are equal (a renamed image keeps its id; a re-created one gets a new one).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageIdentity {
+    /// The cluster's fsid.
+    pub fsid: String,
+    /// The pool's id.
+    pub pool_id: i64,
+    /// The RBD namespace ("" for none).
+    pub namespace: String,
+    /// The RBD image id.
+    pub image_id: String,
+}
 
 /// Whether this build links librbd (see the crate docs); when false, every open fails with
 /// [`RbdError::NotBuilt`].

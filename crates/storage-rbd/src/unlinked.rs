@@ -1,7 +1,7 @@
 //! [`RbdStorage`] in a build without librbd: the type exists (so callers need no `cfg`), has
 //! no values, and opening fails with [`RbdError::NotBuilt`].
 
-use crate::{Locator, RbdError};
+use crate::{ImageIdentity, Locator, RbdError};
 use snapmv_engine::{BootId, Storage};
 use std::io;
 
@@ -12,6 +12,16 @@ enum Never {}
 #[derive(Debug)]
 pub struct RbdStorage {
     never: Never,
+}
+
+/// Fails: [`RbdError::NotBuilt`] (or the locator's error).
+pub fn identify(locator: &str) -> io::Result<ImageIdentity> {
+    RbdStorage::open(locator).map(|s| match s.never {})
+}
+
+/// Fails: [`RbdError::NotBuilt`] (or the locator's error).
+pub fn lock_owners_of(locator: &str) -> io::Result<Vec<String>> {
+    RbdStorage::open(locator).map(|s| match s.never {})
 }
 
 impl RbdStorage {

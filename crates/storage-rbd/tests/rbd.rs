@@ -442,3 +442,41 @@ fn one_handle_from_many_threads() {
     });
     st.sync().unwrap();
 }
+
+#[test]
+fn identify_names_the_image_not_the_spelling_and_owners_are_listed() {
+    let Some(c) = cluster("identify_names_the_image_not_the_spelling") else {
+        return;
+    };
+    let a = Image::create(c, "ident-a", "8M", &[]);
+    let b = Image::create(c, "ident-b", "8M", &[]);
+    let as_admin = format!("rbd:{}/{}:conf={}", c.pool, a.name, c.conf.display());
+    let ia = snapmv_storage_rbd::identify(&a.locator()).unwrap();
+    assert_eq!(ia, snapmv_storage_rbd::identify(&as_admin).unwrap());
+    assert_ne!(ia, snapmv_storage_rbd::identify(&b.locator()).unwrap());
+    assert!(
+        !ia.fsid.is_empty() && ia.pool_id >= 0 && !ia.image_id.is_empty(),
+        "{ia:?}"
+    );
+    let missing = format!(
+        "rbd:{}/no-such-image-{}:conf={}",
+        c.pool,
+        std::process::id(),
+        c.conf.display()
+    );
+    let e = snapmv_storage_rbd::identify(&missing).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+
+    // Nobody owns a fresh image; an open handle does, and identify does not disturb it.
+    assert!(snapmv_storage_rbd::lock_owners_of(&a.locator())
+        .unwrap()
+        .is_empty());
+    let st = RbdStorage::open(&a.locator()).unwrap();
+    assert_eq!(
+        snapmv_storage_rbd::lock_owners_of(&as_admin).unwrap(),
+        vec![st.client_address().to_string()]
+    );
+    assert_eq!(snapmv_storage_rbd::identify(&a.locator()).unwrap(), ia);
+    st.write_at(b"still mine", 0).unwrap();
+    assert!(st.is_owner().unwrap());
+}

@@ -8,7 +8,7 @@ use snapmv_rpc::methods as m;
 use crate::daemon::core::Daemon;
 use crate::daemon::error::{MResult, MethodError};
 use crate::daemon::paths::socket_access_params;
-use crate::daemon::registry::{check_origin_size, file_id};
+use crate::daemon::registry::{check_origin_size, object_id};
 use crate::daemon::validate::{self, default_origin_id};
 use crate::state::ExportRecord;
 
@@ -18,7 +18,7 @@ impl Daemon {
         let inner = &mut *guard;
         validate::new_export_name(&inner.state, &p.name)?;
         let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
-        let cow = Self::known_store_path(inner, cow, cow_fid);
+        let cow = Self::known_store_path(inner, cow, &cow_fid);
         let (num_queues, queue_size) = validate::queues(&p.name, p.num_queues, p.queue_size)?;
         let (socket_group, socket_mode) =
             socket_access_params(&p.name, p.socket_group.as_deref(), p.socket_mode.as_deref())?;
@@ -38,24 +38,24 @@ impl Daemon {
                         )));
                     };
                     let (origin, origin_fid) = self.check_path("origin", path)?;
-                    self.check_roles(inner, (&origin, origin_fid), (&cow, cow_fid))?;
-                    self.remember_origin(inner, &cow, id, &origin, origin_fid, p.direct)?;
+                    self.check_roles(inner, (&origin, &origin_fid), (&cow, &cow_fid))?;
+                    self.remember_origin(inner, &cow, id, &origin, &origin_fid, p.direct)?;
                 }
                 id.clone()
             }
             (None, Some(path)) => {
                 let (origin, origin_fid) = self.check_path("origin", path)?;
-                self.check_roles(inner, (&origin, origin_fid), (&cow, cow_fid))?;
+                self.check_roles(inner, (&origin, &origin_fid), (&cow, &cow_fid))?;
                 match inner
                     .state
                     .origins
                     .iter()
-                    .find(|o| o.cow == cow && file_id(Path::new(&o.path)) == Some(origin_fid))
+                    .find(|o| o.cow == cow && object_id(&o.path).as_ref() == Some(&origin_fid))
                 {
                     Some(o) => o.origin_id.clone(),
                     None => {
                         let id = default_origin_id(Path::new(&origin));
-                        self.remember_origin(inner, &cow, &id, &origin, origin_fid, p.direct)?;
+                        self.remember_origin(inner, &cow, &id, &origin, &origin_fid, p.direct)?;
                         id
                     }
                 }

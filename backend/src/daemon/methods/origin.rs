@@ -1,19 +1,17 @@
 //! `origin_create` and `origin_delete`.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use log::{error, info, warn};
-use snapmv_engine::{FileStorage, FormatOptions, OpenMode, Origin, Storage, Store};
+use snapmv_engine::{FormatOptions, OpenMode, Origin, Storage, Store};
 use snapmv_rpc::limits::PAGE_SIZE;
 use snapmv_rpc::methods::{self as m, names};
 
 use crate::daemon::core::{Daemon, Inner};
 use crate::daemon::error::{MResult, MethodError};
+use crate::daemon::ownership::is_rbd;
 use crate::daemon::paths::socket_access_params;
-use crate::daemon::registry::{
-    check_origin_size, file_id, open_file, open_origin_file, open_store, Access,
-};
+use crate::daemon::registry::{check_origin_size, object_id, open_store, Access, Acquire};
 use crate::daemon::validate;
 use crate::state::{ExportRecord, OriginRecord};
 
@@ -26,8 +24,8 @@ impl Daemon {
         validate::new_export_name(&inner.state, &p.name)?;
         let (origin, origin_fid) = self.check_path("origin", &p.origin)?;
         let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
-        let cow = Self::known_store_path(inner, cow, cow_fid);
-        self.check_roles(inner, (&origin, origin_fid), (&cow, cow_fid))?;
+        let cow = Self::known_store_path(inner, cow, &cow_fid);
+        self.check_roles(inner, (&origin, &origin_fid), (&cow, &cow_fid))?;
         let (num_queues, queue_size) = validate::queues(&p.name, p.num_queues, p.queue_size)?;
         let (socket_group, socket_mode) =
             socket_access_params(&p.name, p.socket_group.as_deref(), p.socket_mode.as_deref())?;
@@ -36,7 +34,7 @@ impl Daemon {
         let origin_id = validate::origin_id(&inner.state, &cow, &origin, p.origin_id.as_deref())?;
         // The origin must not be served or known under another store or id.
         validate::origin_identity(&inner.state, &cow, &origin, &origin_id, |path| {
-            file_id(Path::new(path)) == Some(origin_fid)
+            object_id(path).as_ref() == Some(&origin_fid)
         })?;
         validate::not_exported(&inner.state, &cow, &origin_id, None)?;
         let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
@@ -44,10 +42,30 @@ impl Daemon {
         if format {
             validate::formattable(&inner.state, &cow, inner.stores.contains_key(&cow))?;
         }
+        // Taking over: both images, from an owner believed dead, which is fenced.
+        let how = if p.takeover {
+            if !is_rbd(&cow) || !is_rbd(&origin) {
+                return Err(MethodError::InvalidParams(format!(
+                    "export {}: takeover applies to an origin and a COW store on rbd: images                      (a local file's owner is the process holding its lock)",
+                    p.name
+                )));
+            }
+            if format {
+                return Err(MethodError::InvalidParams(format!(
+                    "export {}: takeover keeps the store's data; it cannot be combined with                      formatting",
+                    p.name
+                )));
+            }
+            Acquire::Takeover
+        } else {
+            Acquire::Open
+        };
         // The origin: already open here, or opened now — before any format.
-        let opened = Self::origin_file_for_create(inner, &key, &origin, &p)?;
+        let opened = self.origin_file_for_create(inner, &key, &origin, &p, how)?;
         let store = if format {
             self.format_store(inner, &cow, pages, &p)?
+        } else if how == Acquire::Takeover && !inner.stores.contains_key(&cow) {
+            self.open_store_as(inner, &cow, p.direct, how)?
         } else {
             self.store_for(inner, &cow, p.direct)?
         };
@@ -99,11 +117,13 @@ impl Daemon {
     /// it must not have changed size, must not be bound again, and must be writable if this
     /// export writes it), else its file opened now (and whether read-only).
     fn origin_file_for_create(
+        &self,
         inner: &Inner,
         key: &(String, String),
         origin: &str,
         p: &m::OriginCreateParams,
-    ) -> MResult<Option<(Arc<FileStorage>, bool)>> {
+        how: Acquire,
+    ) -> MResult<Option<(Arc<dyn Storage>, bool)>> {
         let (cow, origin_id) = key;
         let opened = match inner.origins.get(key) {
             Some(o) => {
@@ -126,7 +146,7 @@ impl Daemon {
                 } else {
                     Access::Write
                 };
-                let (storage, readonly) = open_origin_file(origin, p.direct, access)?;
+                let (storage, readonly) = self.open_origin(origin, p.direct, access, how)?;
                 if p.bind {
                     let size = storage.len().map_err(|source| MethodError::Open {
                         what: format!("cannot read the size of origin {origin}"),
@@ -153,13 +173,14 @@ impl Daemon {
         pages: u32,
         p: &m::OriginCreateParams,
     ) -> MResult<Store> {
-        let storage = open_file(
+        let storage = self.ownership.open(
             "COW store",
             cow,
             OpenMode {
                 direct: p.direct,
                 readonly: false,
             },
+            Acquire::Open,
         )?;
         Store::format_storage(
             storage.as_ref(),
@@ -192,7 +213,7 @@ impl Daemon {
         store: &Store,
         key: &(String, String),
         origin: &str,
-        opened: Option<(Arc<FileStorage>, bool)>,
+        opened: Option<(Arc<dyn Storage>, bool)>,
         bind: bool,
     ) -> MResult<(Origin, bool)> {
         let (cow, origin_id) = key;

@@ -21,8 +21,13 @@ pub struct Cluster {
     pub pool: String,
 }
 
+/// The repository (found upwards: this module is also the `snapmv-tests` crate's).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .find(|d| d.join("ceph/cluster.sh").is_file())
+        .unwrap_or(here)
+        .to_path_buf()
 }
 
 fn required() -> bool {
