@@ -361,7 +361,8 @@ fn low_space_threshold_is_shown_and_logged_once_per_crossing() {
     );
     let origin = dir.path().join("a.img");
     let cow = dir.path().join("c.img");
-    sparse_file(&origin, 4 * MIB);
+    // Data in the origin: a copy-out of a zero chunk takes no store chunk.
+    std::fs::write(&origin, vec![7u8; 4 * MIB as usize]).unwrap();
     sparse_file(&cow, 16 * MIB);
     d.cli(&[
         "create",
