@@ -231,19 +231,15 @@ impl OriginCore {
         for slot in self.map.iter() {
             if let Some(l) = slot.load().as_ref() {
                 for e in l.iter() {
+                    if let Some(tag) = readers.sole_user(l, e) {
+                        out.entry(tag).or_default().0 += 1;
+                        continue;
+                    }
                     users.clear();
                     users.extend(readers.users(l, e).into_iter().flatten());
-                    match users.as_slice() {
-                        [] => {}
-                        [one] => {
-                            if let Some(tag) = readers.tags[*one] {
-                                out.entry(tag).or_default().0 += 1;
-                            }
-                        }
-                        many => {
-                            for tag in many.iter().filter_map(|&r| readers.tags[r]) {
-                                out.entry(tag).or_default().1 += 1;
-                            }
+                    if users.len() > 1 {
+                        for tag in users.iter().filter_map(|&r| readers.tags[r]) {
+                            out.entry(tag).or_default().1 += 1;
                         }
                     }
                 }
