@@ -446,8 +446,11 @@ fn power_cut_under_concurrent_load() {
         Store::format_storage(&*st, &FormatOptions::default()).unwrap();
         let store = Store::open_storage(st.clone()).unwrap();
         let o = store.bind_origin_storage(ORIGIN_ID, og.clone()).unwrap();
-        let t1 = o.create_snapshot(None, "w1").unwrap();
-        let t2 = o.create_snapshot(None, "w2").unwrap();
+        // The two written snapshots must survive every cut: durable creates (a create that
+        // answers once written is durable only after the commit round it requests, which a
+        // loaded machine may not run before a cut 5 ms later).
+        let t1 = o.create_snapshot_sync(None, "w1").unwrap();
+        let t2 = o.create_snapshot_sync(None, "w2").unwrap();
         let zero = vec![Content::Zero; BLOCKS];
         let sh = Arc::new(Shared {
             vols: [

@@ -691,3 +691,38 @@ fn full_store_is_ioerr() {
     disk.set_no_space(false);
     assert_eq!(g.request(0, VIRTIO_BLK_T_OUT, 0, 4096, false).0, S_OK);
 }
+
+/// A live rename (`ExportManager::rename`) keeps the disk's serial: GET_ID still answers the
+/// first name, on the connected client and on a reconnect; an export started with `serial`
+/// (a renamed one after a restart) answers it too.
+#[test]
+fn get_id_keeps_the_serial_across_a_rename() {
+    let f = Fixture::new();
+    let disk = Arc::new(MemDisk::new("id-disk", DISK_SIZE));
+    let sock = f.export("first", disk, 1, false);
+    let get_id = |g: &mut Guest| {
+        g.fill(DATA + 0x1000, 20, 0);
+        let (st, len) = g.request(0, VIRTIO_BLK_T_GET_ID, 0, 20, true);
+        assert_eq!((st, len), (S_OK, 21));
+        g.bytes(DATA + 0x1000, 20)
+    };
+    let (mut g, _) = connect_like_cloud_hypervisor(&sock, 1, false);
+    assert_eq!(&get_id(&mut g)[..6], b"first\0");
+    f.mgr.rename("first", "second").expect("rename");
+    assert!(f.mgr.get("first").is_none() && f.mgr.get("second").is_some());
+    assert_eq!(&get_id(&mut g)[..6], b"first\0", "the connected client");
+    drop(g);
+    let (mut g, _) = connect_like_cloud_hypervisor(&sock, 1, false);
+    assert_eq!(&get_id(&mut g)[..6], b"first\0", "a reconnect");
+    drop(g);
+    let sock2 = f.dir.path().join("restarted.sock");
+    let mut cfg = ExportConfig::new("second", &sock2);
+    cfg.num_queues = 1;
+    cfg.serial = Some("first".into());
+    f.mgr.remove("second").expect("remove");
+    f.mgr
+        .add_disk(cfg, Arc::new(MemDisk::new("id-disk-2", DISK_SIZE)))
+        .expect("add with a serial");
+    let (mut g, _) = connect_like_cloud_hypervisor(&sock2, 1, false);
+    assert_eq!(&get_id(&mut g)[..6], b"first\0", "after a restart");
+}

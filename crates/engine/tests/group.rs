@@ -17,8 +17,11 @@ const SECTOR: usize = 512;
 /// 128 KiB origins: 32 chunks of 4 KiB, so writes keep hitting copied and uncopied chunks.
 const SECTORS: u64 = 256;
 
-fn store(name: &str) -> Store {
-    let st = MemStorage::new(name, (4 << 20) + 4096 * 4096);
+/// A store for `groups` groups: deleted snapshots keep their (dead) nodes, which the
+/// checkpoint area (sized from the store's size) must hold — 4 nodes per group in store1.
+fn store(name: &str, groups: u64) -> Store {
+    let size = ((4 << 20) + 4096 * 4096).max(groups as usize * (24 << 10));
+    let st = MemStorage::new(name, size);
     Store::format_storage(st.as_ref(), &FormatOptions::default()).unwrap();
     Store::open_storage(st as Arc<dyn Storage>).unwrap()
 }
@@ -71,7 +74,7 @@ fn prefix(o: &Origin, tag: u32, what: &str) -> u64 {
 #[test]
 fn groups_under_causally_ordered_writes_are_one_cut() {
     let groups = env_u64("SNAPMV_GROUPS", 1000);
-    let (s1, s2) = (store("store1"), store("store2"));
+    let (s1, s2) = (store("store1", groups), store("store2", groups));
     let (a, b, c) = (origin(&s1, "a"), origin(&s2, "b"), origin(&s1, "c"));
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
@@ -120,7 +123,7 @@ fn groups_under_causally_ordered_writes_are_one_cut() {
 
 #[test]
 fn a_group_that_fails_leaves_nothing_and_names_the_member() {
-    let (s1, s2) = (store("store1"), store("store2"));
+    let (s1, s2) = (store("store1", 0), store("store2", 0));
     let (a, b) = (origin(&s1, "a"), origin(&s2, "b"));
     let ta = a.create_snapshot(None, "old").unwrap();
     // Snapshot 99 of b does not exist.
