@@ -26,8 +26,8 @@
 //!    (`drain_overlays`);
 //! 4. the store's `journal` lock (appending records), then the store's metadata lock
 //!    (`StoreCore::lock_meta`; every metadata change and its records);
-//! 5. leaves: `snaps`, `overlays`, `excepted`, `overlay_error`, `last_sync`, a rollback's
-//!    `stalled`, and the store's `durable` and `worker_lock`.
+//! 5. leaves: `snaps`, `overlays`, the chunk map's shard locks, `overlay_error`,
+//!    `last_sync`, a rollback's `stalled`, and the store's `durable` and `worker_lock`.
 //!
 //! Waiting for a commit (`wait_durable`, `wait_written`) may happen with locks of groups 1–3
 //! held (the commit thread takes only group 4 and, with `try_lock`, stripes).
@@ -57,6 +57,7 @@ mod snapshot;
 mod tests;
 mod tree;
 
+use chunk_map::ChunkMap;
 pub(crate) use chunk_map::{Ex, ExList};
 use overlay::Overlay;
 pub(crate) use rollback::RollbackRt;
@@ -125,14 +126,9 @@ pub(crate) struct OriginCore {
     cs: u64,
     pub origin: Arc<dyn Storage>,
     tree: VersionTree,
-    map: Box<[ArcSwapOption<ExList>]>,
-    /// The chunks whose exception list is not empty: what a diff visits, so that its cost
-    /// follows the exceptions rather than the origin's size (updated under the metadata lock).
-    excepted: Mutex<std::collections::BTreeSet<u64>>,
-    /// Per chunk: seq of the newest chain node holding a copy of it.
-    top: Box<[AtomicU32]>,
-    /// Per chunk: the commit batch that made that copy durable.
-    copy_epoch: Box<[AtomicU64]>,
+    /// Per chunk that has any: its exceptions, the newest chain copy and its commit batch,
+    /// the overlay flag (see `chunk_map.rs`).
+    map: ChunkMap,
     newest: AtomicU32,
     pub gate: IoGate,
     stripes: Box<[Mutex<()>]>,
@@ -147,7 +143,6 @@ pub(crate) struct OriginCore {
     unbound: AtomicBool,
     /// Origin writes waiting for their chunk's copy-out to become durable (see `Overlay`).
     overlays: Mutex<BTreeMap<u64, Overlay>>,
-    overlay_flag: Box<[AtomicBool]>,
     overlay_count: AtomicUsize,
     overlay_bytes: AtomicUsize,
     /// An overlay that could not be written to the origin: reported by the next flush.
@@ -193,18 +188,12 @@ impl OriginCore {
         let cs = store.layout.chunk_size as u64;
         let nchunks = m.nchunks(cs as u32);
         let tree = VersionTree::new(&m.nodes);
-        let map: Box<[ArcSwapOption<ExList>]> =
-            (0..nchunks).map(|_| ArcSwapOption::empty()).collect();
-        let mut excepted = std::collections::BTreeSet::new();
-        let top: Box<[AtomicU32]> = (0..nchunks).map(|_| AtomicU32::new(0)).collect();
-        let copy_epoch: Box<[AtomicU64]> = (0..nchunks).map(|_| AtomicU64::new(0)).collect();
+        let map = ChunkMap::default();
         for (chunk, list) in &m.exceptions {
             let mut l = ExList::with_capacity(list.len());
-            let mut t = 0;
             for (node, s) in list {
                 let n = &m.nodes[*node as usize];
                 let seq = if n.kind == NodeKind::Chain { n.seq } else { 0 };
-                t = t.max(seq);
                 l.push(Ex {
                     node: *node,
                     seq,
@@ -214,9 +203,7 @@ impl OriginCore {
                     nr.exceptions.fetch_add(1, SeqCst);
                 }
             }
-            map[*chunk as usize].store(Some(Arc::new(l)));
-            excepted.insert(*chunk);
-            top[*chunk as usize].store(t, SeqCst);
+            map.set_list_top(*chunk, Some(Arc::new(l)));
         }
         let snaps = m
             .tags
@@ -257,9 +244,6 @@ impl OriginCore {
             origin,
             tree,
             map,
-            excepted: Mutex::new(excepted),
-            top,
-            copy_epoch,
             newest: AtomicU32::new(m.newest_seq),
             gate: IoGate::default(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -272,7 +256,6 @@ impl OriginCore {
             live_snaps: AtomicUsize::new(m.tags.len()),
             unbound: AtomicBool::new(false),
             overlays: Mutex::new(BTreeMap::new()),
-            overlay_flag: (0..nchunks).map(|_| AtomicBool::new(false)).collect(),
             overlay_count: AtomicUsize::new(0),
             overlay_bytes: AtomicUsize::new(0),
             overlay_error: Mutex::new(None),
@@ -299,14 +282,12 @@ impl OriginCore {
             .values()
             .map(|s| (s.tag, s.leaf.load(SeqCst)))
             .collect();
-        let mut exceptions = BTreeMap::new();
-        for (c, slot) in self.map.iter().enumerate() {
-            if let Some(l) = slot.load().as_ref() {
-                if !l.is_empty() {
-                    exceptions.insert(c as u64, l.iter().map(|e| (e.node, e.store)).collect());
-                }
-            }
-        }
+        let exceptions = self
+            .map
+            .lists()
+            .into_iter()
+            .map(|(c, l)| (c, l.iter().map(|e| (e.node, e.store)).collect()))
+            .collect();
         let rollback = self.rollback.load().as_ref().map(|r| RollbackMeta {
             tag: r.tag,
             source: r.source,
