@@ -11,6 +11,7 @@ mod load;
 mod report;
 mod scenarios;
 mod servers;
+mod sparse;
 
 use clap::Parser;
 use error::{io_err, BenchError, Result};
@@ -29,7 +30,7 @@ struct Args {
     /// Short runs (1 s per point, smaller volumes): the whole suite in about 10 minutes.
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run: 1..7 and `engine` (default: all). Repeatable or comma-separated.
+    /// Scenarios to run: 1..8 and `engine` (default: all). Repeatable or comma-separated.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write latest.md and latest.json.
@@ -290,7 +291,7 @@ fn run(mut args: Args) -> Result<()> {
             args.reps
         )));
     }
-    let all = ["1", "2", "3", "4", "5", "6", "7", "engine"];
+    let all = ["1", "2", "3", "4", "5", "6", "7", "8", "engine"];
     let sel: Vec<String> = if args.scenario.is_empty() {
         all.iter().map(|s| s.to_string()).collect()
     } else {
@@ -298,7 +299,7 @@ fn run(mut args: Args) -> Result<()> {
     };
     if let Some(bad) = sel.iter().find(|s| !all.contains(&s.as_str())) {
         return Err(BenchError::Invalid(format!(
-            "unknown scenario {bad:?} (1..7, engine)"
+            "unknown scenario {bad:?} (1..8, engine)"
         )));
     }
     let want = |s: &str| sel.iter().any(|x| x == s);
@@ -450,6 +451,10 @@ fn run_scenarios(ctx: &mut Ctx, want: &dyn Fn(&str) -> bool) -> Result<()> {
         if want("7") {
             backup::s7(ctx, &mut sm)?;
         }
+    }
+    if want("8") {
+        // Its own daemons (it stops and restarts them).
+        sparse::s8(ctx)?;
     }
     if want("engine") {
         engine::run(ctx)?;

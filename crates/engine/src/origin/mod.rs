@@ -261,7 +261,9 @@ impl OriginCore {
             overlay_error: Mutex::new(None),
             record_epoch: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
-            cut_unsynced: AtomicBool::new(false),
+            // The last process may have left writes in the page cache only (a kill, a clean
+            // stop): the first flush of a snapshot volume syncs the origin.
+            cut_unsynced: AtomicBool::new(true),
             dying: Mutex::new(Vec::new()),
             dying_count: AtomicUsize::new(0),
             last_sync: Mutex::new(std::time::Instant::now()),
