@@ -12,6 +12,7 @@ mod rbd;
 mod report;
 mod scenarios;
 mod servers;
+mod sparse;
 
 use clap::Parser;
 use error::{io_err, BenchError, Result};
@@ -30,7 +31,7 @@ struct Args {
     /// Short runs (1 s per point, smaller volumes): the whole suite in about 10 minutes.
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run: 1..7, `engine` and `rbd` (default: all but `rbd`, which needs a
+    /// Scenarios to run: 1..8, `engine` and `rbd` (default: all but `rbd`, which needs a
     /// Ceph cluster). Repeatable or comma-separated.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
@@ -244,7 +245,7 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-fn free_bytes(dir: &Path) -> Option<u64> {
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory of the
@@ -301,7 +302,7 @@ fn run(mut args: Args) -> Result<()> {
             args.reps
         )));
     }
-    let all = ["1", "2", "3", "4", "5", "6", "7", "engine"];
+    let all = ["1", "2", "3", "4", "5", "6", "7", "8", "engine"];
     let sel: Vec<String> = if args.scenario.is_empty() {
         all.iter().map(|s| s.to_string()).collect()
     } else {
@@ -312,7 +313,7 @@ fn run(mut args: Args) -> Result<()> {
         .find(|s| !all.contains(&s.as_str()) && s.as_str() != "rbd")
     {
         return Err(BenchError::Invalid(format!(
-            "unknown scenario {bad:?} (1..7, engine, rbd)"
+            "unknown scenario {bad:?} (1..8, engine, rbd)"
         )));
     }
     let want = |s: &str| sel.iter().any(|x| x == s);
@@ -478,6 +479,10 @@ fn run_scenarios(ctx: &mut Ctx, want: &dyn Fn(&str) -> bool, ceph: &rbd::Ceph) -
         if want("rbd") {
             rbd::run(ctx, &mut sm, ceph)?;
         }
+    }
+    if want("8") {
+        // Its own daemons (it stops and restarts them).
+        sparse::s8(ctx)?;
     }
     if want("engine") {
         engine::run(ctx)?;

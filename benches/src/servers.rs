@@ -201,6 +201,37 @@ impl Snapmv {
             .map(|_| ())
     }
 
+    /// Resident memory of the daemon in bytes (`VmRSS` of /proc/PID/status).
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let path = PathBuf::from(format!("/proc/{}/status", self.pid()));
+        let text = std::fs::read_to_string(&path).map_err(io_err("reading", &path))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .ok_or_else(|| BenchError::Invalid(format!("no VmRSS in {}", path.display())))
+    }
+
+    /// Sends SIGTERM and waits for the daemon to exit (a clean stop); returns how long it
+    /// took. Past `limit` the daemon is killed and that is an error.
+    pub fn stop_timed(mut self, limit: Duration) -> Result<Duration> {
+        let t = Instant::now();
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill has no memory-safety preconditions; pid is our own child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        while t.elapsed() < limit {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Ok(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Err(BenchError::Invalid(format!(
+            "snapmv serve (pid {}) still running {limit:?} after SIGTERM",
+            self.pid()
+        )))
+    }
+
     /// Stops serving `name`.
     pub fn remove(&mut self, name: &str) -> Result<()> {
         self.call("export_remove", json!({"name": name}))

@@ -41,6 +41,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// Writes cached data of bytes `[offset, offset + len)` back and waits for it, without a
+    /// durability promise (no device cache flush, no metadata): keeps the dirty data a later
+    /// `sync` must write small. Storages without a cache of their own do nothing.
+    fn write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Size in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Whether the storage is empty.
@@ -384,6 +391,24 @@ impl Storage for FileStorage {
 
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.direct || len == 0 {
+            return Ok(());
+        }
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(());
+        };
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: sync_file_range takes no pointers; the fd is ours and open for `self`'s life.
+        let r = unsafe { libc::sync_file_range(self.file.as_raw_fd(), off, n, flags) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -5,16 +5,31 @@ use super::*;
 const SHADOW_RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl OriginCore {
-    /// Syncs the origin about once a second while it is written, so that the sync a snapshot
-    /// needs finds little to write.
+    /// Writes the origin's dirty pages back about once a second while it is written, so that
+    /// the sync a flush (of a snapshot volume too) needs finds little to write. Not a sync: it
+    /// promises nothing, so it goes a slice at a time and stops when the store closes — on a
+    /// sparse file the kernel may need many seconds for a second of random writes, and a stop
+    /// must not wait for that.
     pub(super) fn background_sync(&self) {
+        const SLICE: u64 = 256 << 20;
         let mut last = lock(&self.last_sync);
         if last.elapsed() < std::time::Duration::from_secs(1) || !self.dirty.swap(false, SeqCst) {
             return;
         }
         *last = std::time::Instant::now();
-        if let Err(e) = self.origin.sync() {
-            log::warn!("origin {}: background sync: {e}", self.id);
+        let mut at = 0;
+        while at < self.size {
+            if self.store.shutdown.load(SeqCst) || self.unbound.load(SeqCst) {
+                // Not finished: the next pass starts over.
+                self.dirty.store(true, SeqCst);
+                return;
+            }
+            let n = SLICE.min(self.size - at);
+            if let Err(e) = self.origin.write_back(at, n) {
+                log::warn!("origin {}: background write-back: {e}", self.id);
+                return;
+            }
+            at += n;
         }
     }
 

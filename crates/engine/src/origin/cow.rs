@@ -9,8 +9,8 @@ impl OriginCore {
         if newest == 0 {
             return Ok(0);
         }
-        if self.top[c as usize].load(SeqCst) == newest {
-            return Ok(self.copy_epoch[c as usize].load(SeqCst));
+        if let Some(e) = self.map.copied(c, newest) {
+            return Ok(e);
         }
         let _g = self.stripe(c);
         self.copy_out_locked(c, newest)
@@ -21,8 +21,8 @@ impl OriginCore {
         if newest == 0 {
             return Ok(0);
         }
-        if self.top[c as usize].load(SeqCst) == newest {
-            return Ok(self.copy_epoch[c as usize].load(SeqCst));
+        if let Some(e) = self.map.copied(c, newest) {
+            return Ok(e);
         }
         let chain_node = self.tree.chain_node(newest).ok_or_else(|| Error::Corrupt {
             store: self.store.name.clone(),
@@ -36,14 +36,14 @@ impl OriginCore {
         // them, and the snapshot would read the origin again): the writer waits for the newest
         // batch an acknowledged write of this origin depends on (`record_epoch`, which holds
         // or follows them), as for a copy-out.
-        let shadowed = self.map[c as usize]
-            .load()
+        let shadowed = self
+            .map
+            .list(c)
             .as_deref()
             .is_some_and(|l| l.iter().any(|e| e.seq == 0));
         if shadowed && !self.copy_needed(c, newest) {
             let epoch = self.record_epoch.load(SeqCst);
-            self.copy_epoch[c as usize].store(epoch, SeqCst);
-            self.top[c as usize].store(newest, SeqCst);
+            self.map.set_copied(c, newest, epoch);
             self.store.commit_wake.notify_one();
             return Ok(epoch);
         }
@@ -117,8 +117,7 @@ impl OriginCore {
             m.epoch
         };
         self.store.commit_wake.notify_one();
-        self.copy_epoch[c as usize].store(epoch, SeqCst);
-        self.top[c as usize].store(newest, SeqCst);
+        self.map.set_copied(c, newest, epoch);
         self.copy_outs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(epoch)
@@ -130,11 +129,7 @@ impl OriginCore {
         let Some(node) = self.tree.chain_node(newest) else {
             return true;
         };
-        let mut list: ExList = self.map[c as usize]
-            .load()
-            .as_deref()
-            .cloned()
-            .unwrap_or_default();
+        let mut list: ExList = self.map.list(c).as_deref().cloned().unwrap_or_default();
         let probe = Ex {
             node,
             seq: newest,
@@ -164,7 +159,7 @@ impl OriginCore {
             let mut piece = crate::iov::piece_mut(bufs, done as usize, (end - start) as usize);
             done += end - start;
             let within = (start - c * self.cs) as usize;
-            if self.overlay_flag[c as usize].load(SeqCst) {
+            if self.map.overlay(c) {
                 let _g = self.stripe(c);
                 if let Some(ov) = lock(&self.overlays).get(&c) {
                     let mut at = within;
@@ -239,10 +234,8 @@ impl OriginCore {
             newest = 0;
         }
         let in_place = |c: u64, durable: u64| {
-            !self.overlay_flag[c as usize].load(SeqCst)
-                && (newest == 0
-                    || (self.top[c as usize].load(SeqCst) == newest
-                        && self.copy_epoch[c as usize].load(SeqCst) <= durable))
+            !self.map.overlay(c)
+                && (newest == 0 || self.map.copied(c, newest).is_some_and(|e| e <= durable))
         };
         let durable = self.store.durable_epoch.load(SeqCst);
         if self.chunks(offset, len).all(|c| in_place(c, durable)) {
@@ -293,14 +286,10 @@ impl OriginCore {
         let mut bytes = 0;
         let mut wait = 0;
         for c in self.chunks(offset, len) {
-            if newest == 0 || self.overlay_flag[c as usize].load(SeqCst) {
+            if newest == 0 || self.map.overlay(c) {
                 continue;
             }
-            let e = if self.top[c as usize].load(SeqCst) == newest {
-                self.copy_epoch[c as usize].load(SeqCst)
-            } else {
-                0
-            };
+            let e = self.map.copied(c, newest).unwrap_or(0);
             if e <= durable {
                 continue;
             }
@@ -338,10 +327,8 @@ impl OriginCore {
             )
         };
         let in_place = |c: u64, durable: u64| {
-            !self.overlay_flag[c as usize].load(SeqCst)
-                && (newest == 0
-                    || (self.top[c as usize].load(SeqCst) == newest
-                        && self.copy_epoch[c as usize].load(SeqCst) <= durable))
+            !self.map.overlay(c)
+                && (newest == 0 || self.map.copied(c, newest).is_some_and(|e| e <= durable))
         };
         let mut wait_records = false;
         let mut done = 0u64;
@@ -358,11 +345,7 @@ impl OriginCore {
             let _g = self.stripe(c);
             // The copy made above, unless reclaim has since found that no version needs it
             // (then nothing needs the old data either).
-            let e = if self.top[c as usize].load(SeqCst) == newest {
-                self.copy_epoch[c as usize].load(SeqCst)
-            } else {
-                0
-            };
+            let e = self.map.copied(c, newest).unwrap_or(0);
             let within = (start - c * self.cs) as usize;
             let plen = (end - start) as usize;
             let overlay_store = lock(&self.overlays).get_mut(&c).map(|ov| {
@@ -411,7 +394,7 @@ impl OriginCore {
             };
             // Raised before the origin is read: a writer that wrote the origin directly
             // meanwhile sees it afterwards and patches the overlay (`fix_up_direct`).
-            self.overlay_flag[c as usize].store(true, SeqCst);
+            self.map.set_overlay(c, true);
             // The origin chunk still holds the data just copied out: start from it.
             let mut data = vec![0u8; clen];
             let r = self
@@ -427,7 +410,7 @@ impl OriginCore {
                     )
                 });
             if let Err(err) = r {
-                self.overlay_flag[c as usize].store(false, SeqCst);
+                self.map.set_overlay(c, false);
                 self.store.unalloc_chunk(s);
                 return Err(err);
             }
@@ -472,7 +455,7 @@ impl OriginCore {
         for c in self.chunks(offset, len) {
             let start = (c * self.cs).max(offset);
             let end = ((c + 1) * self.cs).min(offset + len);
-            if self.overlay_flag[c as usize].load(SeqCst) {
+            if self.map.overlay(c) {
                 let piece = crate::iov::piece(bufs, done as usize, (end - start) as usize);
                 wait_records |= self.fix_up_direct(c, start, end - start, &piece)?;
             }
@@ -492,7 +475,7 @@ impl OriginCore {
         len: u64,
         piece: &[std::io::IoSlice<'_>],
     ) -> Result<bool> {
-        if !self.overlay_flag[c as usize].load(SeqCst) {
+        if !self.map.overlay(c) {
             return Ok(false);
         }
         let _g = self.stripe(c);
@@ -570,8 +553,7 @@ impl OriginCore {
         let need = self
             .chunks(offset, len)
             .filter(|&c| {
-                Self::own(self.map[c as usize].load().as_deref(), leaf)
-                    .is_none_or(|s| s == ZERO_CHUNK)
+                Self::own(self.map.list(c).as_deref(), leaf).is_none_or(|s| s == ZERO_CHUNK)
             })
             .count();
         let mut spare = self.store.alloc_chunks(need, || {
@@ -619,17 +601,18 @@ impl OriginCore {
         };
         // A zero exception has no chunk to write in: the write gives it one, as a first write.
         let own = |l: Option<&ExList>| Self::own(l, leaf).filter(|s| *s != ZERO_CHUNK);
-        if let Some(s) = own(self.map[c as usize].load().as_deref()) {
+        if let Some(s) = own(self.map.list(c).as_deref()) {
             return in_place(s);
         }
         let _g = self.stripe(c);
-        if let Some(s) = own(self.map[c as usize].load().as_deref()) {
+        if let Some(s) = own(self.map.list(c).as_deref()) {
             return in_place(s);
         }
         // First write of this snapshot to this chunk: give it a private copy. A chain copy it
         // shadowed may now be read by no one: the background reclaim looks (`shadowed`).
-        if self.map[c as usize]
-            .load()
+        if self
+            .map
+            .list(c)
             .as_deref()
             .is_some_and(|l| l.iter().any(|e| e.seq > 0))
         {

@@ -8,7 +8,7 @@
 //! has exceptions.
 
 use super::chunk_map::Mapping;
-use super::{lock, OriginCore, SnapRt};
+use super::{OriginCore, SnapRt};
 use crate::error::Result;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
@@ -53,16 +53,9 @@ impl OriginCore {
         let mut out = Vec::new();
         // Only chunks with exceptions can differ: elsewhere every version reads the origin
         // device (an overlay exists only where a copy-out made an exception).
-        let excepted: Vec<u64> = lock(&self.excepted).iter().copied().collect();
-        for c in excepted {
-            let list = self.map[c as usize].load();
-            if list.as_ref().is_none_or(|l| l.is_empty())
-                && !self.overlay_flag[c as usize].load(SeqCst)
-            {
-                continue;
-            }
-            let sa = self.source_of(&a, la, c, list.as_deref());
-            let sb = self.source_of(&b, lb, c, list.as_deref());
+        for (c, list) in self.map.lists() {
+            let sa = self.source_of(&a, la, c, Some(&list));
+            let sb = self.source_of(&b, lb, c, Some(&list));
             // An overlay is somewhere no other version reads: always "differs".
             if sa != sb || sa == Mapping::Overlay {
                 out.push(c);
@@ -117,7 +110,7 @@ impl OriginCore {
             let mut lists = Vec::new();
             let mut d = c;
             while d <= last {
-                let l = self.map[d as usize].load_full();
+                let l = self.map.list(d);
                 if self.resolve(leaf, l.as_deref()).is_some() {
                     break;
                 }
@@ -149,7 +142,7 @@ impl OriginCore {
             })?;
             for (i, before) in lists.iter().enumerate() {
                 let x = c + i as u64;
-                let now = self.map[x as usize].load();
+                let now = self.map.list(x);
                 let same = match (before.as_ref(), now.as_ref()) {
                     (None, None) => true,
                     (Some(a), Some(b)) => Arc::ptr_eq(a, b),

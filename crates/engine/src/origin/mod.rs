@@ -28,8 +28,8 @@
 //!    (`drain_overlays`);
 //! 4. the store's `journal` lock (appending records), then the store's metadata lock
 //!    (`StoreCore::lock_meta`; every metadata change and its records);
-//! 5. leaves: `snaps`, `overlays`, `excepted`, `overlay_error`, `last_sync`, a rollback's
-//!    `stalled`, and the store's `durable` and `worker_lock`.
+//! 5. leaves: `snaps`, `overlays`, the chunk map's shard locks, `overlay_error`,
+//!    `last_sync`, a rollback's `stalled`, and the store's `durable` and `worker_lock`.
 //!
 //! A consistency group (`group.rs`) holds several origins' `ops`, then their gates: each
 //! group in (store name, origin id) order, all `ops` before any gate.
@@ -64,6 +64,7 @@ mod tests;
 mod tree;
 mod zero;
 
+use chunk_map::ChunkMap;
 pub(crate) use chunk_map::{Ex, ExList};
 pub use group::GroupError;
 pub(crate) use group::{snapshot_group, Member};
@@ -143,14 +144,9 @@ pub(crate) struct OriginCore {
     cs: u64,
     pub origin: Arc<dyn Storage>,
     tree: VersionTree,
-    map: Box<[ArcSwapOption<ExList>]>,
-    /// The chunks whose exception list is not empty: what a diff visits, so that its cost
-    /// follows the exceptions rather than the origin's size (updated under the metadata lock).
-    excepted: Mutex<std::collections::BTreeSet<u64>>,
-    /// Per chunk: seq of the newest chain node holding a copy of it.
-    top: Box<[AtomicU32]>,
-    /// Per chunk: the commit batch that made that copy durable.
-    copy_epoch: Box<[AtomicU64]>,
+    /// Per chunk that has any: its exceptions, the newest chain copy and its commit batch,
+    /// the overlay flag (see `chunk_map.rs`).
+    map: ChunkMap,
     newest: AtomicU32,
     pub gate: IoGate,
     stripes: Box<[Mutex<()>]>,
@@ -169,7 +165,6 @@ pub(crate) struct OriginCore {
     unbound: AtomicBool,
     /// Origin writes waiting for their chunk's copy-out to become durable (see `Overlay`).
     overlays: Mutex<BTreeMap<u64, Overlay>>,
-    overlay_flag: Box<[AtomicBool]>,
     overlay_count: AtomicUsize,
     overlay_bytes: AtomicUsize,
     /// An overlay that could not be written to the origin: reported by the next flush.
@@ -217,18 +212,12 @@ impl OriginCore {
         let cs = store.layout.chunk_size as u64;
         let nchunks = m.nchunks(cs as u32);
         let tree = VersionTree::new(&m.nodes);
-        let map: Box<[ArcSwapOption<ExList>]> =
-            (0..nchunks).map(|_| ArcSwapOption::empty()).collect();
-        let mut excepted = std::collections::BTreeSet::new();
-        let top: Box<[AtomicU32]> = (0..nchunks).map(|_| AtomicU32::new(0)).collect();
-        let copy_epoch: Box<[AtomicU64]> = (0..nchunks).map(|_| AtomicU64::new(0)).collect();
+        let map = ChunkMap::default();
         for (chunk, list) in &m.exceptions {
             let mut l = ExList::with_capacity(list.len());
-            let mut t = 0;
             for (node, s) in list {
                 let n = &m.nodes[*node as usize];
                 let seq = if n.kind == NodeKind::Chain { n.seq } else { 0 };
-                t = t.max(seq);
                 l.push(Ex {
                     node: *node,
                     seq,
@@ -238,9 +227,7 @@ impl OriginCore {
                     nr.exceptions.fetch_add(1, SeqCst);
                 }
             }
-            map[*chunk as usize].store(Some(Arc::new(l)));
-            excepted.insert(*chunk);
-            top[*chunk as usize].store(t, SeqCst);
+            map.set_list_top(*chunk, Some(Arc::new(l)));
         }
         let snaps = m
             .tags
@@ -281,9 +268,6 @@ impl OriginCore {
             origin,
             tree,
             map,
-            excepted: Mutex::new(excepted),
-            top,
-            copy_epoch,
             newest: AtomicU32::new(m.newest_seq),
             gate: IoGate::default(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -298,13 +282,14 @@ impl OriginCore {
             live_snaps: AtomicUsize::new(m.tags.len()),
             unbound: AtomicBool::new(false),
             overlays: Mutex::new(BTreeMap::new()),
-            overlay_flag: (0..nchunks).map(|_| AtomicBool::new(false)).collect(),
             overlay_count: AtomicUsize::new(0),
             overlay_bytes: AtomicUsize::new(0),
             overlay_error: Mutex::new(None),
             record_epoch: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
-            cut_unsynced: AtomicBool::new(false),
+            // The last process may have left writes in the page cache only (a kill, a clean
+            // stop): the first flush of a snapshot volume syncs the origin.
+            cut_unsynced: AtomicBool::new(true),
             dying: Mutex::new(Vec::new()),
             dying_count: AtomicUsize::new(0),
             copy_outs: AtomicU64::new(0),
@@ -326,14 +311,12 @@ impl OriginCore {
             .values()
             .map(|s| (s.tag, s.leaf.load(SeqCst)))
             .collect();
-        let mut exceptions = BTreeMap::new();
-        for (c, slot) in self.map.iter().enumerate() {
-            if let Some(l) = slot.load().as_ref() {
-                if !l.is_empty() {
-                    exceptions.insert(c as u64, l.iter().map(|e| (e.node, e.store)).collect());
-                }
-            }
-        }
+        let exceptions = self
+            .map
+            .lists()
+            .into_iter()
+            .map(|(c, l)| (c, l.iter().map(|e| (e.node, e.store)).collect()))
+            .collect();
         let rollback = self.rollback.load().as_ref().map(|r| RollbackMeta {
             tag: r.tag,
             source: r.source,

@@ -133,7 +133,7 @@ impl OriginCore {
                 *lock(&self.overlay_error) = Some(e.to_string());
             }
             for (c, len) in &done {
-                self.overlay_flag[*c as usize].store(false, SeqCst);
+                self.map.set_overlay(*c, false);
                 self.overlay_bytes.fetch_sub(*len, SeqCst);
                 self.overlay_count.fetch_sub(1, SeqCst);
             }
@@ -191,7 +191,7 @@ impl OriginCore {
                 Ok(Some(y))
             }
             Err(_) => {
-                let wait = epoch.max(self.copy_epoch[c as usize].load(SeqCst));
+                let wait = epoch.max(self.map.copy_epoch(c));
                 self.store.wait_durable(wait)?;
                 self.io(
                     || format!("writing origin {} chunk {c}", self.origin.name()),
@@ -207,7 +207,7 @@ impl OriginCore {
                     m.epoch
                 };
                 self.store.wait_written(epoch)?;
-                self.overlay_flag[c as usize].store(false, SeqCst);
+                self.map.set_overlay(c, false);
                 self.overlay_bytes.fetch_sub(data.len(), SeqCst);
                 self.overlay_count.fetch_sub(1, SeqCst);
                 Ok(None)
@@ -237,8 +237,7 @@ impl OriginCore {
                 true,
             );
             o.store = NO_CHUNK;
-            self.copy_epoch[c as usize].store(m.epoch, SeqCst);
-            self.top[c as usize].store(seq, SeqCst);
+            self.map.set_copied(c, seq, m.epoch);
         }
     }
 

@@ -158,13 +158,12 @@ impl OriginCore {
         }
         let readers = self.readers();
         self.map
+            .lists()
             .iter()
-            .map(|slot| {
-                slot.load().as_ref().map_or(0, |l| {
-                    l.iter()
-                        .filter(|e| e.store != ZERO_CHUNK && !readers.needed(l, e))
-                        .count() as u64
-                })
+            .map(|(_, l)| {
+                l.iter()
+                    .filter(|e| e.store != ZERO_CHUNK && !readers.needed(l, e))
+                    .count() as u64
             })
             .sum()
     }
@@ -181,25 +180,23 @@ impl OriginCore {
         let readers = self.readers();
         let garbage = |list: &ExList, e: &Ex| !readers.needed(list, e);
         let mut freed = 0u64;
-        for c in 0..self.nchunks {
-            let list = self.map[c as usize].load();
-            let Some(l) = list.as_ref() else { continue };
-            if !l.iter().any(|e| garbage(l, e)) {
+        for (c, l) in self.map.lists() {
+            if !l.iter().any(|e| garbage(&l, e)) {
                 continue;
             }
             // A chunk with an overlay keeps its copy until the overlay is written: look again
             // later.
-            if self.overlay_flag[c as usize].load(SeqCst) {
+            if self.map.overlay(c) {
                 self.shadowed.store(true, SeqCst);
                 continue;
             }
             let _g = self.stripe(c);
-            if self.overlay_flag[c as usize].load(SeqCst) {
+            if self.map.overlay(c) {
                 self.shadowed.store(true, SeqCst);
                 continue;
             }
             let mut m = self.store.lock_meta();
-            let cur = self.map[c as usize].load_full();
+            let cur = self.map.list(c);
             let Some(cur) = cur else { continue };
             let (drop_list, keep): (Vec<Ex>, Vec<Ex>) = cur.iter().partition(|e| garbage(&cur, e));
             for e in &drop_list {
@@ -218,18 +215,7 @@ impl OriginCore {
                 }
                 freed += 1;
             }
-            let t = keep.iter().map(|e| e.seq).max().unwrap_or(0);
-            if keep.is_empty() {
-                lock(&self.excepted).remove(&c);
-            }
-            self.map[c as usize].store(if keep.is_empty() {
-                None
-            } else {
-                Some(Arc::new(keep))
-            });
-            if self.top[c as usize].load(SeqCst) != t {
-                self.top[c as usize].store(t, SeqCst);
-            }
+            self.map.set_list_top(c, Some(Arc::new(keep)));
         }
         if freed > 0 {
             log::info!("origin {}: reclaimed {freed} store chunks", self.id);
@@ -243,21 +229,19 @@ impl OriginCore {
     pub(super) fn chunk_census(&self) -> HashMap<u32, (u64, u64)> {
         let readers = self.readers();
         let mut out: HashMap<u32, (u64, u64)> = HashMap::new();
-        for slot in self.map.iter() {
-            if let Some(l) = slot.load().as_ref() {
-                for e in l.iter().filter(|e| e.store != ZERO_CHUNK) {
-                    let Some(users) = readers.users(l, e) else {
-                        continue;
-                    };
-                    let users: Vec<usize> = users.collect();
-                    for r in &users {
-                        if let Some(tag) = readers.tags[*r] {
-                            let c = out.entry(tag).or_default();
-                            if users.len() == 1 {
-                                c.0 += 1;
-                            } else {
-                                c.1 += 1;
-                            }
+        for (_, l) in self.map.lists() {
+            for e in l.iter().filter(|e| e.store != ZERO_CHUNK) {
+                let Some(users) = readers.users(&l, e) else {
+                    continue;
+                };
+                let users: Vec<usize> = users.collect();
+                for r in &users {
+                    if let Some(tag) = readers.tags[*r] {
+                        let c = out.entry(tag).or_default();
+                        if users.len() == 1 {
+                            c.0 += 1;
+                        } else {
+                            c.1 += 1;
                         }
                     }
                 }

@@ -34,7 +34,7 @@ impl OriginCore {
         }
         // Where the source reads the origin itself, the origin already holds its data.
         if self
-            .resolve(rb.source, self.map[c as usize].load().as_deref())
+            .resolve(rb.source, self.map.list(c).as_deref())
             .is_some()
             && self.others_share_origin(rb)
         {
@@ -43,7 +43,7 @@ impl OriginCore {
             let e = self.copy_out_locked(c, newest)?;
             self.store.wait_durable(e)?;
         }
-        let list = self.map[c as usize].load();
+        let list = self.map.list(c);
         let copied = self.resolve(rb.source, list.as_deref());
         if let Some(s) = copied {
             let len = self.chunk_len(c) as usize;
@@ -191,7 +191,7 @@ impl OriginCore {
         while end < self.nchunks && end - start < SCAN && copies < BATCH {
             if !rb.is_restored(end)
                 && self
-                    .resolve(rb.source, self.map[end as usize].load().as_deref())
+                    .resolve(rb.source, self.map.list(end).as_deref())
                     .is_some()
             {
                 copies += 1;
@@ -206,7 +206,7 @@ impl OriginCore {
             if protect
                 && !rb.is_restored(c)
                 && self
-                    .resolve(rb.source, self.map[c as usize].load().as_deref())
+                    .resolve(rb.source, self.map.list(c).as_deref())
                     .is_some()
             {
                 wait = wait.max(self.ensure_copied(c, newest)?);

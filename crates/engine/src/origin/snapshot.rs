@@ -287,11 +287,7 @@ impl OriginCore {
     }
 
     pub fn can_unbind(&self) -> bool {
-        !self.has_snapshots()
-            && self
-                .map
-                .iter()
-                .all(|s| s.load().as_ref().is_none_or(|l| l.is_empty()))
+        !self.has_snapshots() && !self.map.has_lists()
     }
 
     pub fn mark_unbound(&self) {

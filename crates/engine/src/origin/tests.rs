@@ -160,3 +160,55 @@ fn census_keeps_exceptions_newer_than_itself_and_counts_a_rollback_source() {
     let r = Readers::census(&t, None);
     assert!(!r.needed(&own2, &own2[0]));
 }
+
+#[test]
+fn chunk_map_holds_only_chunks_that_changed() {
+    let m = ChunkMap::default();
+    // Nothing known: no entry, every version reads the origin, no overlay anywhere.
+    assert_eq!(m.len(), 0);
+    assert!(m.list(1 << 40).is_none());
+    assert_eq!(m.copied(7, 1), None);
+    assert!(!m.overlay(7));
+    // A copy-out: the list first, then the mark with its batch.
+    m.set_list(7, Some(Arc::new(vec![chain_ex(1, 1, 10)])));
+    assert_eq!(m.copied(7, 1), None, "the mark waits for set_copied");
+    m.set_copied(7, 1, 42);
+    assert_eq!(m.copied(7, 1), Some(42));
+    assert_eq!(m.copied(7, 2), None, "a newer snapshot needs its own copy");
+    m.set_list(3 + (1 << 30), Some(Arc::new(vec![own_ex(2, 11)])));
+    assert_eq!(m.len(), 2);
+    let keys: Vec<u64> = m.lists().iter().map(|(c, _)| *c).collect();
+    assert_eq!(keys, vec![7, 3 + (1 << 30)], "ascending");
+    // Reclaim empties chunk 7: its entry goes, and with it the mark.
+    m.set_list_top(7, Some(Arc::new(vec![])));
+    assert_eq!(m.copied(7, 1), None);
+    assert_eq!(m.len(), 1);
+    // An overlay keeps an entry alive on its own; the count makes "none" a single load.
+    m.set_overlay(9, true);
+    m.set_overlay(9, true);
+    assert!(m.overlay(9));
+    assert_eq!(m.len(), 2);
+    m.set_overlay(9, false);
+    assert!(!m.overlay(9));
+    assert_eq!(
+        m.overlays.load(SeqCst),
+        0,
+        "raised twice, cleared once: none left"
+    );
+    assert_eq!(m.len(), 1);
+    m.set_list_top(3 + (1 << 30), None);
+    assert_eq!(m.len(), 0);
+}
+
+#[test]
+fn chunk_map_rebuild_marks_the_newest_chain_copy() {
+    let m = ChunkMap::default();
+    m.set_list_top(
+        5,
+        Some(Arc::new(vec![chain_ex(1, 1, 10), chain_ex(3, 2, 20)])),
+    );
+    assert_eq!(m.copied(5, 2), Some(0), "durable since open");
+    assert_eq!(m.copied(5, 1), None);
+    m.set_list_top(5, Some(Arc::new(vec![chain_ex(1, 1, 10)])));
+    assert_eq!(m.copied(5, 1), Some(0), "reclaim lowers the mark");
+}

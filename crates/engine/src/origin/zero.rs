@@ -49,9 +49,7 @@ impl OriginCore {
             // out later over the origin): the write path, with zeros.
             if whole.is_empty()
                 || self.rollback.load().is_some()
-                || self
-                    .chunks(offset, len)
-                    .any(|c| self.overlay_flag[c as usize].load(SeqCst))
+                || self.chunks(offset, len).any(|c| self.map.overlay(c))
             {
                 drop(pass);
                 return self.origin_write(offset, len, &zero_slices(len));
@@ -135,7 +133,7 @@ impl OriginCore {
                         self.id, snap.tag
                     ),
                 })?;
-            let own = |c: u64| Self::own(self.map[c as usize].load().as_deref(), leaf);
+            let own = |c: u64| Self::own(self.map.list(c).as_deref(), leaf);
             // What each whole chunk becomes: `Some(true)` a zero exception, `Some(false)` no
             // exception (what the leaf inherits is zeros: the content of an older version
             // never changes, so this holds for good), `None` nothing to do. Only this

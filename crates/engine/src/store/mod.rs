@@ -346,15 +346,16 @@ impl StoreCore {
             return;
         }
         let _ = self.commit_sync();
-        // Acknowledged origin writes still held in overlays go to their origins, and every
-        // origin is synced: a clean close loses nothing.
+        // Acknowledged origin writes still held in overlays go to their origins: a clean close
+        // loses nothing. The origins are not synced: what the guests flushed is durable
+        // already, the rest is in the page cache, which outlives the process (as after a
+        // kill), and an fsync here would make the stop last as long as the kernel takes to
+        // write (and, on a sparse file, allocate) every dirty page. The next open counts its
+        // origins as not synced since their snapshots were cut (`cut_unsynced`).
         let origins: Vec<Arc<dyn AttachedOrigin>> =
             self.lock_meta().origins.values().cloned().collect();
         for o in origins {
             o.drain_overlays(true);
-            if let Err(e) = o.sync_data() {
-                log::error!("origin {}: sync at close: {e}", o.id());
-            }
         }
         // The records saying the overlays are on their origins.
         let _ = self.commit_sync();
