@@ -18,10 +18,11 @@ use std::time::Duration;
 use snapmv_rpc::limits;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
 use crate::rpc_server::SocketAccess;
 use crate::vhost_blk::config::MAX_QUEUES;
+use crate::vhost_blk::request::GuestMem;
 use crate::vhost_blk::{BlkBackend, BlockDisk, DeviceOptions};
 
 /// Defaults of an export's queues (the RPC's, `snapmv_rpc::limits`).
@@ -219,7 +220,7 @@ fn serve(shared: Arc<Shared>, mut listener: Listener) {
     let name = shared.name.clone();
     while !shared.stop.load(Ordering::SeqCst) {
         // The cache mode is kept across connections (see `ExportState`).
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let mem = GuestMemoryAtomic::new(GuestMem::new());
         let backend = Arc::new(BlkBackend::with_state(
             shared.disk.clone(),
             shared.opts.clone(),
