@@ -522,7 +522,8 @@ fn migration_log_marks_the_pages_the_device_writes() {
     )
     .expect("SET_PROTOCOL_FEATURES");
     fe.set_owner().expect("SET_OWNER");
-    fe.set_features(features).expect("SET_FEATURES with LOG_ALL");
+    fe.set_features(features)
+        .expect("SET_FEATURES with LOG_ALL");
     let (mem, info) = Guest::memory();
     fe.add_mem_region(&info).expect("ADD_MEM_REG");
     let pages = MEM_SIZE / 4096;
@@ -549,7 +550,10 @@ fn migration_log_marks_the_pages_the_device_writes() {
             .filter(|p| b[(p / 8) as usize] & (1 << (p % 8)) != 0)
             .collect()
     };
-    let clear = |log: &File| log.write_all_at(&vec![0u8; pages / 8], 0).expect("clear log");
+    let clear = |log: &File| {
+        log.write_all_at(&vec![0u8; pages / 8], 0)
+            .expect("clear log")
+    };
     let page = |gpa: u64| gpa / 4096;
     let used_page = page(g.queues[0].used);
 

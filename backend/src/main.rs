@@ -51,6 +51,25 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Live migration, source: flush an origin's export, stop it (its guest must have
+    /// migrated away) and close its store, for another daemon to acquire (docs/migration.md).
+    Release {
+        /// Export of the origin.
+        name: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Live migration, destination: open the store of an export created with --incoming,
+    /// waiting (bounded) for the source daemon to release it, and serve it.
+    Acquire {
+        /// Export created with --incoming.
+        name: String,
+        /// Seconds to wait for the store to be released [default: 60]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Snapshot what an export serves: the origin (dms so) or a snapshot (dms ss); with TAG,
     /// snapshot TAG of the origin NAME serves, exported or not (dms s NAME TAG).
     Snapshot {
@@ -381,6 +400,14 @@ fn main() -> ExitCode {
         Command::Remove { name, force, out } => {
             let ctx = ctx(out);
             (ctx.json, cli::remove(&ctx, &name, force))
+        }
+        Command::Release { name, out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::release(&ctx, &name))
+        }
+        Command::Acquire { name, timeout, out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::acquire(&ctx, &name, timeout))
         }
         Command::Snapshot {
             name,

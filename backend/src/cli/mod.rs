@@ -247,6 +247,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
             socket_group: a.socket_group,
             socket_mode: a.socket_mode,
             protocol,
+            incoming: a.incoming,
         })?,
         Some(tag) => ctx.call::<rpc::SnapshotExport>(&m::SnapshotExportParams {
             name: a.name,
@@ -282,6 +283,31 @@ pub fn remove(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
         ctx.print_result(&r);
     } else {
         println!("export {name} removed");
+    }
+    Ok(())
+}
+
+/// `snapmv release NAME`: `export_release`.
+pub fn release(ctx: &Ctx, name: &str) -> Result<(), CliError> {
+    let r = ctx.call::<rpc::ExportRelease>(&m::ExportReleaseParams { name: name.into() })?;
+    if ctx.json {
+        ctx.print_result(&r);
+    } else {
+        println!("export {name} released: its store is closed and may be acquired elsewhere");
+    }
+    Ok(())
+}
+
+/// `snapmv acquire NAME [--timeout SECS]`: `export_acquire`.
+pub fn acquire(ctx: &Ctx, name: &str, timeout_secs: Option<u64>) -> Result<(), CliError> {
+    let e = ctx.call::<rpc::ExportAcquire>(&m::ExportAcquireParams {
+        name: name.into(),
+        timeout_secs,
+    })?;
+    if ctx.json {
+        ctx.print_result(&e);
+    } else {
+        println!("export {} serves {} on {}", e.name, e.volume, e.socket);
     }
     Ok(())
 }

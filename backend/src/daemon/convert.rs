@@ -30,16 +30,11 @@ impl Daemon {
             queue_size: rec.queue_size,
             readonly: rec.readonly,
             connected: live.as_ref().is_some_and(|l| l.connected),
-            error: if live.is_some() {
-                None
-            } else {
-                Some(
-                    inner
-                        .failed
-                        .get(&rec.name)
-                        .cloned()
-                        .unwrap_or_else(|| "not being served".into()),
-                )
+            // A live export may be in `failed` too: waiting for its store (incoming).
+            error: match (inner.failed.get(&rec.name), live.is_some()) {
+                (Some(why), _) => Some(why.clone()),
+                (None, true) => None,
+                (None, false) => Some("not being served".into()),
             },
         }
     }

@@ -76,6 +76,7 @@ impl Daemon {
                 waiters: HashMap::new(),
                 failed: HashMap::new(),
                 readonly_origins: HashSet::new(),
+                incoming: HashMap::new(),
             }),
         };
         daemon.restore();
@@ -109,6 +110,7 @@ impl Daemon {
     pub(crate) fn shutdown(&self) {
         let mut inner = self.lock();
         for e in self.live_list() {
+            self.abandon_incoming(&mut inner, &e.name);
             if let Err(err) = self.live_remove(&e.name) {
                 warn!("export {}: {err}", e.name);
             }

@@ -12,6 +12,7 @@
 //! * `registry`: the open stores and origins, opened exclusively; `paths`: checks that look
 //!   at the filesystem (paths, roles of files, sockets, groups);
 //! * `live`: the exports being served (vhost-user-blk or NBD);
+//! * `handover`: a store moving to or from another daemon (live migration);
 //! * `convert`: engine and state → RPC result types;
 //! * `methods/{origin,export,snapshot,status,backup}`: the handlers;
 //! * `lifecycle`: open and restore, shutdown, closing unused stores, [`serve`] and signals;
@@ -20,6 +21,7 @@
 mod convert;
 mod core;
 mod error;
+mod handover;
 mod lifecycle;
 mod live;
 mod methods;
@@ -112,6 +114,8 @@ routes! {
     method::SnapshotDiff => snapshot_diff,
     method::SnapshotStream => snapshot_stream,
     method::Stats => stats,
+    method::ExportRelease => export_release,
+    method::ExportAcquire => export_acquire,
 }
 
 impl Daemon {

@@ -38,6 +38,13 @@ pub mod names {
     /// Per-export I/O statistics and per-store space.
     pub const STATS: &str = "stats";
 
+    /// Live migration, source side: flush an origin's export, stop it and close its store so
+    /// that another daemon can take it (docs/migration.md).
+    pub const EXPORT_RELEASE: &str = "export_release";
+    /// Live migration, destination side: open the store of an export created with
+    /// `incoming` (waiting, bounded, for the source to release it) and serve it.
+    pub const EXPORT_ACQUIRE: &str = "export_acquire";
+
     /// Every method, in documentation order.
     pub const ALL: &[&str] = &[
         ORIGIN_CREATE,
@@ -53,6 +60,8 @@ pub mod names {
         SNAPSHOT_DIFF,
         SNAPSHOT_STREAM,
         STATS,
+        EXPORT_RELEASE,
+        EXPORT_ACQUIRE,
     ];
 }
 
@@ -115,6 +124,33 @@ pub struct OriginCreateParams {
     /// socket, export name NAME (docs/nbd.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// The destination of a live migration: serve the socket now (the frontend may connect
+    /// and read the configuration space) but open nothing; the store is opened by
+    /// `export_acquire` once the source daemon released it. The origin must be bound to the
+    /// store already; `chunk_size` is then the store's chunk size (default 1), announced as
+    /// the physical block size and checked when the store is opened.
+    #[serde(default)]
+    pub incoming: bool,
+}
+
+/// `export_release` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportReleaseParams {
+    /// The origin's export. Its guest must have stopped using it (QEMU's migration
+    /// `completed`): the export is stopped, connected or not.
+    pub name: String,
+}
+
+/// `export_acquire` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportAcquireParams {
+    /// An export created with `incoming` (or one that could not be re-created at start).
+    pub name: String,
+    /// How long to wait for another process to release the store, in seconds (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
 }
 
 /// `snapshot_export` parameters. One of `origin_id` and `origin` is required.
