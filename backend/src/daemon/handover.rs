@@ -271,13 +271,19 @@ impl Daemon {
         let volume = origin.volume();
         match inner.incoming.get(&rec.name) {
             Some(disk) => {
-                disk.install(Arc::new(volume))
-                    .map_err(|e| {
-                        MethodError::InvalidState(format!(
-                            "export {}: origin {} of COW store {} cannot replace the disk the guest saw: {e}",
-                            rec.name, rec.origin_id, rec.cow
-                        ))
-                    })?;
+                if let Err(e) = disk.install(Arc::new(volume)) {
+                    // Not served: close what was opened, so that the store is not held
+                    // here for nothing (the source may take it back).
+                    drop(origin);
+                    let key = (rec.cow.clone(), rec.origin_id.clone());
+                    inner.origins.remove(&key);
+                    inner.readonly_origins.remove(&key);
+                    drop(inner.stores.remove(&rec.cow));
+                    return Err(MethodError::InvalidState(format!(
+                        "export {}: origin {} of COW store {} cannot replace the disk the guest saw: {e}",
+                        rec.name, rec.origin_id, rec.cow
+                    )));
+                }
                 inner.incoming.remove(&rec.name);
                 Ok(())
             }
