@@ -8,8 +8,8 @@
 //! `--incoming`; QEMU B starts with `-incoming` and connects to it; an `acquire` on B while A
 //! still holds the store fails with a clear error. QMP `migrate` moves the guest from QEMU A
 //! to QEMU B (dirty logging of the pages the backend writes); once QEMU A reports
-//! `completed`, `snapmv release` on A hands the store over to the `snapmv acquire` already
-//! waiting on B. The guest keeps writing on B, then reads its whole ring back: every write it
+//! `completed`, `snapmv release` on A hands the store and the guest's cache mode over to
+//! `snapmv acquire` on B (the guest resumed on B meanwhile: its requests wait for the store). The guest keeps writing on B, then reads its whole ring back: every write it
 //! saw acknowledged, on A or on B, must be there, in the guest and in the origin file once
 //! both daemons stopped; the snapshot taken on A is listed on B and holds an exact cut.
 
@@ -253,13 +253,14 @@ fn body(tools: &snapmv_tests::qemu::GuestTools, root: &Path, a: &mut Daemon, b: 
             last_a = last_a.max(n);
         }
     }
-    // The handover: B's acquire waits for A's release.
-    let acquired = std::thread::scope(|s| {
-        let waiting = s.spawn(|| cli_json(b, &["acquire", "vol", "--timeout", "120"]));
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        a.cli(&["release", "vol"]);
-        waiting.join().expect("acquire thread")
-    });
+    // The handover: A releases (reporting the guest's cache mode), B acquires with it.
+    let released = cli_json(a, &["release", "vol"]);
+    let mode = match released["writeback"].as_bool() {
+        Some(true) => "--writeback",
+        Some(false) => "--write-through",
+        None => panic!("release on A: {released}"),
+    };
+    let acquired = cli_json(b, &["acquire", "vol", "--timeout", "120", mode]);
     assert!(
         acquired["name"] == "vol" && acquired["error"].is_null(),
         "acquire on B: {acquired}"

@@ -80,7 +80,11 @@ fn a_released_store_is_acquired_and_served_where_requests_waited() {
         "{e}"
     );
     // Nothing of the store can be used on B yet.
-    let m = h.b.err("snapshot_create", json!({"name": "vol"}), codes::INVALID_STATE);
+    let m = h.b.err(
+        "snapshot_create",
+        json!({"name": "vol"}),
+        codes::INVALID_STATE,
+    );
     assert!(m.contains("waiting for COW store"), "{m}");
     let m = h.b.err(
         "export_acquire",
@@ -97,7 +101,11 @@ fn a_released_store_is_acquired_and_served_where_requests_waited() {
     let sock_b = h.b.export_socket("vol");
     let reader = std::thread::spawn(move || {
         let mut cb = Client::connect(&sock_b).expect("connect to the incoming export");
-        assert_eq!(cb.capacity(), 8 * MIB, "capacity announced before the store");
+        assert_eq!(
+            cb.capacity(),
+            8 * MIB,
+            "capacity announced before the store"
+        );
         read_block(&mut cb, 0)
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -106,13 +114,11 @@ fn a_released_store_is_acquired_and_served_where_requests_waited() {
     // A releases (its client still connected: it is disconnected) while B's acquire waits.
     let acquired = std::thread::scope(|s| {
         let w = s.spawn(|| {
-            h.b.ok(
-                "export_acquire",
-                json!({"name": "vol", "timeout_secs": 60}),
-            )
+            h.b.ok("export_acquire", json!({"name": "vol", "timeout_secs": 60}))
         });
         std::thread::sleep(Duration::from_millis(200));
-        h.a.ok("export_release", json!({"name": "vol"}));
+        let r = h.a.ok("export_release", json!({"name": "vol"}));
+        assert_eq!(r, json!({"name": "vol", "writeback": true}), "release on A");
         w.join().unwrap()
     });
     assert!(acquired["error"].is_null(), "{acquired}");
@@ -141,7 +147,11 @@ fn a_released_store_is_acquired_and_served_where_requests_waited() {
     .unwrap();
     let (ret, data) = read_block(&mut cs, 0);
     assert_eq!(ret, 0);
-    assert!(data.iter().all(|&x| x == 0xA1), "snapshot read {:#x}", data[0]);
+    assert!(
+        data.iter().all(|&x| x == 0xA1),
+        "snapshot read {:#x}",
+        data[0]
+    );
     drop(cs);
 
     // And back: B releases, A acquires an incoming export again.
@@ -150,12 +160,18 @@ fn a_released_store_is_acquired_and_served_where_requests_waited() {
         "origin_create",
         json!({"name": "vol", "origin": h.origin, "cow": h.cow, "incoming": true, "chunk_size": 4}),
     );
-    h.b.cli(&["release", "vol"]);
-    h.a.cli(&["acquire", "vol"]);
+    // B was acquired without a cache mode: it served write-through (safe), and says so.
+    let r = h.b.ok("export_release", json!({"name": "vol"}));
+    assert_eq!(r["writeback"], false, "release on B: {r}");
+    let out = h.a.cli(&["acquire", "vol", "--writeback"]);
+    assert!(out.contains("export vol serves"), "{out}");
     let mut ca = Client::connect(&h.a.export_socket("vol")).unwrap();
     let (ret, data) = read_block(&mut ca, 0);
     assert_eq!(ret, 0);
     assert!(data.iter().all(|&x| x == 0xA2));
+    drop(ca);
+    let out = h.a.cli(&["release", "vol"]);
+    assert!(out.contains("--writeback"), "{out}");
 }
 
 #[test]
@@ -176,12 +192,18 @@ fn handover_refusals_name_the_cause() {
         .as_u64()
         .unwrap();
     h.a.cli(&["create", "snap", o, c, &tag.to_string(), "-r"]);
-    let m = h.a.err("export_release", json!({"name": "vol"}), codes::BUSY);
+    let m =
+        h.a.err("export_release", json!({"name": "vol"}), codes::BUSY);
     assert!(m.contains("also used by export snap"), "{m}");
-    let m = h.a.err("export_release", json!({"name": "snap"}), codes::INVALID_STATE);
+    let m = h.a.err(
+        "export_release",
+        json!({"name": "snap"}),
+        codes::INVALID_STATE,
+    );
     assert!(m.contains("not an origin"), "{m}");
     h.a.cli(&["remove", "snap"]);
-    let m = h.a.err("export_release", json!({"name": "nope"}), codes::NOT_FOUND);
+    let m =
+        h.a.err("export_release", json!({"name": "nope"}), codes::NOT_FOUND);
     assert!(m.contains("nope"), "{m}");
 
     // B never gets the store: acquire fails after its timeout, naming the holder; the
@@ -206,6 +228,41 @@ fn handover_refusals_name_the_cause() {
     h.b.cli(&["create", "vol", o, c, "--incoming"]);
     drop(ca);
     h.a.ok("export_release", json!({"name": "vol"}));
-    let m = h.b.err("export_acquire", json!({"name": "vol"}), codes::INVALID_STATE);
+    let m = h.b.err(
+        "export_acquire",
+        json!({"name": "vol"}),
+        codes::INVALID_STATE,
+    );
     assert!(m.contains("cannot replace the disk the guest saw"), "{m}");
+}
+
+/// The source dies (SIGKILL) with acknowledged writes not flushed, some of them first writes
+/// after a snapshot (held in overlays): the kernel drops its locks with it, the destination
+/// acquires the store and finds every acknowledged write (docs/migration.md, failure cases).
+#[test]
+fn a_killed_source_leaves_every_acknowledged_write_to_the_destination() {
+    let mut h = hosts("handover-kill");
+    let mut ca = Client::connect(&h.a.export_socket("vol")).unwrap();
+    for i in 0..32u64 {
+        write_block(&mut ca, i * 4096, 0x40);
+    }
+    h.a.ok("snapshot_create", json!({"name": "vol"}));
+    for i in 0..64u64 {
+        write_block(&mut ca, i * 4096, i as u8 + 1);
+    }
+    h.b.cli(&["create", "vol", &h.origin, &h.cow, "--incoming", "-c", "4"]);
+    h.a.kill();
+    drop(ca);
+    let out = h.b.cli(&["acquire", "vol", "--timeout", "30"]);
+    assert!(out.contains("export vol serves"), "{out}");
+    let mut cb = Client::connect(&h.b.export_socket("vol")).unwrap();
+    for i in 0..64u64 {
+        let (ret, data) = read_block(&mut cb, i * 4096);
+        assert_eq!(ret, 0, "read block {i} on B");
+        assert!(
+            data.iter().all(|&x| x == i as u8 + 1),
+            "block {i} on B holds {:#x}, not the write A acknowledged",
+            data[0]
+        );
+    }
 }

@@ -400,6 +400,33 @@ impl ExportManager {
             .map(info)
     }
 
+    /// The cache mode export `name` serves with now (`true`: write-back), as its guest set
+    /// it; `None` if there is no such export.
+    pub fn writeback(&self, name: &str) -> Option<bool> {
+        self.exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|e| e.shared.state.writeback.load(Ordering::SeqCst))
+    }
+
+    /// Sets the cache mode of export `name` (kept like a guest's choice), for a guest whose
+    /// choice was made elsewhere: on the source of a live migration. False if no such export.
+    pub fn set_writeback(&self, name: &str, writeback: bool) -> bool {
+        match self
+            .exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            Some(e) => {
+                e.shared.state.set_writeback(name, writeback);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The statistics of export `name` since it was added (across its clients' reconnects).
     pub fn stats(&self, name: &str) -> Option<crate::vhost_blk::ExportStats> {
         self.exports

@@ -67,6 +67,12 @@ enum Command {
         /// Seconds to wait for the store to be released [default: 60]
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
+        /// The guest's cache mode was write-back (as `snapmv release` printed on the source)
+        #[arg(long, conflicts_with = "write_through")]
+        writeback: bool,
+        /// The guest's cache mode was write-through (the default of an incoming export)
+        #[arg(long)]
+        write_through: bool,
         #[command(flatten)]
         out: Out,
     },
@@ -405,9 +411,16 @@ fn main() -> ExitCode {
             let ctx = ctx(out);
             (ctx.json, cli::release(&ctx, &name))
         }
-        Command::Acquire { name, timeout, out } => {
+        Command::Acquire {
+            name,
+            timeout,
+            writeback,
+            write_through,
+            out,
+        } => {
             let ctx = ctx(out);
-            (ctx.json, cli::acquire(&ctx, &name, timeout))
+            let mode = (writeback || write_through).then_some(writeback);
+            (ctx.json, cli::acquire(&ctx, &name, timeout, mode))
         }
         Command::Snapshot {
             name,

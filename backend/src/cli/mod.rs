@@ -293,16 +293,25 @@ pub fn release(ctx: &Ctx, name: &str) -> Result<(), CliError> {
     if ctx.json {
         ctx.print_result(&r);
     } else {
-        println!("export {name} released: its store is closed and may be acquired elsewhere");
+        println!(
+            "export {name} released: its store is closed and may be acquired elsewhere (`snapmv acquire {name} {}` there: the guest's cache mode)",
+            if r.writeback { "--writeback" } else { "--write-through" }
+        );
     }
     Ok(())
 }
 
-/// `snapmv acquire NAME [--timeout SECS]`: `export_acquire`.
-pub fn acquire(ctx: &Ctx, name: &str, timeout_secs: Option<u64>) -> Result<(), CliError> {
+/// `snapmv acquire NAME [--timeout SECS] [--writeback|--write-through]`: `export_acquire`.
+pub fn acquire(
+    ctx: &Ctx,
+    name: &str,
+    timeout_secs: Option<u64>,
+    writeback: Option<bool>,
+) -> Result<(), CliError> {
     let e = ctx.call::<rpc::ExportAcquire>(&m::ExportAcquireParams {
         name: name.into(),
         timeout_secs,
+        writeback,
     })?;
     if ctx.json {
         ctx.print_result(&e);

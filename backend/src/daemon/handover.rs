@@ -96,6 +96,9 @@ impl Daemon {
             (pages * PAGE_SIZE).max(512),
         ));
         self.add_vhost_export(&rec, disk.clone())?;
+        // Write-through until `export_acquire` says what the guest chose on the source: every
+        // write is then durable when acknowledged, whatever the guest expects.
+        self.exports.set_writeback(&rec.name, false);
         inner.state.record_origin(OriginRecord {
             cow: cow.clone(),
             origin_id: origin_id.clone(),
@@ -122,7 +125,10 @@ impl Daemon {
 
     /// `export_release`: stops an origin's export, flushes the origin and closes its store;
     /// answers once this process holds no lock on the store or the origin.
-    pub(crate) fn export_release(&self, p: m::ExportReleaseParams) -> MResult<m::Done> {
+    pub(crate) fn export_release(
+        &self,
+        p: m::ExportReleaseParams,
+    ) -> MResult<m::ExportReleaseResult> {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let rec = self.find_export(inner, &p.name)?;
@@ -162,6 +168,8 @@ impl Daemon {
                 rec.cow
             )));
         }
+        // The guest's cache mode goes with it (the destination must honour write-through).
+        let writeback = self.exports.writeback(&rec.name).unwrap_or(false);
         // Stopping the export joins its queue threads: every request taken is answered, and
         // the guest (QEMU, paused after the migration) can send no more.
         self.live_remove(&rec.name)
@@ -209,7 +217,10 @@ impl Daemon {
             "export {} released: origin {} and COW store {} closed",
             rec.name, rec.origin_id, rec.cow
         );
-        Ok(m::Done { name: rec.name })
+        Ok(m::ExportReleaseResult {
+            name: rec.name,
+            writeback,
+        })
     }
 
     /// `export_acquire`: opens the store and origin of an incoming export (or of one that
@@ -238,6 +249,9 @@ impl Daemon {
             match self.try_acquire(inner, &rec) {
                 Ok(()) => {
                     inner.failed.remove(&rec.name);
+                    if let Some(wb) = p.writeback {
+                        self.exports.set_writeback(&rec.name, wb);
+                    }
                     info!(
                         "export {} acquired its COW store {} after {:?}",
                         rec.name,

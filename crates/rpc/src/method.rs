@@ -64,7 +64,7 @@ methods! {
     /// `stats`: per-export I/O statistics and per-store space.
     Stats = names::STATS, m::OptionalNameParams => m::Stats;
     /// `export_release`: hand an origin's store over (live migration, source side).
-    ExportRelease = names::EXPORT_RELEASE, m::ExportReleaseParams => m::Done;
+    ExportRelease = names::EXPORT_RELEASE, m::ExportReleaseParams => m::ExportReleaseResult;
     /// `export_acquire`: take a store over (live migration, destination side).
     ExportAcquire = names::EXPORT_ACQUIRE, m::ExportAcquireParams => m::ExportInfo;
 }

@@ -151,6 +151,21 @@ pub struct ExportAcquireParams {
     /// How long to wait for another process to release the store, in seconds (default 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// The guest's cache mode, as `export_release` reported it on the source (`true`:
+    /// write-back). Absent: the export keeps its mode (an incoming export starts
+    /// write-through, which is safe whatever the guest chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writeback: Option<bool>,
+}
+
+/// `export_release` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportReleaseResult {
+    /// Export name.
+    pub name: String,
+    /// The cache mode the guest had set (`true`: write-back, `false`: write-through), to give
+    /// to `export_acquire` on the destination.
+    pub writeback: bool,
 }
 
 /// `snapshot_export` parameters. One of `origin_id` and `origin` is required.
