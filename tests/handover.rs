@@ -266,3 +266,62 @@ fn a_killed_source_leaves_every_acknowledged_write_to_the_destination() {
         );
     }
 }
+
+/// `acquire` also serves exports that could not be re-created at start because their store
+/// was held elsewhere — a snapshot's export with the snapshot, not the origin.
+#[test]
+fn acquire_serves_exports_that_failed_at_start() {
+    let mut h = hosts("handover-restore");
+    let mut ca = Client::connect(&h.a.export_socket("vol")).unwrap();
+    write_block(&mut ca, 0, 0x31);
+    let tag = h.a.ok("snapshot_create", json!({"name": "vol"}))["tag"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    write_block(&mut ca, 0, 0x32);
+    drop(ca);
+    h.a.cli(&["create", "snap", &h.origin, &h.cow, &tag, "-r"]);
+    // A stops with its exports recorded; B holds the store meanwhile, so A's restart cannot
+    // re-create them.
+    let st = h.a.terminate();
+    assert!(st.success(), "daemon A exited with {st}");
+    h.b.cli(&["create", "vol", &h.origin, &h.cow, "--incoming", "-c", "4"]);
+    h.b.cli(&["acquire", "vol"]);
+    h.a.restart();
+    let list = h.a.ok("export_list", json!({}));
+    for e in list["exports"].as_array().unwrap() {
+        assert!(
+            e["error"].as_str().is_some_and(|w| w.contains("in use by")),
+            "export restored while B holds the store: {e}"
+        );
+    }
+    h.b.cli(&["release", "vol"]);
+    for name in ["snap", "vol"] {
+        let e =
+            h.a.ok("export_acquire", json!({"name": name, "timeout_secs": 10}));
+        assert!(e["error"].is_null(), "{e}");
+    }
+    let mut cs = snapmv_tests::blkio_client::Client::connect_with(
+        &h.a.export_socket("snap"),
+        &snapmv_tests::blkio_client::ClientOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (ret, data) = read_block(&mut cs, 0);
+    assert_eq!(ret, 0);
+    assert!(
+        data.iter().all(|&x| x == 0x31),
+        "snapshot export reads {:#x}",
+        data[0]
+    );
+    let mut ca = Client::connect(&h.a.export_socket("vol")).unwrap();
+    let (ret, data) = read_block(&mut ca, 0);
+    assert_eq!(ret, 0);
+    assert!(
+        data.iter().all(|&x| x == 0x32),
+        "origin export reads {:#x}",
+        data[0]
+    );
+}

@@ -282,7 +282,8 @@ impl Daemon {
     /// One attempt: opens the origin (and its store) and serves it under the export.
     fn try_acquire(&self, inner: &mut Inner, rec: &ExportRecord) -> MResult<()> {
         let origin = self.origin_for(inner, &rec.cow, &rec.origin_id, false)?;
-        let volume = origin.volume();
+        // An incoming export serves the origin; one that failed at start may be a snapshot's.
+        let volume = self.volume_for(inner, &rec.cow, &rec.origin_id, rec.tag, false)?;
         match inner.incoming.get(&rec.name) {
             Some(disk) => {
                 if let Err(e) = disk.install(Arc::new(volume)) {
