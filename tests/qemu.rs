@@ -480,6 +480,13 @@ impl Qmp {
         }
     }
 
+    /// Asks QEMU to quit; a QEMU that already exited (its socket closed) is fine. Returns
+    /// whether QEMU was still there to ask (it may exit before its answer is read).
+    pub fn quit(&mut self) -> bool {
+        let msg = serde_json::json!({"execute": "quit"});
+        writeln!(self.writer, "{msg}").and_then(|()| self.writer.flush()).is_ok()
+    }
+
     /// Polls `query-migrate` until the migration is `completed` (returned) or fails (panic
     /// with QEMU's reason), up to the hang guard.
     pub fn wait_migration(&mut self) -> serde_json::Value {
