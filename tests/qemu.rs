@@ -484,7 +484,9 @@ impl Qmp {
     /// whether QEMU was still there to ask (it may exit before its answer is read).
     pub fn quit(&mut self) -> bool {
         let msg = serde_json::json!({"execute": "quit"});
-        writeln!(self.writer, "{msg}").and_then(|()| self.writer.flush()).is_ok()
+        writeln!(self.writer, "{msg}")
+            .and_then(|()| self.writer.flush())
+            .is_ok()
     }
 
     /// Polls `query-migrate` until the migration is `completed` (returned) or fails (panic
