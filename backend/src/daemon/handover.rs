@@ -90,8 +90,10 @@ impl Daemon {
             protocol,
         };
         // The volume's physical block size is its chunk size (vhost_blk/volume.rs).
+        // Named as the engine names the volume it will serve (the export's description stays
+        // right after the handover; `error` says it is waiting meanwhile).
         let disk = Arc::new(HandoverDisk::new(
-            format!("origin {origin} (incoming)"),
+            format!("origin {origin_id}"),
             size,
             (pages * PAGE_SIZE).max(512),
         ));
