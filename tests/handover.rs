@@ -160,9 +160,18 @@ fn a_released_store_is_acquired_and_served_where_requests_waited() {
         "origin_create",
         json!({"name": "vol", "origin": h.origin, "cow": h.cow, "incoming": true, "chunk_size": 4}),
     );
-    // B was acquired without a cache mode: it served write-through (safe), and says so.
+    // B was acquired without a cache mode: it serves write-through (safe; kept like a
+    // guest's choice); a later acquire with the mode applies it, and the release reports it.
+    let mode_file = h.b.state_dir.join("cache-mode/vol");
+    let mode = std::fs::read_to_string(&mode_file).unwrap_or_default();
+    assert_eq!(mode, "write-through", "{}", mode_file.display());
+    h.b.ok("export_acquire", json!({"name": "vol", "writeback": true}));
+    assert!(
+        !mode_file.exists(),
+        "still write-through after acquire with writeback"
+    );
     let r = h.b.ok("export_release", json!({"name": "vol"}));
-    assert_eq!(r["writeback"], false, "release on B: {r}");
+    assert_eq!(r["writeback"], true, "release on B: {r}");
     let out = h.a.cli(&["acquire", "vol", "--writeback"]);
     assert!(out.contains("export vol serves"), "{out}");
     let mut ca = Client::connect(&h.a.export_socket("vol")).unwrap();

@@ -245,7 +245,11 @@ impl Daemon {
             let inner = &mut *guard;
             let rec = self.find_export(inner, &p.name)?;
             if !inner.failed.contains_key(&rec.name) {
-                // Served already (an earlier acquire, or it never moved).
+                // Served already (an earlier acquire, or it never moved): the cache mode may
+                // come now, from an orchestrator that acquired before the release reported it.
+                if let Some(wb) = p.writeback {
+                    self.exports.set_writeback(&rec.name, wb);
+                }
                 return Ok(self.export_info(inner, &rec));
             }
             match self.try_acquire(inner, &rec) {
