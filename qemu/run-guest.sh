@@ -20,6 +20,10 @@
 #   --log FILE         also copy the console to FILE
 #   --stdin            connect this script's stdin to the guest console (default: /dev/null),
 #                      so the host can send lines the guest script reads from /dev/console
+#   --qmp SOCK         serve QMP on the unix socket SOCK (a test drives migration through it)
+#   --incoming URI     wait for an incoming migration on URI (e.g. unix:/path), as the
+#                      destination of a live migration; the other options must match the
+#                      source's
 #
 # Exit status: the guest script's status when the guest printed `SNAPMV-GUEST-END rc=N`
 # (mkinitramfs.sh's /init), 124 on timeout, otherwise 125 (QEMU failed or the guest died
@@ -48,6 +52,8 @@ append=""
 timeout_s=300
 log=""
 keep_stdin=0
+qmp=""
+incoming=""
 disks=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -60,6 +66,8 @@ while [ $# -gt 0 ]; do
     --timeout) timeout_s="${2:?}"; shift 2 ;;
     --log) log="${2:?}"; shift 2 ;;
     --stdin) keep_stdin=1; shift ;;
+    --qmp) qmp="${2:?}"; shift 2 ;;
+    --incoming) incoming="${2:?}"; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
     esac
@@ -100,6 +108,9 @@ for d in "${disks[@]}"; do
         -device "vhost-user-blk-pci,chardev=c$i,num-queues=$queues")
     i=$((i + 1))
 done
+
+[ -z "$qmp" ] || args+=(-qmp "unix:$qmp,server=on,wait=off")
+[ -z "$incoming" ] || args+=(-incoming "$incoming")
 
 if [ "$keep_stdin" -eq 1 ]; then
     exec 3<&0

@@ -1,6 +1,6 @@
 //! Helpers for the QEMU guest end-to-end tests: the guest tools (qemu/setup.sh,
 //! qemu/mkinitramfs.sh, qemu/run-guest.sh), a running guest whose serial console is read line
-//! by line, and CLI helpers on top of `crate::daemon::Daemon`.
+//! by line, a QMP client (live migration), and CLI helpers on top of `crate::daemon::Daemon`.
 //!
 //! Guests run under TCG (`-accel tcg -cpu max`): on these hosts KVM cannot boot a stock kernel.
 //! The guest side is a busybox initramfs that runs one shell script and prints markers (see
@@ -9,6 +9,7 @@
 //! Helpers panic with a message naming what failed: they only run inside tests.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -137,6 +138,12 @@ pub struct GuestConfig {
     /// Reconnect every disk's chardev this many ms after the backend goes away (QEMU
     /// `reconnect-ms`); `None`: a lost backend is lost for good.
     pub reconnect_ms: Option<u32>,
+    /// Guest memory, a QEMU size; `None`: run-guest.sh's default.
+    pub mem: Option<String>,
+    /// Serve QMP on this unix socket ([`Qmp`]).
+    pub qmp: Option<PathBuf>,
+    /// Start as the destination of a live migration listening on this URI (`-incoming`).
+    pub incoming: Option<String>,
 }
 
 impl GuestConfig {
@@ -150,6 +157,9 @@ impl GuestConfig {
             timeout: HANG_GUARD,
             label: label.to_string(),
             reconnect_ms: None,
+            mem: None,
+            qmp: None,
+            incoming: None,
         }
     }
 }
@@ -239,6 +249,15 @@ impl GuestTools {
                 d.socket.display(),
                 d.queues
             ));
+        }
+        if let Some(m) = &cfg.mem {
+            cmd.arg("--mem").arg(m);
+        }
+        if let Some(q) = &cfg.qmp {
+            cmd.arg("--qmp").arg(q);
+        }
+        if let Some(uri) = &cfg.incoming {
+            cmd.arg("--incoming").arg(uri);
         }
         if cfg.stdin {
             cmd.arg("--stdin").stdin(Stdio::piped());
@@ -387,6 +406,108 @@ impl Drop for Guest {
                 libc::kill(-(self.child.id() as i32), libc::SIGKILL);
             }
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// A QMP connection (QEMU's JSON management protocol) on a unix socket.
+pub struct Qmp {
+    what: String,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects to the QMP socket `path` of the guest `what` (waiting, up to the hang guard,
+    /// for QEMU to create it), reads the greeting and enters command mode.
+    pub fn connect(what: &str, path: &Path) -> Qmp {
+        let deadline = Instant::now() + HANG_GUARD;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{what}: QMP socket {} never answered: {e}",
+                        path.display()
+                    );
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        let writer = stream
+            .try_clone()
+            .unwrap_or_else(|e| panic!("{what}: dup the QMP socket: {e}"));
+        let mut q = Qmp {
+            what: what.to_string(),
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = q.next_message();
+        assert!(
+            greeting.get("QMP").is_some(),
+            "{what}: unexpected QMP greeting {greeting}"
+        );
+        q.execute("qmp_capabilities", serde_json::json!({}));
+        q
+    }
+
+    fn next_message(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("{}: read from QMP: {e}", self.what));
+        assert!(n > 0, "{}: QEMU closed its QMP socket", self.what);
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{}: QMP sent non-JSON {line:?}: {e}", self.what))
+    }
+
+    /// Runs a command and returns its `return` value (events in between are skipped); panics
+    /// on an `error` answer.
+    pub fn execute(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let msg = serde_json::json!({"execute": command, "arguments": arguments});
+        writeln!(self.writer, "{msg}")
+            .unwrap_or_else(|e| panic!("{}: send {command} on QMP: {e}", self.what));
+        loop {
+            let m = self.next_message();
+            if let Some(r) = m.get("return") {
+                return r.clone();
+            }
+            if let Some(e) = m.get("error") {
+                panic!("{}: QMP {command} failed: {e}", self.what);
+            }
+        }
+    }
+
+    /// Asks QEMU to quit; a QEMU that already exited (its socket closed) is fine. Returns
+    /// whether QEMU was still there to ask (it may exit before its answer is read).
+    pub fn quit(&mut self) -> bool {
+        let msg = serde_json::json!({"execute": "quit"});
+        writeln!(self.writer, "{msg}")
+            .and_then(|()| self.writer.flush())
+            .is_ok()
+    }
+
+    /// Polls `query-migrate` until the migration is `completed` (returned) or fails (panic
+    /// with QEMU's reason), up to the hang guard.
+    pub fn wait_migration(&mut self) -> serde_json::Value {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            let st = self.execute("query-migrate", serde_json::json!({}));
+            match st.get("status").and_then(serde_json::Value::as_str) {
+                Some("completed") => return st,
+                Some("failed") | Some("cancelled") => {
+                    panic!("{}: migration did not complete: {st}", self.what)
+                }
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: migration still running at the hang guard: {st}",
+                self.what
+            );
+            thread::sleep(Duration::from_millis(100));
         }
     }
 }

@@ -5,7 +5,8 @@
 //! second export of the same manager must not notice.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
@@ -317,7 +318,8 @@ fn expected_features(readonly: bool) -> u64 {
         | (1 << VIRTIO_BLK_F_DISCARD)
         | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
         | (1 << VIRTIO_BLK_F_MQ)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
     if readonly {
         f |= 1 << VIRTIO_BLK_F_RO;
     }
@@ -491,6 +493,90 @@ fn qemu_negotiation_with_indirect_descriptors() {
     let back = g.bytes(DATA + 0x1000, 8192);
     assert!(back[..4096].iter().all(|&b| b == 0x11));
     assert!(back[4096..].iter().all(|&b| b == 0x22));
+}
+
+/// Live migration as QEMU drives it: LOG_SHMFD and LOG_ALL offered and acked, SET_LOG_BASE
+/// with a shared log (one bit per 4 KiB page of guest memory). The pages the device writes —
+/// a read's data, the status byte, the used ring — must be marked; the pages it only reads
+/// (a write's data, the header, the descriptors) must not.
+#[test]
+fn migration_log_marks_the_pages_the_device_writes() {
+    let f = Fixture::new();
+    let disk = Arc::new(MemDisk::new("migrating", DISK_SIZE));
+    let sock = f.export("migrating", disk, 1, false);
+    let mut fe = Frontend::connect(&sock, 1).expect("connect");
+    let features = fe.get_features().expect("GET_FEATURES");
+    assert_ne!(
+        features & VhostUserVirtioFeatures::LOG_ALL.bits(),
+        0,
+        "QEMU refuses to migrate a vhost-user device without VHOST_F_LOG_ALL"
+    );
+    let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+    assert!(pf.contains(VhostUserProtocolFeatures::LOG_SHMFD), "{pf:?}");
+    fe.set_protocol_features(
+        pf & (VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD),
+    )
+    .expect("SET_PROTOCOL_FEATURES");
+    fe.set_owner().expect("SET_OWNER");
+    fe.set_features(features)
+        .expect("SET_FEATURES with LOG_ALL");
+    let (mem, info) = Guest::memory();
+    fe.add_mem_region(&info).expect("ADD_MEM_REG");
+    let pages = MEM_SIZE / 4096;
+    let log = memfd(pages / 8);
+    fe.set_log_base(
+        0,
+        Some(VhostUserDirtyLogRegion {
+            mmap_size: (pages / 8) as u64,
+            mmap_offset: 0,
+            mmap_handle: log.as_raw_fd(),
+        }),
+    )
+    .expect("SET_LOG_BASE");
+    let mut g = Guest {
+        mem,
+        fe,
+        queues: Vec::new(),
+    };
+    g.setup_queue(0, true);
+    let dirty = |log: &File| -> Vec<u64> {
+        let mut b = vec![0u8; pages / 8];
+        log.read_exact_at(&mut b, 0).expect("read the log");
+        (0..pages as u64)
+            .filter(|p| b[(p / 8) as usize] & (1 << (p % 8)) != 0)
+            .collect()
+    };
+    let clear = |log: &File| {
+        log.write_all_at(&vec![0u8; pages / 8], 0)
+            .expect("clear log")
+    };
+    let page = |gpa: u64| gpa / 4096;
+    let used_page = page(g.queues[0].used);
+
+    // A write: only the status byte's page (with the header) and the used ring are written.
+    g.fill(DATA + 0x1000, 8192, 0x5A);
+    assert_eq!(g.request(0, VIRTIO_BLK_T_OUT, 8, 8192, false), (S_OK, 1));
+    let mut want = vec![page(DATA), used_page];
+    want.sort_unstable();
+    assert_eq!(dirty(&log), want, "pages marked by a write");
+
+    // A read fills two data pages: they are marked too, and nothing else.
+    clear(&log);
+    g.fill(DATA + 0x1000, 8192, 0);
+    assert_eq!(g.request(0, VIRTIO_BLK_T_IN, 8, 8192, true), (S_OK, 8193));
+    assert!(g.bytes(DATA + 0x1000, 8192).iter().all(|&b| b == 0x5A));
+    let mut want = vec![
+        page(DATA),
+        page(DATA + 0x1000),
+        page(DATA + 0x2000),
+        used_page,
+    ];
+    want.sort_unstable();
+    assert_eq!(dirty(&log), want, "pages marked by a read");
 }
 
 #[test]

@@ -18,10 +18,11 @@ use std::time::Duration;
 use snapmv_rpc::limits;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
 use crate::rpc_server::SocketAccess;
 use crate::vhost_blk::config::MAX_QUEUES;
+use crate::vhost_blk::request::GuestMem;
 use crate::vhost_blk::{BlkBackend, BlockDisk, DeviceOptions};
 
 /// Defaults of an export's queues (the RPC's, `snapmv_rpc::limits`).
@@ -223,7 +224,7 @@ fn serve(shared: Arc<Shared>, mut listener: Listener) {
     let name = shared.name.clone();
     while !shared.stop.load(Ordering::SeqCst) {
         // The cache mode is kept across connections (see `ExportState`).
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let mem = GuestMemoryAtomic::new(GuestMem::new());
         let backend = Arc::new(BlkBackend::with_state(
             shared.disk.clone(),
             shared.opts.clone(),
@@ -418,6 +419,33 @@ impl ExportManager {
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .map(info)
+    }
+
+    /// The cache mode export `name` serves with now (`true`: write-back), as its guest set
+    /// it; `None` if there is no such export.
+    pub fn writeback(&self, name: &str) -> Option<bool> {
+        self.exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|e| e.shared.state.writeback.load(Ordering::SeqCst))
+    }
+
+    /// Sets the cache mode of export `name` (kept like a guest's choice), for a guest whose
+    /// choice was made elsewhere: on the source of a live migration. False if no such export.
+    pub fn set_writeback(&self, name: &str, writeback: bool) -> bool {
+        match self
+            .exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            Some(e) => {
+                e.shared.state.set_writeback(name, writeback);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The statistics of export `name` since it was added (across its clients' reconnects).

@@ -51,6 +51,31 @@ enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Live migration, source: flush an origin's export, stop it (its guest must have
+    /// migrated away) and close its store, for another daemon to acquire (docs/migration.md).
+    Release {
+        /// Export of the origin.
+        name: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Live migration, destination: open the store of an export created with --incoming,
+    /// waiting (bounded) for the source daemon to release it, and serve it.
+    Acquire {
+        /// Export created with --incoming.
+        name: String,
+        /// Seconds to wait for the store to be released [default: 60]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// The guest's cache mode was write-back (as `snapmv release` printed on the source)
+        #[arg(long, conflicts_with = "write_through")]
+        writeback: bool,
+        /// The guest's cache mode was write-through (the default of an incoming export)
+        #[arg(long)]
+        write_through: bool,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Snapshot what an export serves: the origin (dms so) or a snapshot (dms ss); with TAG,
     /// snapshot TAG of the origin NAME serves, exported or not (dms s NAME TAG); with several
     /// exports (NAME NAME…), snapshot them all at one instant (a consistency group).
@@ -415,6 +440,21 @@ fn main() -> ExitCode {
         Command::Remove { name, force, out } => {
             let ctx = ctx(out);
             (ctx.json, cli::remove(&ctx, &name, force))
+        }
+        Command::Release { name, out } => {
+            let ctx = ctx(out);
+            (ctx.json, cli::release(&ctx, &name))
+        }
+        Command::Acquire {
+            name,
+            timeout,
+            writeback,
+            write_through,
+            out,
+        } => {
+            let ctx = ctx(out);
+            let mode = (writeback || write_through).then_some(writeback);
+            (ctx.json, cli::acquire(&ctx, &name, timeout, mode))
         }
         Command::Snapshot {
             targets,

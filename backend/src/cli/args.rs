@@ -17,6 +17,7 @@ pub struct Out {
 /// `snapmv create`: export an origin (dms co), or with TAG a snapshot of it (dms cs).
 #[derive(Args, Debug, Clone, Default)]
 #[command(group(clap::ArgGroup::new("fmt").args(["format", "force_format"]).multiple(false)))]
+#[command(group(clap::ArgGroup::new("chunk_use").args(["format", "force_format", "incoming"]).multiple(true)))]
 pub struct CreateArgs {
     /// Export name: 1 to 64 of A-Z a-z 0-9 . _ -
     pub name: String,
@@ -26,7 +27,7 @@ pub struct CreateArgs {
     pub cow: PathBuf,
     /// Export snapshot TAG instead of the origin (dms cs); 1 or more.
     #[arg(
-        conflicts_with_all = ["bind", "format", "force_format", "chunk_size"],
+        conflicts_with_all = ["bind", "format", "force_format", "chunk_size", "incoming"],
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub tag: Option<u32>,
@@ -39,8 +40,9 @@ pub struct CreateArgs {
     /// Format the store even if it already holds one (destroys its snapshots).
     #[arg(short = 'F', long, requires = "bind")]
     pub force_format: bool,
-    /// Chunk size in 4 KiB pages (power of two, 1..=256) when formatting [default: 1]
-    #[arg(short = 'c', long, value_name = "PAGES", requires = "fmt", value_parser = parse_chunk)]
+    /// Chunk size in 4 KiB pages (power of two, 1..=256) when formatting, or the store's with
+    /// --incoming [default: 1]
+    #[arg(short = 'c', long, value_name = "PAGES", requires = "chunk_use", value_parser = parse_chunk)]
     pub chunk_size: Option<u32>,
     /// Origin id inside the store [default: the origin's file name]
     #[arg(long, value_name = "ID")]
@@ -79,6 +81,10 @@ pub struct CreateArgs {
     /// (docs/operations.md, "Stores on Ceph RBD").
     #[arg(long, conflicts_with_all = ["tag", "format", "force_format"])]
     pub takeover: bool,
+    /// Live migration destination: serve the socket now, open the store only at `snapmv
+    /// acquire NAME`, once the source daemon released it (docs/migration.md).
+    #[arg(long, conflicts_with_all = ["bind", "nbd"])]
+    pub incoming: bool,
     /// Output options.
     #[command(flatten)]
     pub out: Out,

@@ -256,6 +256,7 @@ pub fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
             socket_mode: a.socket_mode,
             protocol,
             takeover: a.takeover,
+            incoming: a.incoming,
         })?,
         Some(tag) => ctx.call::<rpc::SnapshotExport>(&m::SnapshotExportParams {
             name: a.name,
@@ -291,6 +292,40 @@ pub fn remove(ctx: &Ctx, name: &str, force: bool) -> Result<(), CliError> {
         ctx.print_result(&r);
     } else {
         println!("export {name} removed");
+    }
+    Ok(())
+}
+
+/// `snapmv release NAME`: `export_release`.
+pub fn release(ctx: &Ctx, name: &str) -> Result<(), CliError> {
+    let r = ctx.call::<rpc::ExportRelease>(&m::ExportReleaseParams { name: name.into() })?;
+    if ctx.json {
+        ctx.print_result(&r);
+    } else {
+        println!(
+            "export {name} released: its store is closed and may be acquired elsewhere (`snapmv acquire {name} {}` there: the guest's cache mode)",
+            if r.writeback { "--writeback" } else { "--write-through" }
+        );
+    }
+    Ok(())
+}
+
+/// `snapmv acquire NAME [--timeout SECS] [--writeback|--write-through]`: `export_acquire`.
+pub fn acquire(
+    ctx: &Ctx,
+    name: &str,
+    timeout_secs: Option<u64>,
+    writeback: Option<bool>,
+) -> Result<(), CliError> {
+    let e = ctx.call::<rpc::ExportAcquire>(&m::ExportAcquireParams {
+        name: name.into(),
+        timeout_secs,
+        writeback,
+    })?;
+    if ctx.json {
+        ctx.print_result(&e);
+    } else {
+        println!("export {} serves {} on {}", e.name, e.volume, e.socket);
     }
     Ok(())
 }

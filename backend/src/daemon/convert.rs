@@ -30,7 +30,8 @@ impl Daemon {
             queue_size: rec.queue_size,
             readonly: rec.readonly,
             connected: live.as_ref().is_some_and(|l| l.connected),
-            // A live export whose store or origin image was taken over fails too (EIO).
+            // A live export may fail too: its store or origin image was taken over (EIO), or
+            // it waits for its store (incoming, `inner.failed`).
             error: self
                 .export_failure(inner, rec)
                 .or_else(|| live.is_none().then(|| "not being served".into())),

@@ -50,6 +50,9 @@ pub(crate) struct Inner {
     pub(crate) failed: HashMap<String, String>,
     /// Open origins whose file was opened read-only (by store, origin id).
     pub(crate) readonly_origins: HashSet<(String, String)>,
+    /// Exports waiting for their store (live migration destination), by name; they are in
+    /// `failed` too, with the reason, until `export_acquire`.
+    pub(crate) incoming: super::handover::Incoming,
 }
 
 /// The daemon's method handler.

@@ -81,6 +81,7 @@ impl Daemon {
                 waiters: HashMap::new(),
                 failed: HashMap::new(),
                 readonly_origins: HashSet::new(),
+                incoming: HashMap::new(),
             }),
             ownership,
         };
@@ -115,6 +116,7 @@ impl Daemon {
     pub(crate) fn shutdown(&self) {
         let mut inner = self.lock();
         for e in self.live_list() {
+            self.abandon_incoming(&mut inner, &e.name);
             if let Err(err) = self.live_remove(&e.name) {
                 warn!("export {}: {err}", e.name);
             }

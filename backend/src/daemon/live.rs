@@ -89,8 +89,17 @@ impl Daemon {
             self.nbd_lock().insert(rec.name.clone(), server);
             return Ok(());
         }
+        self.add_vhost_export(rec, Arc::new(volume))
+    }
+
+    /// Serves `disk` as the vhost-user-blk export `rec`.
+    pub(crate) fn add_vhost_export(
+        &self,
+        rec: &ExportRecord,
+        disk: Arc<dyn crate::vhost_blk::BlockDisk>,
+    ) -> MResult<()> {
         self.exports
-            .add(
+            .add_disk(
                 ExportConfig {
                     name: rec.name.clone(),
                     socket: PathBuf::from(&rec.socket),
@@ -104,7 +113,7 @@ impl Daemon {
                     cache_mode_file: Some(self.cache_mode_file(rec.identity())),
                     serial: rec.serial.clone(),
                 },
-                volume,
+                disk,
             )
             .map_err(|source| MethodError::Export {
                 what: format!("cannot serve export {} on {}", rec.name, rec.socket),

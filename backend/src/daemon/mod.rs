@@ -14,6 +14,7 @@
 //! * `registry`: the open stores and origins, opened exclusively; `paths`: checks that look
 //!   at the filesystem (paths, roles of files, sockets, groups);
 //! * `live`: the exports being served (vhost-user-blk or NBD);
+//! * `handover`: a store moving to or from another daemon (live migration);
 //! * `convert`: engine and state → RPC result types;
 //! * `methods/{origin,export,snapshot,status,backup}`: the handlers;
 //! * `lifecycle`: open and restore, shutdown, closing unused stores, [`serve`] and signals;
@@ -22,6 +23,7 @@
 mod convert;
 mod core;
 mod error;
+mod handover;
 mod lifecycle;
 mod live;
 mod methods;
@@ -118,6 +120,8 @@ routes! {
     method::Stats => stats,
     method::SnapshotMemo => snapshot_memo,
     method::ExportRename => export_rename,
+    method::ExportRelease => export_release,
+    method::ExportAcquire => export_acquire,
 }
 
 impl Daemon {

@@ -67,9 +67,9 @@ pub(crate) fn format_options(name: &str, cow: &str, p: &m::OriginCreateParams) -
             "export {name}: formatting COW store {cow} needs bind (a fresh store has no origin to open)"
         )));
     }
-    if p.chunk_size.is_some() && !format {
+    if p.chunk_size.is_some() && !format && !p.incoming {
         return Err(MethodError::InvalidParams(format!(
-            "export {name}: chunk_size is only used when formatting COW store {cow}"
+            "export {name}: chunk_size is only used when formatting COW store {cow}, or with incoming"
         )));
     }
     let pages = p.chunk_size.unwrap_or(limits::DEFAULT_CHUNK_PAGES);

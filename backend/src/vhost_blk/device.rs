@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::VhostUserBackend;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -20,7 +21,7 @@ use vmm_sys_util::event::{
 use super::config::{device_features, BlkConfig, WRITEBACK_OFFSET};
 use super::disk::BlockDisk;
 use super::dispatch::Dispatcher;
-use super::event_handler::QueueProcessor;
+use super::event_handler::{QueueProcessor, Vring};
 pub(crate) use super::export_state::ExportState;
 use super::inflight::InflightRegion;
 use super::metrics::ExportStats;
@@ -160,8 +161,8 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.opts.num_queues)
@@ -172,7 +173,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        device_features(self.opts.readonly) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // LOG_ALL: the device marks the guest pages it writes in the frontend's dirty log
+        // (LOG_SHMFD below), which QEMU requires before it migrates a vhost-user device.
+        device_features(self.opts.readonly)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -180,6 +185,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
@@ -287,7 +293,7 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if !evset.contains(EventSet::IN) {

@@ -17,6 +17,9 @@ use super::inflight::split_chain;
 use super::persist::{log_inflight_failure, recover_ring, InflightTracker};
 use super::request::{GuestMem, ParsedChain, RequestError};
 
+/// A vring of the device, over guest memory with its dirty-page log.
+pub(crate) type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
+
 /// Test knob, not for production: `SNAPMV_TEST_DELAY_WRITES_MS=N` (1..=1000) holds every batch
 /// that contains a write or a flush for N ms after its chains are marked in flight and before
 /// they execute, so that the end-to-end restart tests (tests/e2e_restart.rs) kill the daemon
@@ -78,7 +81,7 @@ impl QueueProcessor {
     /// Pops every available chain, executes the batch and puts it on the used ring. Holds the
     /// vring lock for the batch, so GET_VRING_BASE (which takes it to stop the ring) waits
     /// until the requests in flight are done.
-    fn process_batch(&self, vring: &VringRwLock, queue: usize) -> Result<usize, String> {
+    fn process_batch(&self, vring: &Vring, queue: usize) -> Result<usize, String> {
         let writeback = self.state.writeback.load(Ordering::Relaxed);
         let mut guard = vring.get_mut();
         let q = guard.get_queue_mut();
@@ -236,7 +239,7 @@ impl QueueProcessor {
         Ok(count)
     }
 
-    pub(crate) fn process_vring(&self, vring: &VringRwLock, queue: usize) -> Result<(), String> {
+    pub(crate) fn process_vring(&self, vring: &Vring, queue: usize) -> Result<(), String> {
         loop {
             // With EVENT_IDX this does nothing; without it, it suppresses kicks while we work.
             vring

@@ -10,6 +10,7 @@
 //! - [`config`]: the configuration space, feature bits and device limits;
 //! - [`request`]: one request, from descriptor chain to status byte (parse, execute, complete);
 //! - [`inflight`]: the layout of the inflight region shared with the frontend;
+//! - [`handover`]: a disk whose volume arrives later (the destination of a live migration);
 //! - [`metrics`]: per-export counters and latency histograms ([`ExportStats`]);
 //! - `export_state.rs`: what an export keeps across connections (cache mode, counters);
 //! - `persist.rs`: each queue's inflight bookkeeping, to resume after a backend restart;
@@ -23,6 +24,7 @@ pub mod disk;
 mod dispatch;
 mod event_handler;
 pub(crate) mod export_state;
+pub mod handover;
 pub mod inflight;
 mod memdisk;
 pub mod metrics;
@@ -33,5 +35,6 @@ mod volume;
 
 pub use device::{BlkBackend, DeviceOptions};
 pub use disk::{BlockDisk, BoxError, DiskError};
+pub use handover::HandoverDisk;
 pub use memdisk::MemDisk;
 pub use metrics::{ExportMetrics, ExportStats};

@@ -67,6 +67,10 @@ methods! {
     SnapshotMemo = names::SNAPSHOT_MEMO, m::SnapshotMemoParams => m::SnapshotMemoResult;
     /// `export_rename`: rename an export (socket path and disk serial kept).
     ExportRename = names::EXPORT_RENAME, m::ExportRenameParams => m::ExportInfo;
+    /// `export_release`: hand an origin's store over (live migration, source side).
+    ExportRelease = names::EXPORT_RELEASE, m::ExportReleaseParams => m::ExportReleaseResult;
+    /// `export_acquire`: take a store over (live migration, destination side).
+    ExportAcquire = names::EXPORT_ACQUIRE, m::ExportAcquireParams => m::ExportInfo;
 }
 
 #[cfg(test)]

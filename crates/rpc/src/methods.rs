@@ -42,6 +42,13 @@ pub mod names {
     /// Rename an export.
     pub const EXPORT_RENAME: &str = "export_rename";
 
+    /// Live migration, source side: flush an origin's export, stop it and close its store so
+    /// that another daemon can take it (docs/migration.md).
+    pub const EXPORT_RELEASE: &str = "export_release";
+    /// Live migration, destination side: open the store of an export created with
+    /// `incoming` (waiting, bounded, for the source to release it) and serve it.
+    pub const EXPORT_ACQUIRE: &str = "export_acquire";
+
     /// Every method, in documentation order.
     pub const ALL: &[&str] = &[
         ORIGIN_CREATE,
@@ -59,6 +66,8 @@ pub mod names {
         STATS,
         SNAPSHOT_MEMO,
         EXPORT_RENAME,
+        EXPORT_RELEASE,
+        EXPORT_ACQUIRE,
     ];
 }
 
@@ -126,6 +135,48 @@ pub struct OriginCreateParams {
     /// socket, export name NAME (docs/nbd.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// The destination of a live migration: serve the socket now (the frontend may connect
+    /// and read the configuration space) but open nothing; the store is opened by
+    /// `export_acquire` once the source daemon released it. The origin must be bound to the
+    /// store already; `chunk_size` is then the store's chunk size (default 1), announced as
+    /// the physical block size and checked when the store is opened.
+    #[serde(default)]
+    pub incoming: bool,
+}
+
+/// `export_release` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportReleaseParams {
+    /// The origin's export. Its guest must have stopped using it (QEMU's migration
+    /// `completed`): the export is stopped, connected or not.
+    pub name: String,
+}
+
+/// `export_acquire` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportAcquireParams {
+    /// An export created with `incoming` (or one that could not be re-created at start).
+    pub name: String,
+    /// How long to wait for another process to release the store, in seconds (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// The guest's cache mode, as `export_release` reported it on the source (`true`:
+    /// write-back). Absent: the export keeps its mode (an incoming export starts
+    /// write-through, which is safe whatever the guest chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writeback: Option<bool>,
+}
+
+/// `export_release` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportReleaseResult {
+    /// Export name.
+    pub name: String,
+    /// The cache mode the guest had set (`true`: write-back, `false`: write-through), to give
+    /// to `export_acquire` on the destination.
+    pub writeback: bool,
 }
 
 /// `snapshot_export` parameters. One of `origin_id` and `origin` is required.

@@ -116,6 +116,9 @@ impl Daemon {
         let rec = self.find_export(inner, &p.name)?;
         if self.live_get(&rec.name).is_some() {
             self.refuse_if_connected(&rec.name, p.force, "remove it")?;
+            // Requests waiting for a store that will not come must end, or stopping the
+            // export would wait for them.
+            self.abandon_incoming(inner, &rec.name);
             self.live_remove(&rec.name)
                 .map_err(|source| MethodError::Export {
                     what: format!("cannot stop export {}", rec.name),

@@ -17,6 +17,9 @@ use crate::state::{ExportRecord, OriginRecord};
 
 impl Daemon {
     pub(crate) fn origin_create(&self, p: m::OriginCreateParams) -> MResult<m::ExportInfo> {
+        if p.incoming {
+            return self.incoming_create(p);
+        }
         let mut guard = self.lock();
         let inner = &mut *guard;
         // Everything is checked, and the origin opened, before the store is formatted:

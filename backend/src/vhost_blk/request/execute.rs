@@ -7,7 +7,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 use super::chain::ChainLayout;
 use super::error::RequestError;
-use super::guest_memory::{host_ranges, sub_segs, write_segs, GuestMem};
+use super::guest_memory::{host_ranges, mark_written, sub_segs, write_segs, GuestMem};
 use super::parse::{Request, HEADER_SIZE};
 use crate::vhost_blk::disk::BlockDisk;
 
@@ -42,7 +42,8 @@ pub fn execute(
             }
             // `parse` checked that the length fits.
             let used = u32::try_from(len).map_err(|_| RequestError::TooLong)?;
-            let ranges = host_ranges(mem, &sub_segs(&layout.writable, 0, len))?;
+            let segs = sub_segs(&layout.writable, 0, len);
+            let ranges = host_ranges(mem, &segs)?;
             let mut iov: Vec<IoSliceMut<'_>> = ranges
                 .iter()
                 .map(|&(p, n)| {
@@ -54,7 +55,10 @@ pub fn execute(
                     IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) })
                 })
                 .collect();
-            ctx.disk.read_vectored(offset, &mut iov).map_err(disk_err)?;
+            let read = ctx.disk.read_vectored(offset, &mut iov);
+            // Even a failed read may have filled part of the buffers.
+            mark_written(mem, &segs);
+            read.map_err(disk_err)?;
             Ok(used)
         }
         Request::Write { offset, len } => {

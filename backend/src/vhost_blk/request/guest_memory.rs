@@ -1,14 +1,18 @@
 //! Access to the guest's buffers: host addresses for data (zero copy), copies for the small
 //! control structures (header, DISCARD segments, GET_ID answer).
 
-use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
-
-use vm_memory::GuestAddress;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::error::RequestError;
 
-/// Guest memory as the device sees it.
-pub type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory as the device sees it. Each region carries a dirty-page bitmap that the
+/// frontend's log (`SET_LOG_BASE`, during a live migration) backs; until then it records
+/// nothing. Writes through `vm-memory` (used ring, status byte, copied answers) mark pages
+/// themselves; data the disk reads straight into guest memory is marked by
+/// [`mark_written`].
+pub type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
 
 /// A piece of guest memory named by a descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +65,21 @@ pub fn host_ranges(mem: &GuestMem, segs: &[Seg]) -> Result<Vec<(*mut u8, usize)>
         }
     }
     Ok(out)
+}
+
+/// Marks the first `len` bytes of `segs` as written by the device, in the migration log: a
+/// page the device filled (a read's data) must be sent again if it was already sent. Called
+/// after the bytes are in guest memory, so a page copied after the mark has the new data.
+pub fn mark_written(mem: &GuestMem, segs: &[Seg]) {
+    for seg in segs {
+        let Ok(len) = usize::try_from(seg.len) else {
+            continue;
+        };
+        // The same slices `host_ranges` handed to the disk; one that fails was never written.
+        for slice in mem.get_slices(seg.addr, len).flatten() {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
 }
 
 /// Copies `segs` (small control data) out of guest memory.

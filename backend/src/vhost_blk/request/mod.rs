@@ -24,7 +24,7 @@ pub use chain::{ChainLayout, ParsedChain, MAX_CHAIN_DESCS};
 pub use completion::{handle_chain, handle_parsed, Completion};
 pub use error::RequestError;
 pub use execute::RequestContext;
-pub use guest_memory::{host_ranges, sub_segs, GuestMem, Seg};
+pub use guest_memory::{host_ranges, mark_written, sub_segs, GuestMem, Seg};
 pub use parse::{Request, RequestKind, HEADER_SIZE};
 
 #[cfg(test)]
