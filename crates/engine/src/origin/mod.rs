@@ -10,6 +10,8 @@
 //! - `snapshot.rs`: create, delete, list, status, unbind;
 //! - `rollback.rs`: live rollback and its background copy-back;
 //! - `reclaim.rs`: the reader census (`Readers`, pure) and the reclaim of what no reader needs;
+//! - `read_map.rs`: a read's pieces (file and offset, or zeros) for asynchronous I/O, and the
+//!   check that keeps such a read exact;
 //! - `background.rs`: the worker's slice of work per origin; `diff.rs`: changed-block diff.
 //!
 //! `docs/design.md` explains the rules.
@@ -50,6 +52,7 @@ mod chunk_map;
 mod cow;
 mod diff;
 mod overlay;
+mod read_map;
 mod reclaim;
 mod rollback;
 mod snapshot;
@@ -59,6 +62,7 @@ mod tree;
 
 pub(crate) use chunk_map::{Ex, ExList};
 use overlay::Overlay;
+pub use read_map::{ReadMapping, ReadSegment, ReadSource};
 pub(crate) use rollback::RollbackRt;
 use tree::NodeRt;
 pub(crate) use tree::VersionTree;
