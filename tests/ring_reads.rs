@@ -1,8 +1,9 @@
 //! Reads through the device's io_uring path stay exact: a snapshot export read at queue depth
 //! 32 while the origin is overwritten (each overwrite copies the old chunk out, racing the
 //! snapshot's reads of the origin device) returns only the snapshot's data; an origin export
-//! read at the same time returns each block wholly old or wholly new. The files are opened
-//! with O_DIRECT where the file system allows it (the aligned path), else buffered.
+//! read at the same time returns each block wholly old or wholly new. The ring serves
+//! O_DIRECT files only, so the files are opened with O_DIRECT, in the target directory (a
+//! disk file system; tmpfs has no O_DIRECT).
 
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
@@ -31,7 +32,7 @@ fn generation(data: &[u8], b: u64) -> Option<u64> {
 
 #[test]
 fn snapshot_and_origin_reads_stay_exact_while_the_origin_is_overwritten() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
     let (opath, spath) = (dir.path().join("origin"), dir.path().join("store"));
     std::fs::File::create(&opath)
         .and_then(|f| f.set_len(SIZE))
@@ -47,17 +48,10 @@ fn snapshot_and_origin_reads_stay_exact_while_the_origin_is_overwritten() {
         },
     )
     .expect("format");
-    // O_DIRECT where the file system has it (tmpfs has not: EINVAL).
-    let direct = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&opath)
-            .is_ok()
-    };
-    let store = Store::open(&spath, direct).expect("open store");
-    let origin = store.bind_origin("o", &opath, direct).expect("bind");
+    let store = Store::open(&spath, true).expect("open store (O_DIRECT)");
+    let origin = store
+        .bind_origin("o", &opath, true)
+        .expect("bind (O_DIRECT)");
     let v = origin.volume();
     for b in 0..BLOCKS {
         v.write(b * BLOCK as u64, &block(b, 0)).expect("fill");
@@ -209,7 +203,7 @@ impl snapmv::vhost_blk::BlockDisk for Overtaken {
 
 #[test]
 fn a_read_overtaken_by_a_copy_out_is_read_again() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
     let (opath, spath) = (dir.path().join("origin"), dir.path().join("store"));
     std::fs::File::create(&opath)
         .and_then(|f| f.set_len(4 << 20))
@@ -225,8 +219,10 @@ fn a_read_overtaken_by_a_copy_out_is_read_again() {
         },
     )
     .expect("format");
-    let store = Store::open(&spath, false).expect("open store");
-    let origin = store.bind_origin("o", &opath, false).expect("bind");
+    let store = Store::open(&spath, true).expect("open store (O_DIRECT)");
+    let origin = store
+        .bind_origin("o", &opath, true)
+        .expect("bind (O_DIRECT)");
     let v = origin.volume();
     let blocks = (4 << 20) / BLOCK as u64;
     for b in 0..blocks {

@@ -1,4 +1,4 @@
-//! Reads through io_uring: a read whose bytes the disk maps to files
+//! Reads through io_uring: a read whose bytes the disk maps to O_DIRECT files
 //! ([`BlockDisk::read_mapping`]) is submitted as one read per file piece straight into the
 //! guest's buffers, and completed from the completion queue; the queue's thread meanwhile takes
 //! and starts more requests, so a queue keeps as many reads at the device as the guest has in
@@ -51,6 +51,11 @@ pub(crate) struct UringQueue {
     slots: Vec<Option<Pending>>,
     free: Vec<usize>,
     in_flight: usize,
+    /// The disk's files are buffered, not O_DIRECT: its reads stay synchronous. From the page
+    /// cache a synchronous read on the queue's thread is the fastest (a few microseconds; the
+    /// ring's round trip measured slower), and reads that reach the device run on the I/O
+    /// pool (`dispatch.rs`). A disk's files keep their mode while it is served.
+    buffered_files: bool,
 }
 
 // SAFETY: the raw pointers a `UringQueue` holds (in its pending reads' iovec arrays) point
@@ -94,6 +99,7 @@ impl UringQueue {
             slots: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
+            buffered_files: false,
         })
     }
 
@@ -134,9 +140,21 @@ impl UringQueue {
         let Ok(ranges) = host_ranges(mem, &sub_segs(&chain.layout.writable, 0, len)) else {
             return Err(chain);
         };
+        if self.buffered_files {
+            return Err(chain);
+        }
         let Some(mapping) = ctx.disk.read_mapping(offset, len) else {
             return Err(chain);
         };
+        if mapping
+            .segments()
+            .iter()
+            .any(|s| matches!(s.source, ReadSource::File { fd, .. } if fd.align <= 1))
+        {
+            // Buffered: see `buffered_files`.
+            self.buffered_files = true;
+            return Err(chain);
+        }
         // Plan every piece before touching anything, so that a refusal leaves no trace.
         let mut reads: Vec<(i32, u64, Vec<Piece>, u32)> = Vec::new();
         let mut zeros: Vec<Piece> = Vec::new();
