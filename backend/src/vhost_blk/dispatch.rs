@@ -1,6 +1,6 @@
-//! Where the requests of one batch run. Reads the disk maps to files go to the queue's
-//! io_uring (`uring.rs`) and complete later. Other fast requests (page cache) run one after
-//! the other on the queue's thread; when requests have been slow lately (waiting for the
+//! Where the requests of one batch run. Reads the disk maps to O_DIRECT files go to the
+//! queue's io_uring (`uring.rs`) and complete later. Other fast requests (page cache) run one
+//! after the other on the queue's thread; when requests have been slow lately (waiting for the
 //! journal or the device), they run in parallel on the I/O pool, a FLUSH waiting for every
 //! request before it in the batch and running before those after it.
 

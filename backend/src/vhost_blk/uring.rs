@@ -126,7 +126,7 @@ impl UringQueue {
         taken: Instant,
         out: &mut Vec<(Done, Instant)>,
     ) -> Result<(), ParsedChain> {
-        if chain.request_type(mem) != Some(VIRTIO_BLK_T_IN) {
+        if self.buffered_files || chain.request_type(mem) != Some(VIRTIO_BLK_T_IN) {
             return Err(chain);
         }
         let Ok(Request::Read { offset, len }) =
@@ -140,9 +140,6 @@ impl UringQueue {
         let Ok(ranges) = host_ranges(mem, &sub_segs(&chain.layout.writable, 0, len)) else {
             return Err(chain);
         };
-        if self.buffered_files {
-            return Err(chain);
-        }
         let Some(mapping) = ctx.disk.read_mapping(offset, len) else {
             return Err(chain);
         };
