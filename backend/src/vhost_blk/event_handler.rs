@@ -192,6 +192,9 @@ impl QueueProcessor {
         let mut ring = self.dispatcher.ring(queue);
         let mut total = count;
         let mut signal = ring_started;
+        // An error stops the taking of chains, not the draining: a read left in the ring
+        // would never be completed (the next batch may find no new chain to run the loop).
+        let mut error = None;
         loop {
             if !chains.is_empty() {
                 let done = self.dispatcher.start_batch(
@@ -213,12 +216,17 @@ impl QueueProcessor {
             if r.in_flight() == 0 {
                 break;
             }
-            self.notify(st, &mem, &mut signal)?;
+            if let Err(e) = self.notify(st, &mem, &mut signal) {
+                error.get_or_insert(e);
+            }
             let mut done = Vec::new();
             self.dispatcher.reap(r, true, writeback, &mut done);
             self.put_used(st.get_queue_mut(), &mem, iq, queue, done);
-            if Instant::now().saturating_duration_since(started) < BUSY_FOR {
-                chains = self.take_more(st.get_queue_mut(), &mut mem)?;
+            if error.is_none() && Instant::now().saturating_duration_since(started) < BUSY_FOR {
+                match self.take_more(st.get_queue_mut(), &mut mem) {
+                    Ok(more) => chains = more,
+                    Err(e) => error = Some(e),
+                }
                 if !chains.is_empty() {
                     taken = Instant::now();
                     metrics.requests_taken(queue, chains.len());
@@ -227,6 +235,9 @@ impl QueueProcessor {
                     total += chains.len();
                 }
             }
+        }
+        if let Some(e) = error {
+            return Err(e);
         }
         self.notify(st, &mem, &mut signal)?;
         Ok(total)
