@@ -49,4 +49,10 @@ pub trait BlockDisk: Send + Sync + 'static {
     fn name(&self) -> String;
     /// The physical block size the guest should align to (bytes, power of two >= 512).
     fn physical_block_size(&self) -> u32;
+    /// Where the bytes `[offset, offset+len)` lie, for the device to read them with io_uring
+    /// (see `snapmv_engine::Volume::read_mapping`); `None`: read through `read_vectored`.
+    fn read_mapping(&self, offset: u64, len: u64) -> Option<snapmv_engine::ReadMapping> {
+        let _ = (offset, len);
+        None
+    }
 }

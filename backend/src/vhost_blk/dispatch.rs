@@ -1,15 +1,24 @@
-//! Where the requests of one batch run. Fast requests (page cache) run one after the other on
-//! the queue's thread; when requests have been slow lately (waiting for the journal or the
-//! device), they run in parallel on the I/O pool, a FLUSH waiting for every request before it
-//! in the batch and running before those after it.
+//! Where the requests of one batch run. Reads the disk maps to O_DIRECT files go to the
+//! queue's io_uring (`uring.rs`) and complete later. Other fast requests (page cache) run one
+//! after the other on the queue's thread; when requests have been slow lately (waiting for the
+//! journal or the device), they run in parallel on the I/O pool, a FLUSH waiting for every
+//! request before it in the batch and running before those after it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::disk::BlockDisk;
 use super::pool::{Batch, IoPool};
 use super::request::{handle_parsed, Completion, GuestMem, ParsedChain, RequestContext};
+use super::uring::UringQueue;
+
+/// `SNAPMV_IO_URING=0` turns the io_uring read path off (every read synchronous), to compare
+/// the two paths.
+fn uring_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SNAPMV_IO_URING").map_or(true, |v| v != "0"))
+}
 
 /// Most I/O threads of one connection (started only when requests are slow).
 pub const IO_THREADS: usize = 16;
@@ -33,6 +42,10 @@ pub(crate) struct Dispatcher {
     /// runs on the queue thread or on the I/O pool.
     service_ns: Vec<AtomicU64>,
     pool: IoPool,
+    /// Per queue: its io_uring, made on first use (only that queue's thread takes it).
+    rings: Vec<Mutex<Option<UringQueue>>>,
+    /// io_uring could not be set up here: reads are synchronous.
+    uring_off: AtomicBool,
 }
 
 impl Dispatcher {
@@ -52,7 +65,78 @@ impl Dispatcher {
             id,
             service_ns: (0..num_queues).map(|_| AtomicU64::new(0)).collect(),
             pool: IoPool::new(name, IO_THREADS),
+            rings: (0..num_queues).map(|_| Mutex::new(None)).collect(),
+            uring_off: AtomicBool::new(!uring_enabled()),
         }
+    }
+
+    /// Queue `queue`'s io_uring (made now if needed), held for one batch; `None`: reads of
+    /// this queue are synchronous.
+    pub(crate) fn ring(&self, queue: usize) -> Option<MutexGuard<'_, Option<UringQueue>>> {
+        if self.uring_off.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut g = self
+            .rings
+            .get(queue)?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            match UringQueue::new() {
+                Ok(r) => *g = Some(r),
+                Err(e) => {
+                    if !self.uring_off.swap(true, Ordering::Relaxed) {
+                        log::warn!("io_uring unavailable ({e}): reads are synchronous");
+                    }
+                    return None;
+                }
+            }
+        }
+        Some(g)
+    }
+
+    /// Starts the reads of `chains` that can go through `ring`, runs the others (see
+    /// [`Dispatcher::execute_batch`]); returns what completed, with when each was taken.
+    pub(crate) fn start_batch(
+        &self,
+        ring: Option<&mut UringQueue>,
+        mem: &Arc<GuestMem>,
+        chains: Vec<(u16, ParsedChain)>,
+        queue: usize,
+        writeback: bool,
+        taken: Instant,
+    ) -> Vec<(Done, Instant)> {
+        let mut out = Vec::new();
+        let rest = match ring {
+            None => chains,
+            Some(ring) => {
+                let ctx = self.context(writeback);
+                let mut rest = Vec::new();
+                for (head, chain) in chains {
+                    if let Err(chain) = ring.try_start(mem, head, chain, &ctx, taken, &mut out) {
+                        rest.push((head, chain));
+                    }
+                }
+                rest
+            }
+        };
+        if !rest.is_empty() {
+            let done = self.execute_batch(mem, rest, queue, writeback);
+            out.extend(done.into_iter().map(|d| (d, taken)));
+        }
+        out
+    }
+
+    /// Collects the reads of `ring` that completed (`wait`: at least one, if any is in
+    /// flight).
+    pub(crate) fn reap(
+        &self,
+        ring: &mut UringQueue,
+        wait: bool,
+        writeback: bool,
+        out: &mut Vec<(Done, Instant)>,
+    ) {
+        ring.reap(wait, &self.context(writeback), out);
     }
 
     fn record_service_time(&self, queue: usize, took: Duration) {

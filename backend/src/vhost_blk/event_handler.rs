@@ -3,18 +3,18 @@
 //! count them and signal the guest.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{QueueOwnedT, QueueT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::disk::DiskError;
 use super::dispatch::{Dispatcher, Done};
 use super::export_state::ExportState;
-use super::inflight::split_chain;
-use super::persist::{log_inflight_failure, recover_ring, InflightTracker};
+use super::inflight::{split_chain, InflightQueue};
+use super::persist::{log_inflight_failure, recover_ring, InflightTracker, QueueTrack};
 use super::request::{GuestMem, ParsedChain, RequestError};
 
 /// A vring of the device, over guest memory with its dirty-page log.
@@ -34,6 +34,10 @@ fn test_write_delay() -> Option<Duration> {
             .map(Duration::from_millis)
     })
 }
+
+/// How long one batch keeps taking new chains while reads are in flight through io_uring
+/// before it drains them and lets the vring lock go.
+const BUSY_FOR: Duration = Duration::from_millis(20);
 
 /// Processes the queues of one connection.
 pub(crate) struct QueueProcessor {
@@ -157,19 +161,19 @@ impl QueueProcessor {
             return Ok(0);
         }
         let started = Instant::now();
+        let mut taken = started;
         let metrics = self.state.metrics();
         metrics.requests_taken(queue, count);
         // Record the chains just taken as in flight before executing any of them.
-        if let (Some(iq), Some(track)) = (iq, track) {
-            let mut t = track.lock().unwrap_or_else(|e| e.into_inner());
-            for (head, _) in &chains[resubmit.len()..] {
-                if let Err(e) = iq.set_inflight(*head, t.counter) {
-                    log_inflight_failure(&self.name, &self.state, queue, &e);
-                }
-                t.counter = t.counter.wrapping_add(1);
-            }
+        let fresh: Vec<u16> = chains[resubmit.len()..].iter().map(|(h, _)| *h).collect();
+        self.mark_inflight(iq, track, queue, &fresh);
+        if let Some(track) = track {
             // The resubmitted chains run in this batch, which completes every chain it holds.
-            t.resubmit.clear();
+            track
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resubmit
+                .clear();
         }
         if let Some(delay) = test_write_delay() {
             let writes = chains.iter().any(|(_, c)| {
@@ -183,14 +187,132 @@ impl QueueProcessor {
                 std::thread::sleep(delay);
             }
         }
-        let batch = self
-            .dispatcher
-            .execute_batch(&mem, chains, queue, writeback);
-        for Done {
-            head,
-            completion: done,
-            finished,
-        } in batch
+        // Reads through the ring complete later, out of order: while any is in flight, this
+        // thread waits for completions and takes the chains the guest adds meanwhile, so the
+        // device sees as many reads as the guest has in flight. After BUSY_FOR it takes no
+        // more and drains, so that the vring lock (GET_VRING_BASE waits for it) is let go.
+        let st: &mut VringState<GuestMemoryAtomic<GuestMem>> = &mut guard;
+        let mut ring = self.dispatcher.ring(queue);
+        let mut total = count;
+        let mut signal = ring_started;
+        // An error stops the taking of chains, not the draining: a read left in the ring
+        // would never be completed (the next batch may find no new chain to run the loop).
+        let mut error = None;
+        loop {
+            if !chains.is_empty() {
+                let done = self.dispatcher.start_batch(
+                    ring.as_deref_mut().and_then(Option::as_mut),
+                    &mem,
+                    std::mem::take(&mut chains),
+                    queue,
+                    writeback,
+                    taken,
+                );
+                self.put_used(st.get_queue_mut(), &mem, iq, queue, done);
+            }
+            let Some(r) = ring.as_deref_mut().and_then(Option::as_mut) else {
+                break;
+            };
+            let mut done = Vec::new();
+            self.dispatcher.reap(r, false, writeback, &mut done);
+            self.put_used(st.get_queue_mut(), &mem, iq, queue, done);
+            if r.in_flight() == 0 {
+                break;
+            }
+            if let Err(e) = self.notify(st, &mem, &mut signal) {
+                error.get_or_insert(e);
+            }
+            let mut done = Vec::new();
+            self.dispatcher.reap(r, true, writeback, &mut done);
+            self.put_used(st.get_queue_mut(), &mem, iq, queue, done);
+            if error.is_none() && Instant::now().saturating_duration_since(started) < BUSY_FOR {
+                match self.take_more(st.get_queue_mut(), &mut mem) {
+                    Ok(more) => chains = more,
+                    Err(e) => error = Some(e),
+                }
+                if !chains.is_empty() {
+                    taken = Instant::now();
+                    metrics.requests_taken(queue, chains.len());
+                    let heads: Vec<u16> = chains.iter().map(|(h, _)| *h).collect();
+                    self.mark_inflight(iq, track, queue, &heads);
+                    total += chains.len();
+                }
+            }
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        self.notify(st, &mem, &mut signal)?;
+        Ok(total)
+    }
+
+    /// Records `heads`, just taken, as in flight in the inflight region.
+    fn mark_inflight(
+        &self,
+        iq: Option<InflightQueue<'_>>,
+        track: Option<&Mutex<QueueTrack>>,
+        queue: usize,
+        heads: &[u16],
+    ) {
+        let (Some(iq), Some(track)) = (iq, track) else {
+            return;
+        };
+        let mut t = track.lock().unwrap_or_else(|e| e.into_inner());
+        for head in heads {
+            if let Err(e) = iq.set_inflight(*head, t.counter) {
+                log_inflight_failure(&self.name, &self.state, queue, &e);
+            }
+            t.counter = t.counter.wrapping_add(1);
+        }
+    }
+
+    /// Takes the chains the guest made available since the last look (see `process_batch`
+    /// for why the memory map is read again around it).
+    fn take_more(
+        &self,
+        q: &mut Queue,
+        mem: &mut Arc<GuestMem>,
+    ) -> Result<Vec<(u16, ParsedChain)>, String> {
+        let mut cur = self.mem.memory().into_inner();
+        for attempt in 0..4 {
+            let chains: Vec<(u16, ParsedChain)> = match q.iter(&*cur) {
+                Ok(it) => it
+                    .map(|chain| (chain.head_index(), ParsedChain::parse(chain)))
+                    .collect(),
+                Err(virtio_queue::Error::QueueNotReady) => return Ok(Vec::new()),
+                Err(e) => return Err(format!("cannot read the available ring: {e}")),
+            };
+            let now = self.mem.memory().into_inner();
+            if Arc::ptr_eq(&now, &cur) || attempt == 3 {
+                *mem = cur;
+                return Ok(chains);
+            }
+            for _ in 0..chains.len() {
+                q.go_to_previous_position();
+            }
+            cur = now;
+        }
+        Ok(Vec::new())
+    }
+
+    /// Counts the executed chains and puts them on the used ring.
+    fn put_used(
+        &self,
+        q: &mut Queue,
+        mem: &GuestMem,
+        iq: Option<InflightQueue<'_>>,
+        queue: usize,
+        done: Vec<(Done, Instant)>,
+    ) {
+        let metrics = self.state.metrics();
+        for (
+            Done {
+                head,
+                completion: done,
+                finished,
+            },
+            taken,
+        ) in done
         {
             // Counted before the guest can see the completion.
             match &done.error {
@@ -202,7 +324,7 @@ impl QueueProcessor {
                     queue,
                     done.kind,
                     done.bytes,
-                    finished.saturating_duration_since(started),
+                    finished.saturating_duration_since(taken),
                 ),
             }
             if let Some(iq) = iq {
@@ -210,7 +332,7 @@ impl QueueProcessor {
                     log_inflight_failure(&self.name, &self.state, queue, &e);
                 }
             }
-            let used = q.add_used(&*mem, head, done.used_len);
+            let used = q.add_used(mem, head, done.used_len);
             if let (Ok(()), Some(iq)) = (&used, iq) {
                 if let Err(e) = iq.post_put(head, q.next_used()) {
                     log_inflight_failure(&self.name, &self.state, queue, &e);
@@ -227,16 +349,26 @@ impl QueueProcessor {
                 );
             }
         }
-        let notify = q
-            .needs_notification(&*mem)
+    }
+
+    /// Signals the guest if it asked to be (EVENT_IDX), or once after a restart (`force`,
+    /// then cleared).
+    fn notify(
+        &self,
+        st: &mut VringState<GuestMemoryAtomic<GuestMem>>,
+        mem: &GuestMem,
+        force: &mut bool,
+    ) -> Result<(), String> {
+        let notify = st
+            .get_queue_mut()
+            .needs_notification(mem)
             .map_err(|e| format!("cannot read used_event: {e}"))?;
-        // After a restart, always signal once (see above).
-        if notify || ring_started {
-            guard
-                .signal_used_queue()
+        if notify || *force {
+            *force = false;
+            st.signal_used_queue()
                 .map_err(|e| format!("cannot signal the call eventfd: {e}"))?;
         }
-        Ok(count)
+        Ok(())
     }
 
     pub(crate) fn process_vring(&self, vring: &Vring, queue: usize) -> Result<(), String> {

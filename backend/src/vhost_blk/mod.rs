@@ -14,7 +14,8 @@
 //! - [`metrics`]: per-export counters and latency histograms ([`ExportStats`]);
 //! - `export_state.rs`: what an export keeps across connections (cache mode, counters);
 //! - `persist.rs`: each queue's inflight bookkeeping, to resume after a backend restart;
-//! - `pool.rs`, `dispatch.rs`: where the requests of a batch run (queue thread or I/O pool);
+//! - `pool.rs`, `uring.rs`, `dispatch.rs`: where the requests of a batch run (reads through
+//!   the queue's io_uring, the rest on the queue thread or the I/O pool);
 //! - `event_handler.rs`: one queue's work on a kick: take chains, run them, complete them;
 //! - `device.rs`: [`BlkBackend`], the `VhostUserBackend` implementation.
 
@@ -31,6 +32,7 @@ pub mod metrics;
 mod persist;
 mod pool;
 pub mod request;
+mod uring;
 mod volume;
 
 pub use device::{BlkBackend, DeviceOptions};

@@ -51,4 +51,8 @@ impl BlockDisk for Volume {
     fn physical_block_size(&self) -> u32 {
         self.chunk_size().max(512)
     }
+
+    fn read_mapping(&self, offset: u64, len: u64) -> Option<snapmv_engine::ReadMapping> {
+        Volume::read_mapping(self, offset, len)
+    }
 }

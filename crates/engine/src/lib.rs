@@ -22,8 +22,10 @@ mod volume;
 
 pub use check::{check, check_storage, CheckReport};
 pub use error::{CommitFailed, Error, ErrorKind, Result};
-pub use origin::{GroupError, OriginStatus, RollbackProgress, SnapshotInfo};
+pub use origin::{
+    GroupError, OriginStatus, ReadMapping, ReadSegment, ReadSource, RollbackProgress, SnapshotInfo,
+};
 pub use registry::{snapshot_group, Origin, StoreStatus};
-pub use storage::{current_boot_id, in_use, BootId, FileStorage, InUse, OpenMode, Storage};
+pub use storage::{current_boot_id, in_use, BootId, FileStorage, InUse, OpenMode, ReadFd, Storage};
 pub use store::{CommitStats, FormatOptions, Store};
 pub use volume::Volume;

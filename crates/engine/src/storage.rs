@@ -62,6 +62,23 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn boot_id(&self) -> BootId {
         current_boot_id()
     }
+    /// The file descriptor that callers may read with their own (asynchronous) I/O, with its
+    /// alignment needs; `None` when reads must go through this trait (the default: test
+    /// storages that record or simulate I/O).
+    fn read_fd(&self) -> Option<ReadFd> {
+        None
+    }
+}
+
+/// A storage's file descriptor for reads outside the [`Storage`] trait (see
+/// [`Storage::read_fd`]). Valid while the storage lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadFd {
+    /// The descriptor.
+    pub fd: std::os::unix::io::RawFd,
+    /// Offsets, lengths and buffer addresses must be multiples of this (512 with O_DIRECT,
+    /// else 1); a read that is not aligned must take the storage's own path (it bounces).
+    pub align: usize,
 }
 
 /// Writes zeros over `offset..offset + len` (the fallback of [`Storage::zero_range`]).
@@ -424,6 +441,13 @@ impl Storage for FileStorage {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn read_fd(&self) -> Option<ReadFd> {
+        Some(ReadFd {
+            fd: self.file.as_raw_fd(),
+            align: if self.direct { DIRECT_ALIGN } else { 1 },
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! Volume handles: the origin or one snapshot, as a block device.
 
 use crate::error::{Error, Result};
-use crate::origin::{OriginCore, SnapRt};
+use crate::origin::{OriginCore, ReadMapping, SnapRt};
 use crate::store::Guard;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::Ordering::SeqCst;
@@ -74,6 +74,16 @@ impl Volume {
                 self.core.snap_read(s, offset, len, bufs)
             }
         }
+    }
+
+    /// Where the bytes `[offset, offset+len)` lie, for a caller that reads them with its own
+    /// asynchronous I/O: `None` when that read must go through [`Volume::read_vectored`] (a
+    /// bad range, a storage without a file descriptor, a pending overlay, a rollback, a
+    /// deleted snapshot). After the reads complete, [`ReadMapping::still_valid`] says whether
+    /// they are exact; if not, read again with [`Volume::read_vectored`].
+    pub fn read_mapping(&self, offset: u64, len: u64) -> Option<ReadMapping> {
+        self.check_range(offset, len).ok()?;
+        self.core.read_mapping(self.snap.as_deref(), offset, len)
     }
 
     /// Writes the buffers at `offset`.

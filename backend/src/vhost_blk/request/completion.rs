@@ -24,6 +24,38 @@ pub struct Completion {
     pub bytes: u64,
 }
 
+/// Completes a read of `len` bytes whose data the device already placed in the chain's
+/// buffers (asynchronous I/O): writes the OK status.
+pub fn complete_read(mem: &GuestMem, chain: &ParsedChain, len: u64) -> Completion {
+    let Some(status_addr) = chain.layout.status_addr() else {
+        return Completion {
+            used_len: 0,
+            error: Some(RequestError::NoStatus),
+            kind: Some(RequestKind::Read),
+            bytes: 0,
+        };
+    };
+    if let Err(e) = mem.write_obj(VIRTIO_BLK_S_OK as u8, status_addr) {
+        return Completion {
+            used_len: 0,
+            error: Some(RequestError::BadAddress {
+                addr: status_addr.raw_value(),
+                len: 1,
+                source: e,
+            }),
+            kind: Some(RequestKind::Read),
+            bytes: 0,
+        };
+    }
+    Completion {
+        // `parse` checked that the length fits the used length.
+        used_len: u32::try_from(len).unwrap_or(u32::MAX).saturating_add(1),
+        error: None,
+        kind: Some(RequestKind::Read),
+        bytes: len,
+    }
+}
+
 /// Parses and executes one chain. Never panics on guest input.
 pub fn handle_chain(
     mem: &GuestMem,

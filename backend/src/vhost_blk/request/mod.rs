@@ -21,7 +21,7 @@ pub mod guest_memory;
 pub mod parse;
 
 pub use chain::{ChainLayout, ParsedChain, MAX_CHAIN_DESCS};
-pub use completion::{handle_chain, handle_parsed, Completion};
+pub use completion::{complete_read, handle_chain, handle_parsed, Completion};
 pub use error::RequestError;
 pub use execute::RequestContext;
 pub use guest_memory::{host_ranges, mark_written, sub_segs, GuestMem, Seg};

@@ -11,6 +11,8 @@
 //!   cut at one instant;
 //! - `rollback.rs`: live rollback and its background copy-back;
 //! - `reclaim.rs`: the reader census (`Readers`, pure) and the reclaim of what no reader needs;
+//! - `read_map.rs`: a read's pieces (file and offset, or zeros) for asynchronous I/O, and the
+//!   check that keeps such a read exact;
 //! - `background.rs`: the worker's slice of work per origin; `diff.rs`: changed-block diff;
 //! - `zero.rs`: discard and write-zeroes (holes in the origin, zero exceptions).
 //!
@@ -56,6 +58,7 @@ mod cow;
 mod diff;
 mod group;
 mod overlay;
+mod read_map;
 mod reclaim;
 mod rollback;
 mod snapshot;
@@ -69,6 +72,7 @@ pub(crate) use chunk_map::{Ex, ExList};
 pub use group::GroupError;
 pub(crate) use group::{snapshot_group, Member};
 use overlay::Overlay;
+pub use read_map::{ReadMapping, ReadSegment, ReadSource};
 pub(crate) use rollback::RollbackRt;
 use tree::NodeRt;
 pub(crate) use tree::VersionTree;
