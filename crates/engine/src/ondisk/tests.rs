@@ -143,7 +143,7 @@ fn checkpoint_keeps_pending_overlays_and_reads_without_them() {
 
 #[test]
 fn zero_exceptions_hold_no_chunk_and_replace_data() {
-    use crate::meta::{NodeKind, NodeMeta, ZERO_CHUNK};
+    use crate::meta::{bit_get, NodeKind, NodeMeta, ZERO_CHUNK};
     let mut m = MetaState::new(4096, 64);
     m.apply(&Record::BindOrigin {
         slot: 0,
