@@ -446,8 +446,10 @@ fn power_cut_under_concurrent_load() {
         Store::format_storage(&*st, &FormatOptions::default()).unwrap();
         let store = Store::open_storage(st.clone()).unwrap();
         let o = store.bind_origin_storage(ORIGIN_ID, og.clone()).unwrap();
-        let t1 = o.create_snapshot(None, "w1").unwrap();
-        let t2 = o.create_snapshot(None, "w2").unwrap();
+        // Durable: `verify` requires the written snapshots after any cut (a create answered
+        // when written may be undone by a cut before the next commit round).
+        let t1 = o.create_snapshot_sync(None, "w1").unwrap();
+        let t2 = o.create_snapshot_sync(None, "w2").unwrap();
         let zero = vec![Content::Zero; BLOCKS];
         let sh = Arc::new(Shared {
             vols: [
