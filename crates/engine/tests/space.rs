@@ -63,6 +63,7 @@ fn origin_discard_punches_holes() {
     assert!(before >= 64 * MIB, "the origin starts fully allocated");
     o.volume().discard(0, 64 * MIB).unwrap();
     let after = allocated(&op);
+    eprintln!("origin discard: file allocation {before} -> {after} bytes");
     assert!(
         after <= before / 10,
         "a 64 MiB discard freed {} of {} bytes of the origin",
@@ -118,6 +119,7 @@ fn snapshot_discard_and_write_zeroes_cost_metadata_only() {
     v.flush().unwrap();
     let after = settle_used(&store, 0);
     let chunks = size / (64 << 10);
+    eprintln!("snapshot discard + write-zeroes: store chunks {before} -> {after} (of {chunks})");
     assert!(
         after <= chunks / 100,
         "discard + write-zeroes of a whole {size}-byte snapshot left {after} store chunks (of {chunks})"
@@ -175,6 +177,7 @@ fn no_copy_that_no_version_reads() {
     o.volume().flush().unwrap();
     let read_by_some = 16 * MIB / 4096;
     let used = settle_used(&store, read_by_some * 5 / 4);
+    eprintln!("snapshot then origin, 16 MiB: {used} store chunks for {read_by_some} read");
     assert!(
         used * 4 <= read_by_some * 5,
         "{used} store chunks for {read_by_some} that some version reads (snapshot first)"
@@ -203,6 +206,7 @@ fn shadowed_chain_copies_are_reclaimed() {
         .write(0, &vec![5u8; 16 * MIB as usize])
         .unwrap();
     let used = settle_used(&store, copies);
+    eprintln!("origin then snapshot, 16 MiB: {used} store chunks for {copies} read");
     assert_eq!(used, copies, "the shadowed copies are freed");
     let mut buf = vec![0u8; 16 * MIB as usize];
     o.snapshot_volume(t).unwrap().read(0, &mut buf).unwrap();

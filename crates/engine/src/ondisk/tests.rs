@@ -87,6 +87,11 @@ fn batch_roundtrip_and_torn_batch_rejected() {
             tag: 2,
             memo: "é memo".into(),
         },
+        Record::ZeroException {
+            slot: 0,
+            chunk: 7,
+            node: 2,
+        },
     ];
     let b = encode_batch(4, 11, 0, &recs);
     assert_eq!(b.len() % JOURNAL_ALIGN as usize, 0);
@@ -139,6 +144,85 @@ fn checkpoint_keeps_pending_overlays_and_reads_without_them() {
     m.apply(&Record::OverlayDone { slot: 0, chunk: 3 }).unwrap();
     assert_eq!(encode_checkpoint(&m), plain);
     assert!(m.apply(&Record::OverlayDone { slot: 0, chunk: 3 }).is_err());
+}
+
+#[test]
+fn zero_exceptions_hold_no_chunk_and_replace_data() {
+    use crate::meta::{bit_get, NodeKind, NodeMeta, ZERO_CHUNK};
+    let mut m = MetaState::new(4096, 64);
+    m.apply(&Record::BindOrigin {
+        slot: 0,
+        id: "/o".into(),
+        size: 16 * 4096,
+    })
+    .unwrap();
+    for (node, kind, parent, seq) in [(1, NodeKind::Chain, 0, 1), (2, NodeKind::Leaf, 1, 0)] {
+        m.apply(&Record::NewNode {
+            slot: 0,
+            node,
+            meta: NodeMeta {
+                kind,
+                dead: false,
+                parent,
+                seq,
+                tag: if kind == NodeKind::Leaf { 1 } else { 0 },
+                parent_tag: 0,
+                birth: 0,
+                memo: String::new(),
+            },
+        })
+        .unwrap();
+    }
+    // A leaf's data chunk replaced by zeros: the chunk is freed, nothing else allocated.
+    let add = |chunk, store| Record::AddException {
+        slot: 0,
+        chunk,
+        node: 2,
+        store,
+    };
+    m.apply(&add(3, 5)).unwrap();
+    m.apply(&Record::ZeroException {
+        slot: 0,
+        chunk: 3,
+        node: 2,
+    })
+    .unwrap();
+    m.apply(&Record::ZeroException {
+        slot: 0,
+        chunk: 4,
+        node: 1,
+    })
+    .unwrap();
+    assert!(!bit_get(&m.alloc, 5));
+    assert_eq!(m.origins[&0].exceptions[&3], vec![(2, ZERO_CHUNK)]);
+    assert!(m.validate().is_empty(), "{:?}", m.validate());
+    let ck = encode_checkpoint(&m);
+    assert_eq!(decode_checkpoint(&ck, 4096).unwrap(), m);
+    // A write over it takes a data chunk again; freeing a zero exception frees nothing.
+    m.apply(&add(3, 6)).unwrap();
+    assert!(bit_get(&m.alloc, 6));
+    assert!(
+        m.apply(&add(3, 7)).is_err(),
+        "two data exceptions of one node"
+    );
+    m.apply(&Record::FreeException {
+        slot: 0,
+        chunk: 4,
+        node: 1,
+    })
+    .unwrap();
+    assert!(m.validate().is_empty(), "{:?}", m.validate());
+    assert_eq!(m.rebuild_alloc(), 0);
+    // Out of range: the origin node, or a chunk past the end.
+    for (chunk, node) in [(3, 0), (16, 2)] {
+        assert!(m
+            .apply(&Record::ZeroException {
+                slot: 0,
+                chunk,
+                node,
+            })
+            .is_err());
+    }
 }
 
 #[test]

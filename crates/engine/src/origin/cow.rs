@@ -28,24 +28,16 @@ impl OriginCore {
             store: self.store.name.clone(),
             what: format!("origin {}: chain seq {newest} has no node", self.id),
         })?;
-        // Where a snapshot has its own copy of the chunk, the copy may be read by no one: ask
-        // the census (it costs a walk of the versions, only on this slow path). If every
-        // snapshot that would inherit it has its own, no copy is made, and writes go straight
-        // to the origin until a new snapshot (a new `newest`) or a reclaim looks again. Not
-        // before the snapshots' own exceptions are durable, though (a power cut could undo
-        // them, and the snapshot would read the origin again): the writer waits for the newest
-        // batch an acknowledged write of this origin depends on (`record_epoch`, which holds
-        // or follows them), as for a copy-out.
-        let shadowed = self
+        // Where a snapshot has its own copy of the chunk, this copy may be read by no one: the
+        // conservative rule copies anyway (no census on the write path), and the background
+        // reclaim frees it (`shadowed`).
+        if self
             .map
             .list(c)
             .as_deref()
-            .is_some_and(|l| l.iter().any(|e| e.seq == 0));
-        if shadowed && !self.copy_needed(c, newest) {
-            let epoch = self.record_epoch.load(SeqCst);
-            self.map.set_copied(c, newest, epoch);
-            self.store.commit_wake.notify_one();
-            return Ok(epoch);
+            .is_some_and(|l| l.iter().any(|e| e.seq == 0))
+        {
+            self.shadowed.store(true, SeqCst);
         }
         let len = self.chunk_len(c) as usize;
         let mut buf = vec![0u8; self.cs as usize];

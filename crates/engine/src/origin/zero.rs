@@ -147,13 +147,14 @@ impl OriginCore {
                     continue;
                 }
                 let l = self.chunk_len(c) as usize;
+                let from = self.map_version(parent, self.map.list(c).as_deref());
                 self.read_view(parent, c, 0, &mut [std::io::IoSliceMut::new(&mut buf[..l])])?;
                 let needs_zero = !is_zero(&buf[..l]);
                 if !needs_zero && mine.is_none() {
                     continue;
                 }
                 new_zeros += usize::from(needs_zero && mine.is_none());
-                plan.push((c, needs_zero));
+                plan.push((c, needs_zero, from));
             }
             // Partial chunks are written as zeros; their first writes need chunks now.
             let parts: Vec<u64> = self
@@ -185,8 +186,12 @@ impl OriginCore {
                         ),
                     });
                 }
-                for (c, zero) in plan {
-                    self.set_own_zero(&mut m, c, leaf, zero);
+                for (c, zero, from) in plan {
+                    // Dropping the leaf's exception trusts what it inherits: if that moved
+                    // meanwhile (a reclaim freed the copy it read, a copy-out shadowed the
+                    // origin), make it a zero exception instead (neutral: it had a chunk).
+                    let now = self.map_version(parent, self.map.list(c).as_deref());
+                    self.set_own_zero(&mut m, c, leaf, zero || now != from);
                 }
             }
             self.store.commit_wake.notify_one();
