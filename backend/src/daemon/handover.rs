@@ -21,9 +21,10 @@ use snapmv_rpc::methods as m;
 
 use super::core::{Daemon, Inner};
 use super::error::{MResult, MethodError};
+use super::methods::NewOriginExport;
 use super::registry::current_size;
 use super::validate;
-use crate::state::{ExportRecord, OriginRecord};
+use crate::state::ExportRecord;
 use crate::vhost_blk::HandoverDisk;
 
 /// `export_acquire`'s default wait for the store.
@@ -56,40 +57,16 @@ impl Daemon {
                 p.name
             )));
         }
-        let (origin, origin_fid) = self.check_path("origin", &p.origin)?;
-        let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
-        let cow = Self::known_store_path(inner, cow, &cow_fid);
-        self.check_roles(inner, (&origin, &origin_fid), (&cow, &cow_fid))?;
-        let (num_queues, queue_size) = validate::queues(&p.name, p.num_queues, p.queue_size)?;
-        let (socket_group, socket_mode) = super::paths::socket_access_params(
-            &p.name,
-            p.socket_group.as_deref(),
-            p.socket_mode.as_deref(),
-        )?;
-        let pages = validate::format_options(&p.name, &cow, &p)?;
-        let origin_id = validate::origin_id(&inner.state, &cow, &origin, p.origin_id.as_deref())?;
-        validate::origin_identity(&inner.state, &cow, &origin, &origin_id, |path| {
-            super::registry::object_id(path).as_ref() == Some(&origin_fid)
-        })?;
-        validate::not_exported(&inner.state, &cow, &origin_id, None)?;
-        let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
+        let NewOriginExport {
+            origin,
+            cow,
+            origin_id,
+            pages,
+            rec,
+        } = self.check_new_origin_export(inner, &p, protocol)?;
         let size = current_size(&origin).ok_or_else(|| {
             MethodError::InvalidState(format!("cannot read the size of origin {origin}"))
         })?;
-        let rec = ExportRecord {
-            name: p.name.clone(),
-            socket,
-            cow: cow.clone(),
-            origin_id: origin_id.clone(),
-            tag: None,
-            num_queues,
-            queue_size,
-            readonly: p.readonly,
-            socket_group,
-            socket_mode,
-            protocol,
-            serial: None,
-        };
         // The volume's physical block size is its chunk size (vhost_blk/volume.rs).
         // Named as the engine names the volume it will serve (the export's description stays
         // right after the handover; `error` says it is waiting meanwhile).
@@ -102,14 +79,7 @@ impl Daemon {
         // Write-through until `export_acquire` says what the guest chose on the source: every
         // write is then durable when acknowledged, whatever the guest expects.
         self.exports.set_writeback(&rec.name, false);
-        inner.state.record_origin(OriginRecord {
-            cow: cow.clone(),
-            origin_id: origin_id.clone(),
-            path: origin.clone(),
-            direct: p.direct,
-        });
-        inner.state.record_store(&cow, p.direct);
-        inner.state.exports.push(rec.clone());
+        Self::record_origin_export(inner, &origin, &rec, p.direct);
         inner.failed.insert(
             rec.name.clone(),
             format!(

@@ -4,6 +4,7 @@
 mod backup;
 mod export;
 mod origin;
+pub(crate) use origin::NewOriginExport;
 mod snapshot;
 mod stats;
 mod status;

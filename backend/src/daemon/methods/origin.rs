@@ -15,7 +15,85 @@ use crate::daemon::registry::{check_origin_size, object_id, open_store, Access, 
 use crate::daemon::validate;
 use crate::state::{ExportRecord, OriginRecord};
 
+/// An `origin_create` request checked against the state, before anything is opened.
+pub(crate) struct NewOriginExport {
+    /// The origin's path or locator.
+    pub origin: String,
+    /// The store, under the path this daemon already knows it by if it does.
+    pub cow: String,
+    pub origin_id: String,
+    /// Chunk size in pages if the store is formatted.
+    pub pages: u32,
+    /// The export to record.
+    pub rec: ExportRecord,
+}
+
 impl Daemon {
+    /// The checks every `origin_create` makes (with or without `incoming`): paths and their
+    /// roles, queues, socket access, format options, the origin's id and identity, that it is
+    /// not exported yet, the socket path. Nothing is opened.
+    pub(crate) fn check_new_origin_export(
+        &self,
+        inner: &Inner,
+        p: &m::OriginCreateParams,
+        protocol: Option<String>,
+    ) -> MResult<NewOriginExport> {
+        let (origin, origin_fid) = self.check_path("origin", &p.origin)?;
+        let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
+        let cow = Self::known_store_path(inner, cow, &cow_fid);
+        self.check_roles(inner, (&origin, &origin_fid), (&cow, &cow_fid))?;
+        let (num_queues, queue_size) = validate::queues(&p.name, p.num_queues, p.queue_size)?;
+        let (socket_group, socket_mode) =
+            socket_access_params(&p.name, p.socket_group.as_deref(), p.socket_mode.as_deref())?;
+        let pages = validate::format_options(&p.name, &cow, p)?;
+        let origin_id = validate::origin_id(&inner.state, &cow, &origin, p.origin_id.as_deref())?;
+        // The origin must not be served or known under another store or id.
+        validate::origin_identity(&inner.state, &cow, &origin, &origin_id, |path| {
+            object_id(path).as_ref() == Some(&origin_fid)
+        })?;
+        validate::not_exported(&inner.state, &cow, &origin_id, None)?;
+        let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
+        let rec = ExportRecord {
+            name: p.name.clone(),
+            socket,
+            cow: cow.clone(),
+            origin_id: origin_id.clone(),
+            tag: None,
+            num_queues,
+            queue_size,
+            readonly: p.readonly,
+            socket_group,
+            socket_mode,
+            protocol,
+            serial: None,
+        };
+        Ok(NewOriginExport {
+            origin,
+            cow,
+            origin_id,
+            pages,
+            rec,
+        })
+    }
+
+    /// Records a new origin export in the state (origin, store, export); saving is the
+    /// caller's.
+    pub(crate) fn record_origin_export(
+        inner: &mut Inner,
+        origin: &str,
+        rec: &ExportRecord,
+        direct: bool,
+    ) {
+        inner.state.record_origin(OriginRecord {
+            cow: rec.cow.clone(),
+            origin_id: rec.origin_id.clone(),
+            path: origin.to_string(),
+            direct,
+        });
+        inner.state.record_store(&rec.cow, direct);
+        inner.state.exports.push(rec.clone());
+    }
+
     pub(crate) fn origin_create(&self, p: m::OriginCreateParams) -> MResult<m::ExportInfo> {
         if p.incoming {
             return self.incoming_create(p);
@@ -25,22 +103,15 @@ impl Daemon {
         // Everything is checked, and the origin opened, before the store is formatted:
         // formatting is the last step that can fail for a reason an operator can fix.
         validate::new_export_name(&inner.state, &p.name)?;
-        let (origin, origin_fid) = self.check_path("origin", &p.origin)?;
-        let (cow, cow_fid) = self.check_path("COW store", &p.cow)?;
-        let cow = Self::known_store_path(inner, cow, &cow_fid);
-        self.check_roles(inner, (&origin, &origin_fid), (&cow, &cow_fid))?;
-        let (num_queues, queue_size) = validate::queues(&p.name, p.num_queues, p.queue_size)?;
-        let (socket_group, socket_mode) =
-            socket_access_params(&p.name, p.socket_group.as_deref(), p.socket_mode.as_deref())?;
+        let protocol = validate::protocol_param(p.protocol.as_deref())?;
+        let NewOriginExport {
+            origin,
+            cow,
+            origin_id,
+            pages,
+            rec,
+        } = self.check_new_origin_export(inner, &p, protocol)?;
         let format = p.format || p.force_format;
-        let pages = validate::format_options(&p.name, &cow, &p)?;
-        let origin_id = validate::origin_id(&inner.state, &cow, &origin, p.origin_id.as_deref())?;
-        // The origin must not be served or known under another store or id.
-        validate::origin_identity(&inner.state, &cow, &origin, &origin_id, |path| {
-            object_id(path).as_ref() == Some(&origin_fid)
-        })?;
-        validate::not_exported(&inner.state, &cow, &origin_id, None)?;
-        let socket = self.socket_path(inner, &p.name, p.socket.as_deref())?;
         let key = (cow.clone(), origin_id.clone());
         if format {
             validate::formattable(&inner.state, &cow, inner.stores.contains_key(&cow))?;
@@ -74,20 +145,6 @@ impl Daemon {
         };
         let (origin_h, bound_now) =
             Self::attach_origin(inner, &store, &key, &origin, opened, p.bind)?;
-        let rec = ExportRecord {
-            name: p.name.clone(),
-            socket,
-            cow: cow.clone(),
-            origin_id: origin_id.clone(),
-            tag: None,
-            num_queues,
-            queue_size,
-            readonly: p.readonly,
-            socket_group,
-            socket_mode,
-            protocol: validate::protocol_param(p.protocol.as_deref())?,
-            serial: None,
-        };
         if let Err(e) = self.add_export(&rec, origin_h.volume()) {
             if bound_now {
                 inner.origins.remove(&key);
@@ -99,14 +156,7 @@ impl Daemon {
             }
             return Err(e);
         }
-        inner.state.record_origin(OriginRecord {
-            cow: cow.clone(),
-            origin_id: origin_id.clone(),
-            path: origin.clone(),
-            direct: p.direct,
-        });
-        inner.state.record_store(&cow, p.direct);
-        inner.state.exports.push(rec.clone());
+        Self::record_origin_export(inner, &origin, &rec, p.direct);
         inner.failed.remove(&rec.name);
         info!(
             "export {} serves origin {origin} ({origin_id} in {cow})",
